@@ -1,0 +1,254 @@
+"""Storage accounting: what a GPU would hold, measured on the CPU.
+
+:class:`MemoryLedger` charges tensor *storages* (never views: a view of memory that is already charged costs
+nothing), each rounded up to 512 bytes as the CUDA caching allocator rounds every request, and releases the charge
+when the storage is freed. With a capacity it refuses a charge that would pass it by raising
+``torch.OutOfMemoryError`` with a message in the format of CUDA's own; the refused charge is not recorded.
+
+:class:`ChargingMode` is a ``TorchDispatchMode`` that feeds a ledger from every aten operation run inside it:
+
+* every storage an operation *creates* is charged when it is created (activations, temporaries, gradients,
+  optimizer state, anything);
+* a storage that existed before (or that a DataLoader produced) is charged the first time an operation consumes
+  it, as a transfer to the device would be;
+* while a DataLoader is producing a batch (host-side loading, collation, pinning) nothing is charged.
+
+The same ledger and mode serve the simulated GPU (real CPU tensors) and the memory estimator (fake tensors), which
+is why the two agree to the byte.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .units import format_bytes
+
+__all__ = [
+    "ALLOCATION_GRANULARITY",
+    "round_allocation",
+    "MemoryLedger",
+    "ChargingMode",
+    "host_side_loading",
+    "tensor_storages",
+]
+
+ALLOCATION_GRANULARITY = 512
+"""Bytes: the CUDA caching allocator rounds every request up to a multiple of this."""
+
+
+def round_allocation(nbytes: int) -> int:
+    """Bytes a storage of ``nbytes`` occupies in the CUDA caching allocator (0 stays 0)."""
+    if nbytes <= 0:
+        return 0
+    return -(-nbytes // ALLOCATION_GRANULARITY) * ALLOCATION_GRANULARITY
+
+
+class MemoryLedger:
+    """Charged bytes per live storage, the running total and its peak, against an optional capacity."""
+
+    def __init__(self, capacity: int | None = None, *, device_label: str = "GPU 0") -> None:
+        self.capacity = capacity
+        self.device_label = device_label
+        self._tokens: WeakIdKeyDictionary = WeakIdKeyDictionary()  # storage -> token
+        self._sizes: dict[int, int] = {}  # token -> charged bytes
+        self._finalizers: dict[int, weakref.finalize] = {}
+        self._lock = threading.RLock()
+        self._next_token = 0
+        self.allocated = 0
+        self.peak = 0
+
+    # -- queries -------------------------------------------------------------------------------------------
+    def is_charged(self, storage: torch.UntypedStorage) -> bool:
+        """True when ``storage`` is currently charged."""
+        return storage in self._tokens
+
+    def charged_bytes(self, storage: torch.UntypedStorage) -> int:
+        """Bytes charged for ``storage`` (0 when it is not charged)."""
+        token = self._tokens.get(storage)
+        return 0 if token is None else self._sizes.get(token, 0)
+
+    def reset_peak(self) -> None:
+        """Start a new peak measurement at the current total."""
+        with self._lock:
+            self.peak = self.allocated
+
+    # -- charging ------------------------------------------------------------------------------------------
+    def charge(self, storages: Iterable[torch.UntypedStorage]) -> int:
+        """Charge every storage not charged yet (and the growth of those that are), all or nothing.
+
+        Returns the bytes added. Raises ``torch.OutOfMemoryError`` when the total would pass the capacity; nothing
+        is charged then.
+        """
+        with self._lock:
+            pending: dict[int, tuple[torch.UntypedStorage, int, int]] = {}
+            for storage in storages:
+                if id(storage) in pending:
+                    continue
+                size = round_allocation(storage.nbytes())
+                delta = size - self.charged_bytes(storage)
+                if delta > 0:
+                    pending[id(storage)] = (storage, size, delta)
+            if not pending:
+                return 0
+            extra = sum(delta for _, _, delta in pending.values())
+            if self.capacity is not None and self.allocated + extra > self.capacity:
+                raise torch.OutOfMemoryError(self._oom_message(extra))
+            for storage, size, _ in pending.values():
+                self._record(storage, size)
+            self.allocated += extra
+            self.peak = max(self.peak, self.allocated)
+            return extra
+
+    def release(self, storage: torch.UntypedStorage) -> int:
+        """Stop charging ``storage`` now (it left the device); returns the bytes released."""
+        with self._lock:
+            token = self._tokens.pop(storage, None)
+            if token is None:
+                return 0
+            finalizer = self._finalizers.pop(token, None)
+            if finalizer is not None:
+                finalizer.detach()
+            size = self._sizes.pop(token, 0)
+            self.allocated -= size
+            return size
+
+    def _record(self, storage: torch.UntypedStorage, size: int) -> None:
+        token = self._tokens.get(storage)
+        if token is not None:
+            self._sizes[token] = size
+            return
+        token = self._next_token
+        self._next_token += 1
+        self._tokens[storage] = token
+        self._sizes[token] = size
+        self._finalizers[token] = weakref.finalize(storage, self._freed, token)
+
+    def _freed(self, token: int) -> None:
+        with self._lock:
+            self._finalizers.pop(token, None)
+            self.allocated -= self._sizes.pop(token, 0)
+
+    def _oom_message(self, request: int) -> str:
+        capacity = self.capacity or 0
+        free = max(capacity - self.allocated, 0)
+        return (
+            f"CUDA out of memory. Tried to allocate {format_bytes(request)}. {self.device_label} has a total capacity "
+            f"of {format_bytes(capacity)} of which {format_bytes(free)} is free. Of the allocated memory "
+            f"{format_bytes(self.allocated)} is allocated by PyTorch, and 0 bytes is reserved by PyTorch but "
+            "unallocated. (simulated GPU: batchfinder.SimulatedGPU charges what a real GPU would hold)"
+        )
+
+
+# -- host-side data loading ---------------------------------------------------------------------------------
+_loading = threading.local()
+
+
+def _loading_now() -> bool:
+    return getattr(_loading, "depth", 0) > 0
+
+
+@contextlib.contextmanager
+def host_side_loading() -> Iterator[None]:
+    """Within this block nothing is charged: it stands for host-side data loading and collation."""
+    _loading.depth = getattr(_loading, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _loading.depth -= 1
+
+
+class _DataLoaderHook:
+    """While installed, every ``DataLoader`` iterator produces its batches inside :func:`host_side_loading`."""
+
+    def __init__(self) -> None:
+        self._users = 0
+        self._lock = threading.Lock()
+        self._original: Any = None
+
+    def acquire(self) -> None:
+        from torch.utils.data.dataloader import _BaseDataLoaderIter
+
+        with self._lock:
+            self._users += 1
+            if self._users > 1:
+                return
+            original = _BaseDataLoaderIter.__next__
+            self._original = original
+
+            def __next__(iterator: Any) -> Any:
+                with host_side_loading():
+                    return original(iterator)
+
+            _BaseDataLoaderIter.__next__ = __next__  # type: ignore[method-assign]
+
+    def release(self) -> None:
+        from torch.utils.data.dataloader import _BaseDataLoaderIter
+
+        with self._lock:
+            self._users -= 1
+            if self._users == 0 and self._original is not None:
+                _BaseDataLoaderIter.__next__ = self._original  # type: ignore[method-assign]
+                self._original = None
+
+
+_DATALOADER_HOOK = _DataLoaderHook()
+
+
+def _storages(tree: Any) -> list[torch.UntypedStorage]:
+    storages: list[torch.UntypedStorage] = []
+    for leaf in tree_flatten(tree)[0]:
+        if isinstance(leaf, torch.Tensor) and leaf.layout == torch.strided:
+            try:
+                storages.append(leaf.untyped_storage())
+            except (RuntimeError, NotImplementedError):  # tensors without a storage of their own
+                continue
+    return storages
+
+
+def tensor_storages(tree: Any) -> list[torch.UntypedStorage]:
+    """The storages of every strided tensor in a nested structure (lists, tuples, dicts)."""
+    return _storages(tree)
+
+
+class ChargingMode(TorchDispatchMode):
+    """Charges a :class:`MemoryLedger` for every storage that aten operations create or consume."""
+
+    def __init__(self, ledger: MemoryLedger) -> None:
+        super().__init__()
+        self.ledger = ledger
+
+    def __enter__(self) -> "ChargingMode":
+        _DATALOADER_HOOK.acquire()
+        try:
+            return super().__enter__()
+        except BaseException:
+            _DATALOADER_HOOK.release()
+            raise
+
+    def __exit__(self, *exc_info: Any) -> None:
+        try:
+            super().__exit__(*exc_info)
+        finally:
+            _DATALOADER_HOOK.release()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if _loading_now():
+            return func(*args, **kwargs)
+        consumed = _storages((args, kwargs))
+        if consumed:
+            self.ledger.charge(consumed)
+        out = func(*args, **kwargs)
+        produced = _storages(out)
+        if produced:
+            self.ledger.charge(produced)
+        return out

@@ -1,0 +1,48 @@
+"""Text reports: the per-trial progress line and the trial table."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import TextIO
+
+from .trial import Trial
+from .units import format_bytes
+
+__all__ = ["ProgressPrinter", "format_trial", "trial_table"]
+
+
+def format_trial(index: int, trial: Trial) -> str:
+    """One line describing a finished trial."""
+    if trial.fits:
+        speed = f"{trial.seconds * 1000:8.1f} ms/step" if trial.seconds is not None else ""
+        return f"trial {index:>2}: batch {trial.batch_size:>7}  fits      peak {format_bytes(trial.peak_bytes):>11}  {speed}"
+    return f"trial {index:>2}: batch {trial.batch_size:>7}  OOM       peak {format_bytes(trial.peak_bytes):>11}  (out of memory)"
+
+
+class ProgressPrinter:
+    """A ``progress`` callback that writes one line per trial to a stream (standard error by default)."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream
+        self.count = 0
+
+    def __call__(self, trial: Trial) -> None:
+        self.count += 1
+        stream = self.stream if self.stream is not None else sys.stderr
+        stream.write(format_trial(self.count, trial) + "\n")
+        stream.flush()
+
+
+def trial_table(trials: Sequence[Trial]) -> str:
+    """A table of trials: batch size, fits, peak memory, time per step, samples per second."""
+    header = f"{'#':>3}  {'batch size':>10}  {'fits':>4}  {'peak memory':>12}  {'time/step':>10}  {'samples/s':>10}"
+    lines = [header, "-" * len(header)]
+    for index, trial in enumerate(trials, 1):
+        seconds = f"{trial.seconds * 1000:.1f} ms" if trial.seconds is not None else "-"
+        rate = f"{trial.samples_per_second:,.0f}" if trial.samples_per_second is not None else "-"
+        lines.append(
+            f"{index:>3}  {trial.batch_size:>10,}  {'yes' if trial.fits else 'OOM':>4}  "
+            f"{format_bytes(trial.peak_bytes):>12}  {seconds:>10}  {rate:>10}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,140 @@
+"""A simulated GPU: real computation on the CPU, memory charged as a GPU of a chosen capacity would hold it.
+
+>>> import torch, batchfinder as bf
+>>> gpu = bf.SimulatedGPU("1MiB")
+>>> with gpu:
+...     x = torch.zeros(1000)          # 4,000 bytes, charged as 4,096 (rounded to 512 B)
+>>> gpu.memory_allocated()
+4096
+
+What it charges: every storage that aten operations create inside it (parameters, buffers, gradients, optimizer
+state, activations, temporaries), and every storage that existed before the first time an operation inside
+consumes it (as a transfer to the device would be), each rounded up to 512 bytes. A view costs nothing. What is
+charged is released when it is freed. Nothing is charged while a DataLoader produces a batch (host-side loading).
+
+What it does not model: the CUDA context (0.3-0.5 GiB per process), cuBLAS/cuDNN workspaces, the caching
+allocator's segment sizes and fragmentation, and memory used by other processes. Those are why a real GPU takes a
+little less than the simulated one of the same capacity, and why the recommendation keeps a 0.8 safety factor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from .accounting import ChargingMode, MemoryLedger, host_side_loading, tensor_storages
+from .devices import DeviceBackend
+from .units import format_bytes, parse_bytes
+
+__all__ = ["SimulatedGPU"]
+
+
+class SimulatedGPU(DeviceBackend):
+    """A GPU of ``capacity`` bytes (an int, or a string such as ``"64MiB"``, ``"16GB"``, ``"16GiB"``) on the CPU.
+
+    Use it as the ``device`` of :func:`~batchfinder.find_batch_size`, or as a context manager around any code to
+    measure it under the same accounting (``with SimulatedGPU("8GiB") as gpu: ...; gpu.max_memory_allocated()``).
+    Allocations past the capacity raise ``torch.OutOfMemoryError`` with a CUDA-style message.
+    """
+
+    torch_device = torch.device("cpu")
+
+    def __init__(self, capacity: int | str, *, label: str = "GPU 0") -> None:
+        self._capacity = parse_bytes(capacity, argument="capacity")
+        self.ledger = MemoryLedger(self._capacity, device_label=f"{label} (simulated)")
+        self._depth = 0
+        self._mode: ChargingMode | None = None
+        self._lock = threading.Lock()
+
+    # -- DeviceBackend ----------------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return f"SimulatedGPU({format_bytes(self._capacity)})"
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self._capacity
+
+    def memory_allocated(self) -> int:
+        """Bytes charged now, like ``torch.cuda.memory_allocated()``."""
+        return self.ledger.allocated
+
+    def max_memory_allocated(self) -> int:
+        """Peak charged bytes since the last reset, like ``torch.cuda.max_memory_allocated()``."""
+        return self.ledger.peak
+
+    def reset_peak_memory_stats(self) -> None:
+        """Like ``torch.cuda.reset_peak_memory_stats()``."""
+        self.ledger.reset_peak()
+
+    def measuring(self) -> "SimulatedGPU":
+        return self
+
+    def to_device(self, batch: Any) -> Any:
+        """Copy each tensor of a host batch into a new, charged storage, as ``tensor.to('cuda')`` would."""
+
+        def transfer(value: Any) -> Any:
+            if not isinstance(value, torch.Tensor) or self.ledger.is_charged(value.untyped_storage()):
+                return value
+            with host_side_loading():  # reading the host copy is not a device operation
+                copy = value.clone()
+            self.ledger.charge([copy.untyped_storage()])
+            return copy
+
+        return tree_map(transfer, batch)
+
+    def check_model(self, model: nn.Module) -> None:
+        devices = {t.device.type for t in _model_tensors(model)}
+        if devices - {"cpu", "meta"}:
+            raise ValueError(
+                f"the model has tensors on {sorted(devices)}, but a SimulatedGPU runs the model on the CPU: "
+                "move it there with model.cpu() first (or search on the real GPU with device='cuda')"
+            )
+
+    @contextlib.contextmanager
+    def resident(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> Iterator[None]:
+        """Charge the model's parameters and buffers (and the optimizer's existing state) while the search runs."""
+        tensors = list(_model_tensors(model))
+        if optimizer is not None:
+            tensors.extend(t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor))
+        fresh = [s for s in {id(s): s for s in tensor_storages(tensors)}.values() if not self.ledger.is_charged(s)]
+        self.ledger.charge(fresh)
+        try:
+            yield
+        finally:
+            for storage in fresh:
+                self.ledger.release(storage)
+
+    # -- context manager --------------------------------------------------------------------------------------
+    def __enter__(self) -> "SimulatedGPU":
+        with self._lock:
+            self._depth += 1
+            if self._depth > 1:
+                return self
+            mode = ChargingMode(self.ledger)
+            try:
+                mode.__enter__()
+            except BaseException:
+                self._depth -= 1
+                raise
+            self._mode = mode
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        with self._lock:
+            self._depth -= 1
+            if self._depth > 0 or self._mode is None:
+                return
+            mode, self._mode = self._mode, None
+        mode.__exit__(*exc_info)
+
+
+def _model_tensors(model: nn.Module) -> Iterator[torch.Tensor]:
+    yield from model.parameters()
+    yield from model.buffers()

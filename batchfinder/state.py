@@ -1,0 +1,177 @@
+"""Snapshots of a user's training state, so that a search leaves no trace.
+
+:class:`TrainingState` captures, in host memory, everything a trial may change: parameter and buffer values,
+gradients, the optimizer's per-parameter state and hyperparameters, every module's train/eval flag, and the RNG
+states of torch (CPU and, when initialised, CUDA), Python's ``random`` and NumPy. :meth:`TrainingState.restore`
+puts it all back bit for bit, writing into the existing tensors so that references held elsewhere (an optimizer's
+parameter list, a scheduler) stay valid.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["TrainingState", "RngState"]
+
+
+def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().to("cpu", copy=True)
+
+
+def _copy_into(target: torch.Tensor, saved: torch.Tensor) -> None:
+    with torch.no_grad():
+        target.copy_(saved)
+
+
+@dataclass
+class RngState:
+    """The random number generator states a training step may advance."""
+
+    torch_cpu: torch.Tensor
+    torch_cuda: list[torch.Tensor] | None
+    python: Any
+    numpy: Any
+
+    @classmethod
+    def capture(cls) -> "RngState":
+        cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        numpy_state = None
+        try:
+            import numpy
+
+            numpy_state = numpy.random.get_state()
+        except ImportError:  # NumPy is optional
+            pass
+        return cls(torch.get_rng_state(), cuda_states, random.getstate(), numpy_state)
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.torch_cpu)
+        if self.torch_cuda is not None:
+            torch.cuda.set_rng_state_all(self.torch_cuda)
+        random.setstate(self.python)
+        if self.numpy is not None:
+            import numpy
+
+            numpy.random.set_state(self.numpy)
+
+
+@dataclass
+class _OptimizerState:
+    optimizer: torch.optim.Optimizer
+    state: dict[torch.Tensor, dict[str, Any]]
+    devices: dict[tuple[int, str], torch.device]
+    hyperparameters: list[dict[str, Any]]
+
+    @classmethod
+    def capture(cls, optimizer: torch.optim.Optimizer) -> "_OptimizerState":
+        state: dict[torch.Tensor, dict[str, Any]] = {}
+        devices: dict[tuple[int, str], torch.device] = {}
+        for param, entries in optimizer.state.items():
+            saved: dict[str, Any] = {}
+            for key, value in entries.items():
+                if isinstance(value, torch.Tensor):
+                    saved[key] = _host_copy(value)
+                    devices[(id(param), key)] = value.device
+                else:
+                    saved[key] = copy.deepcopy(value)
+            state[param] = saved
+        hyperparameters = [
+            {key: copy.deepcopy(value) for key, value in group.items() if key != "params"} for group in optimizer.param_groups
+        ]
+        return cls(optimizer, state, devices, hyperparameters)
+
+    def restore(self) -> None:
+        live = self.optimizer.state
+        for param in [p for p in live if p not in self.state]:
+            del live[param]
+        for param, saved in self.state.items():
+            entries = live[param]
+            for key in [k for k in entries if k not in saved]:
+                del entries[key]
+            for key, value in saved.items():
+                current = entries.get(key)
+                if isinstance(value, torch.Tensor):
+                    if (
+                        isinstance(current, torch.Tensor)
+                        and current.shape == value.shape
+                        and current.dtype == value.dtype
+                    ):
+                        _copy_into(current, value)
+                    else:
+                        entries[key] = value.to(self.devices[(id(param), key)], copy=True)
+                else:
+                    entries[key] = copy.deepcopy(value)
+        for group, saved_group in zip(self.optimizer.param_groups, self.hyperparameters):
+            for key in [k for k in group if k != "params" and k not in saved_group]:
+                del group[key]
+            group.update(copy.deepcopy(saved_group))
+
+
+@dataclass
+class TrainingState:
+    """Everything a trial may change in a user's model, optimizer and random generators."""
+
+    model: nn.Module
+    values: list[tuple[torch.Tensor, torch.Tensor]]
+    gradients: list[tuple[nn.Parameter, torch.Tensor | None, torch.device | None]]
+    training_flags: list[tuple[nn.Module, bool]]
+    buffer_slots: list[tuple[nn.Module, str, torch.Tensor | None]]
+    rng: RngState
+    optimizers: list[_OptimizerState] = field(default_factory=list)
+
+    @classmethod
+    def capture(cls, model: nn.Module, optimizers: list[torch.optim.Optimizer] | None = None) -> "TrainingState":
+        """Copy the state of ``model`` and ``optimizers`` to host memory."""
+        tensors: dict[int, torch.Tensor] = {}
+        for tensor in (*model.parameters(), *model.buffers()):
+            tensors.setdefault(id(tensor), tensor)
+        values = [(t, _host_copy(t)) for t in tensors.values()]
+        gradients = [
+            (p, None if p.grad is None else _host_copy(p.grad), None if p.grad is None else p.grad.device)
+            for p in model.parameters()
+        ]
+        flags = [(m, m.training) for m in model.modules()]
+        slots = [(m, key, value) for m in model.modules() for key, value in m._buffers.items()]
+        return cls(
+            model=model,
+            values=values,
+            gradients=gradients,
+            training_flags=flags,
+            buffer_slots=slots,
+            rng=RngState.capture(),
+            optimizers=[_OptimizerState.capture(o) for o in optimizers or []],
+        )
+
+    def clear_gradients(self) -> None:
+        """Drop every gradient (trials start from none, as after ``zero_grad(set_to_none=True)``)."""
+        for param, _, _ in self.gradients:
+            param.grad = None
+
+    def restore(self, *, final: bool = True) -> None:
+        """Put every captured value back.
+
+        Between trials (``final=False``) gradients stay cleared and buffer slots keep the tensors the device placed
+        there; the final restore also puts back the original gradients and any buffer a module replaced.
+        """
+        if final:
+            for module, key, value in self.buffer_slots:
+                if module._buffers.get(key) is not value:
+                    module._buffers[key] = value
+        for tensor, saved in self.values:
+            _copy_into(tensor, saved)
+        for param, saved_grad, device in self.gradients:
+            if final and saved_grad is not None:
+                param.grad = saved_grad.to(device if device is not None else param.device, copy=True)
+            else:
+                param.grad = None
+        for module, flag in self.training_flags:
+            module.training = flag
+        for optimizer_state in self.optimizers:
+            optimizer_state.restore()
+        self.rng.restore()
