@@ -9,15 +9,41 @@ parameter list, a scheduler) stay valid.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
+import signal
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["TrainingState", "RngState"]
+__all__ = ["TrainingState", "RngState", "deferred_interrupts"]
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Hold back Ctrl-C (SIGINT) for the duration of the block and deliver it afterwards.
+
+    Used around restoring the user's state, so that an interrupt cannot leave it half restored. Outside the main
+    thread (where signal handlers cannot be changed) the block runs unprotected.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[tuple[int, object]] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append((signum, frame)))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received and callable(previous):
+            previous(*received[0])
+        elif received and previous == signal.default_int_handler:
+            raise KeyboardInterrupt
 
 
 def _host_copy(tensor: torch.Tensor) -> torch.Tensor:

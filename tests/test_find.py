@@ -1,0 +1,229 @@
+"""find_batch_size on the simulated GPU: exact, honest about memory, and without side effects."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import batchfinder as bf
+from batchfinder import StopReason
+from conftest import MLP, Case, assert_unchanged, make_case, snapshot
+
+# Capacities named nowhere else in the repository, one per model shape.
+CAPACITIES = {"mlp": "3.3MiB", "cnn": "9.7MiB", "dict": "2.6MB", "frozen": "1.7MiB"}
+
+
+def test_reported_max_fits_max_plus_one_does_not_and_nothing_changed(case: Case):
+    gpu = bf.SimulatedGPU(CAPACITIES[case.name])
+    assert gpu.memory_allocated() == 0
+    before = snapshot(case.model)
+    result = bf.find_batch_size(case.model, case.dataset, device=gpu)
+
+    assert 1 < result.max_batch_size < len(case.dataset)
+    assert result.stop_reason == StopReason.BRACKET_CLOSED
+    assert result.batch_size == math.floor(0.8 * result.max_batch_size)
+    assert gpu.memory_allocated() == 0, "memory is back at its baseline"
+    assert_unchanged(before, case.model)
+
+    # The answer was tested by the search itself, and it is right: max fits, max + 1 does not.
+    assert result.trial_for(result.max_batch_size).fits
+    assert not result.trial_for(result.max_batch_size + 1).fits
+    at_max = bf.try_batch_size(case.model, case.dataset, result.max_batch_size, device=gpu)
+    above = bf.try_batch_size(case.model, case.dataset, result.max_batch_size + 1, device=gpu)
+    assert at_max.fits and not above.fits
+    assert at_max.peak_bytes <= gpu.capacity_bytes
+    assert above.error and "CUDA out of memory" in above.error
+    assert gpu.memory_allocated() == 0
+    assert_unchanged(before, case.model)
+
+    # Each trial reports what it measured.
+    for trial in result.trials:
+        assert trial.leaked_bytes == 0
+        assert trial.baseline_bytes > 0  # the model is resident during trials
+        if trial.fits:
+            assert trial.steps == 2 and trial.seconds and trial.seconds > 0
+            assert trial.peak_bytes <= gpu.capacity_bytes
+        else:
+            assert trial.seconds is None and trial.requested_bytes
+            assert trial.peak_bytes + trial.requested_bytes > gpu.capacity_bytes
+    fits = [t.peak_bytes for t in sorted(result.trials, key=lambda t: t.batch_size) if t.fits]
+    assert fits == sorted(fits), "peak memory grows with the batch size"
+
+
+def test_power_mode_stops_at_the_last_doubling():
+    case = make_case("mlp")
+    gpu = bf.SimulatedGPU(CAPACITIES["mlp"])
+    exact = bf.find_batch_size(case.model, case.dataset, device=gpu)
+    power = bf.find_batch_size(case.model, case.dataset, device=gpu, mode="power", init_batch_size=8)
+    assert power.stop_reason == StopReason.POWER_STEP
+    assert power.max_batch_size == 2 ** int(math.log2(exact.max_batch_size))
+    assert power.num_trials < exact.num_trials
+    assert power.num_ooms == 1
+
+
+def test_the_dataset_length_caps_the_search():
+    case = make_case("mlp")
+    small = TensorDataset(*(t[:300] for t in case.dataset.tensors))
+    result = bf.find_batch_size(case.model, small, device=bf.SimulatedGPU("64MiB"))
+    assert result.max_batch_size == 300
+    assert result.stop_reason == StopReason.DATASET_LENGTH
+    assert max(t.batch_size for t in result.trials) == 300
+    assert [t.batch_size for t in result.trials] == [16, 32, 64, 128, 256, 300]
+
+
+def test_max_batch_size_caps_the_search():
+    case = make_case("mlp")
+    result = bf.find_batch_size(case.model, case.dataset, device=bf.SimulatedGPU("64MiB"), max_batch_size=100)
+    assert result.max_batch_size == 100
+    assert result.stop_reason == StopReason.MAX_BATCH_SIZE
+
+
+def test_max_trials_returns_the_best_size_tried():
+    case = make_case("mlp")
+    result = bf.find_batch_size(case.model, case.dataset, device=bf.SimulatedGPU(CAPACITIES["mlp"]), max_trials=4)
+    assert result.num_trials == 4
+    assert result.stop_reason == StopReason.MAX_TRIALS
+    assert result.max_batch_size == 128
+    assert result.trial_for(128).fits
+
+
+def test_time_budget_runs_at_least_one_trial():
+    case = make_case("mlp")
+    result = bf.find_batch_size(case.model, case.dataset, device=bf.SimulatedGPU(CAPACITIES["mlp"]), time_budget=1e-6)
+    assert result.num_trials == 1
+    assert result.stop_reason == StopReason.TIME_BUDGET
+    assert result.max_batch_size == 16
+
+
+def test_safety_and_multiple_of_shape_the_recommendation():
+    case = make_case("mlp")
+    gpu = bf.SimulatedGPU(CAPACITIES["mlp"])
+    result = bf.find_batch_size(case.model, case.dataset, device=gpu, safety=0.5, multiple_of=32)
+    assert result.batch_size == (result.max_batch_size // 2) // 32 * 32
+    assert "multiple of 32" in result.explain()
+    assert bf.recommend_batch_size(14076) == 11260
+    assert bf.recommend_batch_size(1) == 1
+    assert bf.recommend_batch_size(20, multiple_of=32) == 1
+    assert bf.recommend_batch_size(100, safety=1.0) == 100
+
+
+def test_report_text():
+    case = make_case("frozen")
+    result = bf.find_batch_size(case.model, case.dataset, device=bf.SimulatedGPU(CAPACITIES["frozen"]))
+    text = str(result)
+    assert f"recommended batch size: {result.batch_size}" in text
+    assert f"largest that fits: {result.max_batch_size}; x0.8 = {result.batch_size}" in text
+    assert "stopped: bracket closed" in text
+    assert text.count("OOM") == result.num_ooms
+    assert f"{result.num_trials} trials, {result.num_steps} steps, {result.num_ooms} out of memory" in text
+
+
+def test_progress_callback_sees_every_trial():
+    case = make_case("dict")
+    seen: list[bf.Trial] = []
+    result = bf.find_batch_size(case.model, case.dataset, device=bf.SimulatedGPU(CAPACITIES["dict"]), progress=seen.append)
+    assert seen == result.trials
+
+
+def test_progress_true_prints_one_line_per_trial(capsys):
+    case = make_case("mlp")
+    small = TensorDataset(*(t[:40] for t in case.dataset.tensors))
+    result = bf.find_batch_size(case.model, small, device=bf.SimulatedGPU("8MiB"), progress=True)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == result.num_trials and "batch      16  fits" in lines[0]
+
+
+def test_an_optimizer_instance_keeps_its_state_and_its_state_counts():
+    case = make_case("mlp")
+    optimizer = torch.optim.Adam(case.model.parameters(), lr=0.01)
+    inputs, targets = case.dataset.tensors
+    nn.functional.cross_entropy(case.model(inputs[:8]), targets[:8]).backward()
+    optimizer.step()  # now it has exp_avg / exp_avg_sq for every parameter, and gradients are set
+    before = snapshot(case.model, optimizer)
+    gpu = bf.SimulatedGPU(CAPACITIES["mlp"])
+    with_state = bf.find_batch_size(case.model, case.dataset, optimizer=optimizer, device=gpu)
+    assert_unchanged(before, case.model, optimizer)
+    assert optimizer.param_groups[0]["lr"] == 0.01
+    fresh = bf.find_batch_size(case.model, case.dataset, optimizer=torch.optim.Adam, device=gpu)
+    assert with_state.max_batch_size == fresh.max_batch_size  # Adam's state exists at step 2 either way
+    assert with_state.trials[0].baseline_bytes > fresh.trials[0].baseline_bytes  # ... but was resident from the start
+
+
+def test_optimizer_choice_matters_and_callables_work():
+    case = make_case("mlp")
+    gpu = bf.SimulatedGPU(CAPACITIES["mlp"])
+    adam = bf.find_batch_size(case.model, case.dataset, device=gpu)
+    sgd = bf.find_batch_size(case.model, case.dataset, device=gpu, optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    assert sgd.max_batch_size > adam.max_batch_size  # no optimizer state leaves room for more samples
+
+
+def test_dataloader_with_its_collate_fn_and_custom_step():
+    case = make_case("dict")
+    calls = {"collate": 0}
+
+    def collate(samples):
+        calls["collate"] += 1
+        return {"input_ids": torch.stack([s["input_ids"] for s in samples]), "labels": torch.stack([s["labels"] for s in samples])}
+
+    loader = DataLoader(case.dataset, batch_size=7, shuffle=True, collate_fn=collate)
+    result = bf.find_batch_size(case.model, loader, device=bf.SimulatedGPU(CAPACITIES["dict"]), max_trials=5)
+    assert calls["collate"] >= 5
+    assert result.max_batch_size >= 16
+
+    def step_fn(model, batch):
+        return model(batch["input_ids"], batch["labels"])["loss"] * 2
+
+    stepped = bf.find_batch_size(case.model, loader, device=bf.SimulatedGPU(CAPACITIES["dict"]), step_fn=step_fn, max_trials=5)
+    assert stepped.max_batch_size == result.max_batch_size
+
+
+def test_loss_fn_and_tensor_only_samples():
+    model = MLP(inputs=32, classes=32)
+    data = TensorDataset(torch.randn(2000, 32))
+    gpu = bf.SimulatedGPU("2MiB")
+    default = bf.find_batch_size(model, data, device=gpu)  # no target: mean of the output
+    custom = bf.find_batch_size(model, data, device=gpu, loss_fn=lambda out: (out**2).mean())
+    assert default.max_batch_size > 16 and custom.max_batch_size > 16
+
+
+def test_regression_targets_use_mse():
+    model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 3))
+    data = TensorDataset(torch.randn(1000, 20), torch.randn(1000, 3))
+    result = bf.find_batch_size(model, data, device=bf.SimulatedGPU("1MiB"))
+    assert result.max_batch_size > 16
+
+
+def test_eval_mode_and_existing_gradients_are_preserved():
+    case = make_case("cnn")
+    case.model.eval()
+    case.model.features[1].train()  # a mixed state
+    inputs, targets = case.dataset.tensors
+    nn.functional.cross_entropy(case.model(inputs[:4]), targets[:4]).backward()
+    before = snapshot(case.model)
+    bf.find_batch_size(case.model, case.dataset, device=bf.SimulatedGPU(CAPACITIES["cnn"]), max_trials=3)
+    assert_unchanged(before, case.model)
+    assert case.model.training is False and case.model.features[1].training is True
+
+
+def test_a_user_simulated_gpu_keeps_what_it_held():
+    case = make_case("mlp")
+    gpu = bf.SimulatedGPU(CAPACITIES["mlp"])
+    with gpu:
+        resident = torch.zeros(64 * 1024)  # 256 KiB the user put on the device
+    assert gpu.memory_allocated() == 256 * 1024
+    smaller = bf.find_batch_size(case.model, case.dataset, device=gpu)
+    assert gpu.memory_allocated() == 256 * 1024
+    del resident
+    assert gpu.memory_allocated() == 0
+    full = bf.find_batch_size(case.model, case.dataset, device=gpu)
+    assert smaller.max_batch_size < full.max_batch_size
+
+
+def test_sim_device_string():
+    case = make_case("frozen")
+    result = bf.find_batch_size(case.model, case.dataset, device=f"sim:{CAPACITIES['frozen']}", max_trials=2)
+    assert result.device == "SimulatedGPU(1.70 MiB)"
