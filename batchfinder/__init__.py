@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import logging
 
+from .accumulation import AccumulationPlan, plan_accumulation
 from .cuda import CudaDevice
 from .devices import DeviceBackend, resolve_device
+from .distributed import RankFailedError
 from .engine import SearchResult, find_batch_size, recommend_batch_size, try_batch_size
 from .errors import BatchFinderError, NoBatchSizeFitsError, SearchIncompleteError
 from .oom import is_oom_error
@@ -30,6 +32,10 @@ from .search import StopReason
 from .simulated import SimulatedGPU
 from .trial import Trial
 from .units import format_bytes, parse_bytes
+from . import zoo
+from .estimate import FakeTensorUnsupportedError, MemoryEstimate, MemoryEstimates, estimate_memory
+from .gpus import GPUSpec, lookup_gpu
+from .predict import Prediction, predict_max_batch_size  # also registers mode="guided"
 
 __version__ = "0.1.0"
 
@@ -50,6 +56,18 @@ __all__ = [
     "SearchIncompleteError",
     "parse_bytes",
     "format_bytes",
+    "plan_accumulation",
+    "AccumulationPlan",
+    "RankFailedError",
+    "estimate_memory",
+    "MemoryEstimate",
+    "MemoryEstimates",
+    "FakeTensorUnsupportedError",
+    "predict_max_batch_size",
+    "Prediction",
+    "GPUSpec",
+    "lookup_gpu",
+    "zoo",
     "__version__",
 ]
 

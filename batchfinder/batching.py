@@ -15,6 +15,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torch.utils.data._utils.collate import default_collate, default_convert
 
+from .accounting import host_side_loading
+
 __all__ = ["BatchSource", "describe_batch"]
 
 _CACHE_BUDGET_BYTES = 2 * 1024**3
@@ -86,7 +88,8 @@ class BatchSource:
         self.length = length
         self._cache: list[Any] = []
         self._cached_bytes = 0
-        first = self.sample(0)
+        with host_side_loading():
+            first = self.sample(0)
         _check_sample(first)
 
     def sample(self, index: int) -> Any:
@@ -103,7 +106,8 @@ class BatchSource:
         """A host-side batch of the first ``batch_size`` samples (``batch_size`` at most the dataset length)."""
         if not 1 <= batch_size <= self.length:
             raise ValueError(f"batch_size={batch_size} must be between 1 and the dataset length {self.length}")
-        return self.collate([self.sample(i) for i in range(batch_size)])
+        with host_side_loading():  # loading and collation happen on the host, also inside a SimulatedGPU block
+            return self.collate([self.sample(i) for i in range(batch_size)])
 
 
 def describe_batch(batch: Any) -> str:

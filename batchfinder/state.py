@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .accounting import host_side_loading
+
 __all__ = ["TrainingState", "RngState", "deferred_interrupts"]
 
 
@@ -152,21 +154,35 @@ class TrainingState:
     optimizers: list[_OptimizerState] = field(default_factory=list)
 
     @classmethod
-    def capture(cls, model: nn.Module, optimizers: list[torch.optim.Optimizer] | None = None) -> "TrainingState":
-        """Copy the state of ``model`` and ``optimizers`` to host memory."""
+    def capture(
+        cls, model: nn.Module, optimizers: list[torch.optim.Optimizer] | None = None, *, values: bool = True
+    ) -> "TrainingState":
+        """Copy the state of ``model`` and ``optimizers`` to host memory.
+
+        With ``values=False`` tensor values and gradients are not copied (for code that never touches them, such as
+        a trace on fake twins of the parameters): only modes, buffer slots, optimizers and RNG states are kept.
+        Snapshots are host memory: a :class:`~batchfinder.SimulatedGPU` active around the call charges nothing.
+        """
+        with host_side_loading():
+            return cls._capture(model, optimizers, values=values)
+
+    @classmethod
+    def _capture(
+        cls, model: nn.Module, optimizers: list[torch.optim.Optimizer] | None = None, *, values: bool = True
+    ) -> "TrainingState":
         tensors: dict[int, torch.Tensor] = {}
         for tensor in (*model.parameters(), *model.buffers()):
             tensors.setdefault(id(tensor), tensor)
-        values = [(t, _host_copy(t)) for t in tensors.values()]
+        copies = [(t, _host_copy(t)) for t in tensors.values()] if values else []
         gradients = [
             (p, None if p.grad is None else _host_copy(p.grad), None if p.grad is None else p.grad.device)
             for p in model.parameters()
-        ]
+        ] if values else []
         flags = [(m, m.training) for m in model.modules()]
         slots = [(m, key, value) for m in model.modules() for key, value in m._buffers.items()]
         return cls(
             model=model,
-            values=values,
+            values=copies,
             gradients=gradients,
             training_flags=flags,
             buffer_slots=slots,
@@ -185,6 +201,10 @@ class TrainingState:
         Between trials (``final=False``) gradients stay cleared and buffer slots keep the tensors the device placed
         there; the final restore also puts back the original gradients and any buffer a module replaced.
         """
+        with host_side_loading():
+            self._restore(final)
+
+    def _restore(self, final: bool) -> None:
         if final:
             for module, key, value in self.buffer_slots:
                 if module._buffers.get(key) is not value:

@@ -20,10 +20,81 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["StepFn", "LossFn", "make_step", "compute_loss", "primary_output"]
+__all__ = [
+    "StepFn",
+    "LossFn",
+    "PhaseHook",
+    "StepContractError",
+    "make_step",
+    "compute_loss",
+    "primary_output",
+    "check_loss",
+    "run_training_step",
+]
 
 StepFn = Callable[[nn.Module, Any], torch.Tensor]
 LossFn = Callable[..., torch.Tensor]
+PhaseHook = Callable[[str], None]
+"""Called with ``"forward"``, ``"backward"``, ``"optimizer step"`` and ``"zero_grad"`` as a step enters each phase."""
+
+
+class StepContractError(Exception):
+    """Marks errors about the step's own contract (a loss that is not a scalar, or that needs no grad)."""
+
+
+class LossTypeError(TypeError, StepContractError):
+    """The step did not return a single-element tensor."""
+
+
+class LossValueError(ValueError, StepContractError):
+    """The loss does not require grad."""
+
+
+def check_loss(loss: Any) -> None:
+    """Raise unless ``loss`` is a single-element tensor that requires grad."""
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = list(loss.shape) if isinstance(loss, torch.Tensor) else ""
+        raise LossTypeError(
+            f"the step returned {type(loss).__name__}{shape}, not a scalar loss tensor; "
+            "step_fn and loss_fn must return a single-element tensor"
+        )
+    if not loss.requires_grad:
+        raise LossValueError(
+            "the loss does not require grad: no trainable parameter contributes to it (is the model frozen, or does "
+            "step_fn run under torch.no_grad()?)"
+        )
+
+
+def run_training_step(
+    model: nn.Module,
+    batch: Any,
+    step: StepFn,
+    optimizer: torch.optim.Optimizer,
+    on_phase: PhaseHook | None = None,
+    *,
+    check: bool = False,
+) -> None:
+    """One training step as trials and traces run it: forward and loss, backward, ``optimizer.step()``, and
+    ``zero_grad(set_to_none=True)`` on the optimizer and the model (frozen parameters included).
+
+    ``on_phase`` is told when each phase starts; ``check`` verifies the loss with :func:`check_loss` first.
+    """
+    if on_phase is not None:
+        on_phase("forward")
+    loss = step(model, batch)
+    if check:
+        check_loss(loss)
+    if on_phase is not None:
+        on_phase("backward")
+    loss.backward()
+    del loss
+    if on_phase is not None:
+        on_phase("optimizer step")
+    optimizer.step()
+    if on_phase is not None:
+        on_phase("zero_grad")
+    optimizer.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=True)
 
 
 def _explicit_loss(output: Any) -> torch.Tensor | None:

@@ -13,34 +13,49 @@ own type and traceback after the user's state is restored.
 :class:`TrialSession` owns the user's state for the length of a search: it snapshots it on entry, keeps the model
 resident on the device, checks once that the model accepts the batch, and restores everything on exit, also when
 the search fails or is interrupted.
+
+Front ends with their own training loop (the Lightning callback) pass ``train_step`` (one complete step: forward,
+backward, optimizer step(s), zero grad, as their loop does it), ``eval_step`` with ``eval_source`` (each trial then
+also runs evaluation steps at the same batch size, in eval mode under ``torch.no_grad()``, with the optimizer state
+and gradients still held as they are during validation inside training), ``extra_optimizers`` (further optimizers
+whose state is snapshotted, restored and charged) and ``reserved_bytes`` (memory a wrapper such as DDP holds for the
+whole of training, allocated on the device for the session). ``run(size, phase="eval")`` measures evaluation alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import re
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from .accounting import host_side_loading
 from .batching import BatchSource, describe_batch
 from .devices import DeviceBackend
 from .errors import NoBatchSizeFitsError
 from .oom import exception_text, is_fatal_device_error, is_oom_error
 from .optimizers import OptimizerSpec
-from .state import TrainingState
-from .steps import StepFn
+from .state import TrainingState, deferred_interrupts
+from .steps import StepFn, check_loss, run_training_step
 from .units import format_bytes
+from .validation import MIN_STEPS_PER_TRIAL
 
-__all__ = ["Trial", "TrialSession", "MIN_STEPS_PER_TRIAL"]
+__all__ = ["Trial", "TrialSession", "MIN_STEPS_PER_TRIAL", "TrainStepFn", "EvalStepFn"]
 
 logger = logging.getLogger("batchfinder")
 
-MIN_STEPS_PER_TRIAL = 2
+
+TrainStepFn = Callable[[nn.Module, Any, int], None]
+"""``train_step(model, device_batch, step_index)``: one complete training step, optimizer step and zero grad included."""
+EvalStepFn = Callable[[nn.Module, Any], None]
+"""``eval_step(model, device_batch)``: one evaluation step (called in eval mode under ``torch.no_grad()``)."""
 
 _REQUEST = re.compile(r"Tried to allocate ([\d.]+) (B|KiB|MiB|GiB|TiB|bytes)")
 _UNIT = {"B": 1, "bytes": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "TiB": 1024**4}
@@ -90,26 +105,49 @@ class TrialSession:
         self,
         model: nn.Module,
         source: BatchSource,
-        step: StepFn,
-        optimizer: OptimizerSpec,
+        step: StepFn | None,
+        optimizer: OptimizerSpec | None,
         device: DeviceBackend,
         *,
         steps_per_trial: int = MIN_STEPS_PER_TRIAL,
+        train_step: TrainStepFn | None = None,
+        eval_step: EvalStepFn | None = None,
+        eval_source: BatchSource | None = None,
+        eval_steps: int = 1,
+        extra_optimizers: Sequence[torch.optim.Optimizer] = (),
+        reserved_bytes: Sequence[int] = (),
     ) -> None:
+        """``step``/``optimizer`` drive the built-in training step; ``train_step`` replaces it (then ``step`` may be
+        None); with neither the session only evaluates (``eval_step`` and ``eval_source`` required). See the module
+        documentation for the other keywords."""
         self.model = model
         self.source = source
         self.step = step
         self.optimizer = optimizer
         self.device = device
         self.steps_per_trial = steps_per_trial
+        self.train_step = train_step
+        self.eval_step = eval_step
+        self.eval_source = eval_source if eval_source is not None else (source if eval_step is not None else None)
+        self.eval_steps = eval_steps
+        self.extra_optimizers = list(extra_optimizers)
+        self.reserved_bytes = [int(n) for n in reserved_bytes if n > 0]
+        if not self.trains and eval_step is None:
+            raise ValueError("a TrialSession needs a training step (step and optimizer, or train_step) or an eval_step")
         self._state: TrainingState | None = None
         self._resident: Any = None
+        self._reserved: list[torch.Tensor] = []
+
+    @property
+    def trains(self) -> bool:
+        """True when trials run training steps (False: an evaluation-only session)."""
+        return self.train_step is not None or (self.step is not None and self.optimizer is not None)
 
     # -- lifetime ------------------------------------------------------------------------------------------------
     def __enter__(self) -> "TrialSession":
         self.device.check_model(self.model)
-        bound = [self.optimizer.bound] if self.optimizer.bound is not None else []
-        self._state = TrainingState.capture(self.model, bound)
+        bound = [self.optimizer.bound] if self.optimizer is not None and self.optimizer.bound is not None else []
+        self._state = TrainingState.capture(self.model, [*bound, *self.extra_optimizers])
         try:
             self._state.clear_gradients()
             self._enter_resident()
@@ -120,24 +158,36 @@ class TrialSession:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
-        try:
-            if self._resident is not None:
-                resident, self._resident = self._resident, None
-                resident.__exit__(None, None, None)
-        finally:
-            if self._state is not None:
-                self._state.restore(final=True)
-            gc.collect()
+        self._reserved = []
+        with deferred_interrupts():
+            try:
+                if self._resident is not None:
+                    resident, self._resident = self._resident, None
+                    resident.__exit__(None, None, None)
+            finally:
+                if self._state is not None:
+                    self._state.restore(final=True)
+        gc.collect()
 
     def _enter_resident(self) -> None:
-        resident = self.device.resident(self.model, self.optimizer.bound)
+        bound = self.optimizer.bound if self.optimizer is not None else None
+        resident = contextlib.ExitStack()
         try:
-            resident.__enter__()
+            resident.enter_context(self.device.resident(self.model, bound))
+            for extra in self.extra_optimizers:
+                resident.enter_context(self.device.resident(self.model, extra))
+            self._reserved = [self.device.to_device(torch.empty(n, dtype=torch.uint8)) for n in self.reserved_bytes]
         except torch.OutOfMemoryError as exc:
+            self._reserved = []
+            resident.close()
             message = exception_text(exc)
+            has_state = bound is not None or bool(self.extra_optimizers)
+            reserved = (
+                f" and {format_bytes(sum(self.reserved_bytes))} reserved by the parallel wrapper" if self.reserved_bytes else ""
+            )
             raise NoBatchSizeFitsError(
                 f"the model alone does not fit on {self.device.name}: its parameters and buffers"
-                f"{' and optimizer state' if self.optimizer.bound is not None else ''} exceed the capacity "
+                f"{' and optimizer state' if has_state else ''}{reserved} exceed the capacity "
                 f"({message})",
                 capacity_bytes=self.device.capacity_bytes,
             ) from None
@@ -145,26 +195,29 @@ class TrialSession:
 
     def _probe(self) -> None:
         """Run one forward/backward at a tiny batch outside memory accounting to check the model takes the batch."""
+        with host_side_loading():
+            self._probe_unaccounted()
+
+    def _probe_unaccounted(self) -> None:
         size = min(2, self.source.length)
         host_batch = self.source.batch(size)
         state = self._require_state()
         try:
             batch = self.device.to_device(host_batch)
             self.model.train()
-            loss = self.step(self.model, batch)
-            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                raise TypeError(
-                    f"the step returned {type(loss).__name__}"
-                    f"{list(loss.shape) if isinstance(loss, torch.Tensor) else ''}, not a scalar loss tensor; "
-                    "step_fn and loss_fn must return a single-element tensor"
-                )
-            if not loss.requires_grad:
-                raise ValueError(
-                    "the loss does not require grad: no trainable parameter contributes to it (is the model frozen, "
-                    "or does step_fn run under torch.no_grad()?)"
-                )
-            loss.backward()
-            self.optimizer.create()
+            if self.train_step is not None:
+                self.train_step(self.model, batch, 0)
+            elif self.step is not None and self.optimizer is not None:
+                loss = self.step(self.model, batch)
+                check_loss(loss)
+                loss.backward()
+                self.optimizer.create()
+            if self.eval_step is not None and self.eval_source is not None:
+                host_batch = self.eval_source.batch(min(2, self.eval_source.length))
+                batch = self.device.to_device(host_batch)
+                self.model.eval()
+                with torch.no_grad():
+                    self.eval_step(self.model, batch)
         except (TypeError, ValueError, RuntimeError, IndexError, KeyError) as exc:
             if is_oom_error(exc):
                 return  # even a tiny batch does not fit: the search reports it with figures
@@ -183,28 +236,51 @@ class TrialSession:
         return self._state
 
     # -- trials --------------------------------------------------------------------------------------------------
-    def run(self, batch_size: int) -> Trial:
-        """Run one trial at ``batch_size`` and return how it went; restores the user's state afterwards."""
+    def run(self, batch_size: int, *, phase: str = "train") -> Trial:
+        """Run one trial at ``batch_size`` and return how it went; restores the user's state afterwards.
+
+        ``phase="train"`` (default): ``steps_per_trial`` training steps at ``batch_size`` and, when the session has an
+        eval step, ``eval_steps`` evaluation steps at the same size (at most the evaluation data's length); the trial
+        fits only if both do. ``phase="eval"``: evaluation steps at ``batch_size``; a session that trains first runs
+        one training step at a batch of 2, so that optimizer state and gradients are held as during validation inside
+        training. Its time per step is then the evaluation step's.
+        """
         state = self._require_state()
-        host_batch = self.source.batch(batch_size)
+        eval_host: Any = None
+        if phase == "train":
+            if not self.trains:
+                raise ValueError("this session only evaluates: use run(batch_size, phase='eval')")
+            host_batch = self.source.batch(batch_size)
+            if self.eval_step is not None and self.eval_source is not None:
+                eval_host = self.eval_source.batch(min(batch_size, self.eval_source.length))
+            train_steps = self.steps_per_trial
+        elif phase == "eval":
+            if self.eval_step is None or self.eval_source is None:
+                raise ValueError("this session has no eval step to measure")
+            host_batch = self.source.batch(min(2, self.source.length)) if self.trains else None
+            eval_host = self.eval_source.batch(batch_size)
+            train_steps = 1
+        else:
+            raise ValueError(f"phase must be 'train' or 'eval', not {phase!r}")
         self.device.synchronize()
         baseline = self.device.memory_allocated()
         self.device.reset_peak_memory_stats()
         durations: list[float] = []
+        eval_durations: list[float] = []
         error: str | None = None
         try:
-            self._steps(host_batch, durations)
+            self._steps(host_batch, durations, train_steps=train_steps, eval_host=eval_host, eval_durations=eval_durations)
         except Exception as exc:  # recovery happens below, outside this block
             if not is_oom_error(exc) or is_fatal_device_error(exc):
                 raise
             error = exception_text(exc).strip().splitlines()[0]
         state.restore(final=False)
-        gc.collect()
+        del host_batch, eval_host
+        if phase == "eval":
+            durations = eval_durations
         self.device.synchronize()
         peak = self.device.max_memory_allocated()
-        self.device.empty_cache()
-        self.device.reset_peak_memory_stats()
-        leaked = self.device.memory_allocated() - baseline
+        leaked = self._release(baseline)
         if leaked:
             logger.warning("batch size %d left %s allocated after recovery", batch_size, format_bytes(leaked))
         timed = durations[1:] or durations
@@ -219,18 +295,62 @@ class TrialSession:
             error=error,
         )
 
-    def _steps(self, host_batch: Any, durations: list[float]) -> None:
+    def _release(self, baseline: int) -> int:
+        """Free what the trial left behind; returns the bytes still held beyond ``baseline``.
+
+        The failed step's tensors are normally freed by reference counting as soon as the exception is gone; a
+        young-generation collection catches short cycles, and a full (slow) collection runs only when memory is
+        still above the baseline after that.
+        """
+        gc.collect(0)
+        if self.device.memory_allocated() > baseline:
+            gc.collect()
+        self.device.synchronize()
+        self.device.empty_cache()
+        self.device.reset_peak_memory_stats()
+        return self.device.memory_allocated() - baseline
+
+    def _steps(
+        self,
+        host_batch: Any,
+        durations: list[float],
+        *,
+        train_steps: int | None = None,
+        eval_host: Any = None,
+        eval_durations: list[float] | None = None,
+    ) -> None:
+        steps = self.steps_per_trial if train_steps is None else train_steps
         with self.device.measuring():
-            optimizer = self.optimizer.create()
-            batch = self.device.to_device(host_batch)
-            self.model.train()
-            for _ in range(self.steps_per_trial):
-                start = time.perf_counter()
-                loss = self.step(self.model, batch)
-                loss.backward()
-                del loss
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                self.model.zero_grad(set_to_none=True)
-                self.device.synchronize()
-                durations.append(time.perf_counter() - start)
+            optimizer = None
+            if host_batch is not None and self.train_step is not None:
+                batch = self.device.to_device(host_batch)
+                self.model.train()
+                for index in range(steps):
+                    start = time.perf_counter()
+                    self.train_step(self.model, batch, index)
+                    self.device.synchronize()
+                    durations.append(time.perf_counter() - start)
+                del batch
+            elif host_batch is not None and self.step is not None and self.optimizer is not None:
+                optimizer = self.optimizer.create()
+                batch = self.device.to_device(host_batch)
+                self.model.train()
+                for _ in range(steps):
+                    start = time.perf_counter()
+                    run_training_step(self.model, batch, self.step, optimizer)
+                    self.device.synchronize()
+                    durations.append(time.perf_counter() - start)
+                del batch
+            if eval_host is not None and self.eval_step is not None:
+                # The training batch is gone, the optimizer (and its state) is not: as during validation in training.
+                batch = self.device.to_device(eval_host)
+                self.model.eval()
+                with torch.no_grad():
+                    for _ in range(self.eval_steps):
+                        start = time.perf_counter()
+                        self.eval_step(self.model, batch)
+                        self.device.synchronize()
+                        if eval_durations is not None:
+                            eval_durations.append(time.perf_counter() - start)
+                del batch
+            del optimizer

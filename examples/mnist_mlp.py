@@ -51,6 +51,11 @@ def main() -> None:
     )
     print()
     print(result)
+    # The seeds' four parts of GPU memory at the recommended batch size: parameters + gradients, optimizer state,
+    # the data batch, and the activations (estimated by tracing the same training step under fake tensors).
+    print()
+    print(f"where the memory goes at the recommended batch size {result.batch_size}:")
+    print(bf.estimate_memory(model, dataset[0], result.batch_size, optimizer=torch.optim.Adam))
 
 
 if __name__ == "__main__":

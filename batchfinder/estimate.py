@@ -1,0 +1,558 @@
+"""Memory estimates without a GPU: :func:`estimate_memory` traces real training steps under fake tensors.
+
+>>> import torch, batchfinder as bf
+>>> model = bf.zoo.mnist_mlp()
+>>> est = bf.estimate_memory(model, (1, 28, 28), 1024, optimizer=torch.optim.SGD)
+>>> est.parameters, est.gradients, est.optimizer_state      # bytes
+(407552, 407552, 0)
+>>> print(est)                                                # doctest: +SKIP
+
+The figures are the seeds' four categories: parameters (and buffers), gradients, optimizer state, the batch (inputs
+and targets on the device) and the activations and temporaries held at the peak. They come from the simulated GPU's
+accounting (:mod:`batchfinder.accounting`), so:
+
+* ``estimate.peak`` equals, to the byte, the ``peak_bytes`` that ``try_batch_size`` measures on a
+  :class:`~batchfinder.SimulatedGPU` large enough for the same model, optimizer, step and batch;
+* every storage is rounded up to 512 bytes, as the CUDA caching allocator rounds every request. For the seeds'
+  MNIST MLP the four parameter tensors hold 407,080 bytes (101,770 x 4) and are charged 407,552: the weight of
+  784 x 128 floats is a multiple of 512 already, the bias of 128 floats (512 B) too, the 128 x 10 weight (5,120 B)
+  too, and the 10-float bias (40 B) takes 512. ``estimate.exact`` keeps the unrounded figures. A batch of B MNIST
+  images holds B x 3,136 B (one storage, rounded once) and its B integer labels B x 8 B (another storage).
+
+What it does not see (a real GPU's allocator does): the CUDA context, cuBLAS/cuDNN workspaces, the allocator's
+segment sizes and fragmentation, and kernels that differ between the CPU and the GPU (e.g. fused optimizers). See
+:func:`~batchfinder.predict_max_batch_size` for the allowance made for those.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, overload
+
+import torch
+from torch import nn
+from torch.utils.data._utils.collate import default_collate
+
+from .optimizers import OptimizerLike, OptimizerSpec, resolve_optimizer
+from .steps import LossFn, StepFn, make_step
+from .synthetic import TargetSpec, as_shape, target_for_output
+from .tracing import (
+    FakeTensorUnsupportedError,
+    FakeTrainer,
+    StepContractError,
+    Trace,
+    describe_template,
+    fake_output,
+    is_fake_unsupported,
+)
+from .validation import MIN_STEPS_PER_TRIAL, check_model, check_steps_per_trial
+from .units import format_bytes
+
+__all__ = [
+    "MemoryEstimate",
+    "MemoryEstimates",
+    "Estimator",
+    "estimate_memory",
+    "target_for_shape",
+    "FakeTensorUnsupportedError",
+]
+
+logger = logging.getLogger("batchfinder")
+
+_CATEGORY_LABELS: tuple[tuple[str, str], ...] = (
+    ("parameters", "parameters"),
+    ("buffers", "buffers"),
+    ("gradients", "gradients"),
+    ("optimizer_state", "optimizer state"),
+    ("batch", "batch (inputs + targets)"),
+    ("activations", "activations, temporaries"),
+)
+
+
+@dataclass
+class MemoryEstimate:
+    """Memory of training at one batch size, in bytes, by the seeds' categories (each storage rounded to 512 B).
+
+    ``parameters``, ``buffers``, ``gradients``, ``optimizer_state`` and ``batch`` are the full size of each category;
+    ``activations`` is what the activations and temporaries hold at the peak; ``peak`` is the total at the peak,
+    model included. ``at_peak`` splits ``peak`` exactly by category (at the peak some gradients may not exist yet,
+    so ``at_peak["gradients"]`` can be below ``gradients``).
+    """
+
+    batch_size: int
+    parameters: int
+    gradients: int
+    optimizer_state: int
+    batch: int
+    activations: int
+    peak: int
+    buffers: int = 0
+    """Registered buffers (e.g. BatchNorm running statistics), not counted in ``parameters``."""
+    at_peak: dict[str, int] = field(default_factory=dict)
+    """Bytes held at the peak by category (sums to ``peak``)."""
+    peak_phase: str = ""
+    """Where the peak happens, e.g. ``"backward (step 2)"`` or ``"optimizer step (step 1)"``."""
+    phase_peaks: dict[str, int] = field(default_factory=dict)
+    """Highest total in each phase of the step: forward, backward, optimizer step, zero_grad."""
+    exact: dict[str, int] = field(default_factory=dict)
+    """Unrounded tensor bytes of parameters, buffers, gradients, optimizer_state and batch."""
+    parameter_count: int = 0
+    trainable_parameter_count: int = 0
+    sample_bytes: int = 0
+    """Bytes of one sample on the device, inputs and targets, unrounded (3,136 + 8 for an MNIST image and label)."""
+    sample_parts: dict[str, int] = field(default_factory=dict)
+    """``sample_bytes`` by part: ``input``, ``target`` (and further tuple elements or dict keys)."""
+    optimizer: str = ""
+    model: str = ""
+    sample: str = ""
+    """The batch's structure, e.g. ``(Tensor[B, 1, 28, 28] float32, Tensor[B] int64)``."""
+    steps: int = MIN_STEPS_PER_TRIAL
+
+    @property
+    def model_bytes(self) -> int:
+        """Parameters, gradients, optimizer state and buffers: what does not depend on the batch size."""
+        return self.parameters + self.buffers + self.gradients + self.optimizer_state
+
+    def fits(self, capacity: int | str) -> bool:
+        """True when the peak is within ``capacity`` (bytes, or a string such as ``"16GiB"``)."""
+        from .units import parse_bytes
+
+        return self.peak <= parse_bytes(capacity, argument="capacity")
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every figure as plain JSON-ready values."""
+        return {
+            "batch_size": self.batch_size,
+            "parameters": self.parameters,
+            "buffers": self.buffers,
+            "gradients": self.gradients,
+            "optimizer_state": self.optimizer_state,
+            "batch": self.batch,
+            "activations": self.activations,
+            "peak": self.peak,
+            "at_peak": dict(self.at_peak),
+            "peak_phase": self.peak_phase,
+            "phase_peaks": dict(self.phase_peaks),
+            "exact": dict(self.exact),
+            "parameter_count": self.parameter_count,
+            "trainable_parameter_count": self.trainable_parameter_count,
+            "sample_bytes": self.sample_bytes,
+            "sample_parts": dict(self.sample_parts),
+            "optimizer": self.optimizer,
+            "model": self.model,
+            "sample": self.sample,
+            "steps": self.steps,
+        }
+
+    def table(self) -> str:
+        """The breakdown as a text table: each category's size and what it holds at the peak."""
+        rows = [f"{'category':<26}{'size':>13}{'at the peak':>14}", "-" * 53]
+        for key, label in _CATEGORY_LABELS:
+            if key == "buffers" and not self.buffers:
+                continue
+            size = "-" if key == "activations" else format_bytes(getattr(self, key))
+            held = format_bytes(self.at_peak.get(key, getattr(self, key)))
+            rows.append(f"{label:<26}{size:>13}{held:>14}")
+        rows.append("-" * 53)
+        rows.append(f"{'peak':<26}{'':>13}{format_bytes(self.peak):>14}")
+        return "\n".join(rows)
+
+    def __str__(self) -> str:
+        trainable = (
+            f", {self.trainable_parameter_count:,} trainable" if self.trainable_parameter_count != self.parameter_count else ""
+        )
+        parts = " + ".join(f"{name} {size:,} B" for name, size in self.sample_parts.items())
+        lines = [
+            f"memory estimate: {self.model} ({self.parameter_count:,} parameters{trainable}), optimizer "
+            f"{self.optimizer}, batch size {self.batch_size:,}",
+            f"batch {self.sample}: {self.sample_bytes:,} B per sample ({parts})" if parts else f"batch {self.sample}",
+            self.table(),
+            f"the peak is in {self.peak_phase}; {self.steps} training steps traced under fake tensors, every storage "
+            "rounded up to 512 B as the CUDA allocator does",
+            "not included: CUDA context, cuBLAS/cuDNN workspaces, allocator fragmentation",
+        ]
+        return "\n".join(lines)
+
+    def plot(self, path: Any, *, capacity: int | str | None = None, safety: float = 0.8) -> Any:
+        """Write a PNG of this estimate (a stacked bar by category, the capacity and ``safety`` x capacity lines)."""
+        from .plot import plot_estimates
+
+        return plot_estimates([self], path, capacity=capacity, safety=safety)
+
+
+class MemoryEstimates(list):
+    """Estimates at several batch sizes (a list of :class:`MemoryEstimate`) with a table and a plot."""
+
+    def __iter__(self) -> Iterator[MemoryEstimate]:
+        return super().__iter__()
+
+    def table(self) -> str:
+        """One row per batch size, in the spirit of the seeds' table: batch, activations, optimizer state, peak."""
+        header = f"{'batch size':>10}  {'batch':>11}  {'activations':>11}  {'peak':>11}  peak in"
+        rows = [header, "-" * (len(header) + 16)]
+        for est in self:
+            rows.append(
+                f"{est.batch_size:>10,}  {format_bytes(est.batch):>11}  {format_bytes(est.activations):>11}  "
+                f"{format_bytes(est.peak):>11}  {est.peak_phase}"
+            )
+        return "\n".join(rows)
+
+    def __str__(self) -> str:
+        if not self:
+            return "no estimates"
+        first: MemoryEstimate = self[0]
+        buffers = f", buffers {format_bytes(first.buffers)}" if first.buffers else ""
+        return "\n".join(
+            [
+                f"memory estimates: {first.model} ({first.parameter_count:,} parameters), optimizer {first.optimizer}",
+                f"batch {first.sample}: {first.sample_bytes:,} B per sample",
+                f"at every batch size: parameters {format_bytes(first.parameters)}, gradients "
+                f"{format_bytes(first.gradients)}, optimizer state {format_bytes(first.optimizer_state)}{buffers}",
+                self.table(),
+                "(fake-tensor trace of the training step; each storage rounded up to 512 B; CUDA context and "
+                "workspaces not included)",
+            ]
+        )
+
+    def as_dicts(self) -> list[dict[str, Any]]:
+        """Every estimate as :meth:`MemoryEstimate.as_dict`."""
+        return [est.as_dict() for est in self]
+
+    def plot(self, path: Any, *, capacity: int | str | None = None, safety: float = 0.8) -> Any:
+        """Write a PNG: memory against batch size, stacked by category, with the capacity and ``safety`` lines."""
+        from .plot import plot_estimates
+
+        return plot_estimates(list(self), path, capacity=capacity, safety=safety)
+
+
+# -- the estimator ------------------------------------------------------------------------------------------------
+def _describe_sample(sample: Any) -> str:
+    if isinstance(sample, torch.Tensor):
+        return f"Tensor{list(sample.shape)} {str(sample.dtype).replace('torch.', '')}"
+    if isinstance(sample, dict):
+        return "{" + ", ".join(f"{k!r}: {_describe_sample(v)}" for k, v in sample.items()) + "}"
+    if isinstance(sample, (tuple, list)):
+        return "(" + ", ".join(_describe_sample(v) for v in sample) + ")"
+    return type(sample).__name__
+
+
+def _sample_parts(template: Any) -> dict[str, int]:
+    """Unrounded bytes of one sample by part (``input``, ``target``, further elements or dict keys)."""
+
+    def nbytes(value: Any) -> int:
+        if isinstance(value, torch.Tensor):
+            return value.numel() * value.element_size()
+        if isinstance(value, dict):
+            return sum(nbytes(v) for v in value.values())
+        if isinstance(value, (tuple, list)):
+            return sum(nbytes(v) for v in value)
+        return 0
+
+    if isinstance(template, dict):
+        return {str(k): nbytes(v) for k, v in template.items()}
+    if isinstance(template, (tuple, list)):
+        names = ["input", "target"] + [f"element {i}" for i in range(2, len(template))]
+        return {names[i]: nbytes(v) for i, v in enumerate(template)}
+    return {"input": nbytes(template)}
+
+
+def _check_sample(sample: Any) -> None:
+    def tensorish(value: Any) -> bool:
+        return isinstance(value, torch.Tensor) or type(value).__module__.split(".")[0] == "numpy"
+
+    if tensorish(sample):
+        return
+    if isinstance(sample, dict) and any(tensorish(v) for v in sample.values()):
+        return
+    if isinstance(sample, (tuple, list)) and sample and tensorish(sample[0]):
+        return
+    raise TypeError(
+        f"sample must be one dataset item as dataset[0] returns it (a tensor, an (input, target, ...) tuple or a dict "
+        f"of tensors, without the batch dimension) or an input shape such as (1, 28, 28) or '1x28x28', not "
+        f"{_describe_sample(sample)}"
+    )
+
+
+def _validate_batch_size(value: Any, argument: str = "batch_size") -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{argument} must be a whole number (or a list of them), not {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{argument}={value} must be at least 1")
+    return value
+
+
+class Estimator:
+    """Memory estimates of one model, sample, optimizer and step at any batch size (peaks are cached).
+
+    Build it with :meth:`create` (the public arguments, validated) or :meth:`for_search` (what a search already
+    resolved). :meth:`peak` is the predicted peak at a batch size; :meth:`estimate` the full breakdown.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        template: Any,
+        optimizer: OptimizerSpec,
+        step: StepFn,
+        *,
+        steps: int = MIN_STEPS_PER_TRIAL,
+        sample_label: str = "",
+    ) -> None:
+        self.model = model
+        self.template = template
+        self.optimizer = optimizer
+        self.trainer = FakeTrainer(model, template, optimizer, step, steps=steps)
+        self.steps = steps
+        self.sample_label = sample_label or describe_template(template)
+        self._traces: dict[int, Trace] = {}
+        self.detailed = False
+        """When True, :meth:`peak` also records the breakdown (so :meth:`estimate` needs no second trace)."""
+        self._counts = (
+            sum(p.numel() for p in _unique(model.parameters())),
+            sum(p.numel() for p in _unique(model.parameters()) if p.requires_grad),
+        )
+
+    # -- construction --------------------------------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        model: nn.Module,
+        sample: Any,
+        *,
+        optimizer: OptimizerLike = None,
+        loss_fn: LossFn | None = None,
+        step_fn: StepFn | None = None,
+        steps_per_trial: int = MIN_STEPS_PER_TRIAL,
+        input_dtype: torch.dtype = torch.float32,
+    ) -> "Estimator":
+        """Validate the public arguments (see :func:`estimate_memory`) and build the estimator."""
+        check_model(model)
+        check_steps_per_trial(steps_per_trial)
+        step = make_step(loss_fn, step_fn)
+        spec = resolve_optimizer(optimizer, model)
+        shape = as_shape(sample, argument="sample")
+        if shape is not None:
+            template, label = _template_from_shape(model, shape, input_dtype)
+        else:
+            _check_sample(sample)
+            try:
+                template = default_collate([sample])
+            except (TypeError, RuntimeError) as exc:
+                raise TypeError(f"sample {_describe_sample(sample)} cannot be collated into a batch: {exc}") from exc
+            label = describe_template(template)
+        return cls(model, template, spec, step, steps=steps_per_trial, sample_label=label)
+
+    @classmethod
+    def for_search(cls, context: Any) -> "Estimator":
+        """The estimator for a search's context (model, first sample of its data, optimizer, step)."""
+        template = context.source.collate([context.source.sample(0)])
+        return cls(context.model, template, context.optimizer, context.step, steps=context.steps_per_trial)
+
+    # -- estimates -----------------------------------------------------------------------------------------------
+    def trace(self, batch_size: int, *, breakdown: bool = True) -> Trace:
+        """Trace at ``batch_size``; errors about the sample or fake tensors become clear ValueErrors/TypeErrors."""
+        try:
+            trace = self.trainer.trace(batch_size, breakdown=breakdown)
+        except FakeTensorUnsupportedError:
+            raise
+        except (torch.OutOfMemoryError, KeyboardInterrupt, MemoryError):
+            raise
+        except StepContractError:
+            raise
+        except Exception as exc:
+            raise self._sample_error(exc, batch_size) from exc
+        self._traces[batch_size] = trace
+        return trace
+
+    def peak(self, batch_size: int) -> int:
+        """Predicted peak bytes at ``batch_size`` (model included), cached."""
+        found = self._traces.get(batch_size)
+        if found is None:
+            found = self.trace(batch_size, breakdown=self.detailed)
+        return found.peak
+
+    @property
+    def known_peaks(self) -> dict[int, int]:
+        """Every peak computed so far, by batch size."""
+        return {size: trace.peak for size, trace in sorted(self._traces.items())}
+
+    def largest_fitting(self, level: int, lo: int = 1, hi: int = 2**40) -> int:
+        """The largest batch size in ``[lo, hi]`` whose predicted peak is at most ``level`` (``lo - 1`` if none).
+
+        Traces ``lo`` and ``64 * lo``, extends the line of each phase's peak (the optimizer step's is nearly flat,
+        the forward/backward one grows with the batch) to ``level``, and refines from there by
+        :func:`~batchfinder.guided.largest_within`: typically four to six traces in all.
+        """
+        from .guided import largest_within
+
+        if hi < lo or self.peak(lo) > level:
+            return lo - 1
+        probe = min(hi, max(lo + 1, 64 * lo))
+        if probe == lo:
+            return lo
+        self.peak(probe)
+        return largest_within(self.peak, level, lo, hi, start=self._phase_guess(level, lo, probe))
+
+    def _phase_guess(self, level: int, b1: int, b2: int) -> int:
+        """Where the lines through each phase's peaks at ``b1`` and ``b2`` first reach ``level``."""
+        first, second = self._traces[b1].phase_peaks, self._traces[b2].phase_peaks
+        guess = float("inf")
+        for phases in (("forward", "backward"), ("optimizer step",), ("zero_grad",), ("setup",)):
+            v1 = max((first.get(p, 0) for p in phases), default=0)
+            v2 = max((second.get(p, 0) for p in phases), default=0)
+            slope = (v2 - v1) / (b2 - b1)
+            if v1 > level:
+                return b1
+            if slope > 0:
+                guess = min(guess, b1 + (level - v1) / slope)
+        return b2 * 64 if guess == float("inf") else max(b1, int(guess))
+
+    @property
+    def calls(self) -> int:
+        """Traces run so far."""
+        return self.trainer.calls
+
+    def estimate(self, batch_size: int) -> MemoryEstimate:
+        """The full :class:`MemoryEstimate` at ``batch_size``."""
+        trace = self._traces.get(batch_size)
+        if trace is None or not trace.at_peak:
+            trace = self.trace(batch_size)
+        parts = _sample_parts(self.template)
+        return MemoryEstimate(
+            batch_size=batch_size,
+            parameters=trace.parameters,
+            gradients=trace.gradients,
+            optimizer_state=trace.optimizer_state,
+            batch=trace.batch,
+            activations=trace.at_peak.get("activations", 0),
+            peak=trace.peak,
+            buffers=trace.buffers,
+            at_peak=dict(trace.at_peak),
+            peak_phase=trace.peak_phase,
+            phase_peaks=dict(trace.phase_peaks),
+            exact=dict(trace.exact),
+            parameter_count=self._counts[0],
+            trainable_parameter_count=self._counts[1],
+            sample_bytes=sum(parts.values()),
+            sample_parts=parts,
+            optimizer=self.optimizer.label,
+            model=type(self.model).__name__,
+            sample=self.sample_label,
+            steps=self.steps,
+        )
+
+    def _sample_error(self, exc: BaseException, batch_size: int) -> Exception:
+        first = exception_first_line(exc)
+        error_type = TypeError if isinstance(exc, TypeError) else ValueError
+        return error_type(
+            f"sample: the model could not train on a batch built from the sample, {describe_template(self.template, batch_size)} "
+            f"({type(exc).__name__}: {first}). Pass one item exactly as dataset[0] returns it (a tensor, an "
+            "(input, target) tuple or a dict of tensors, without the batch dimension) or the input shape, e.g. "
+            "(1, 28, 28) for MNIST; pass loss_fn or step_fn when the default loss does not suit the model."
+        )
+
+
+def exception_first_line(exc: BaseException) -> str:
+    from .oom import exception_text
+
+    lines = exception_text(exc).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def _unique(tensors: Any) -> list[torch.Tensor]:
+    return list({id(t): t for t in tensors}.values())
+
+
+def target_for_shape(model: nn.Module, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> TargetSpec | None:
+    """The target a model trains against for inputs of ``shape`` (see :mod:`batchfinder.synthetic`), found by running
+    the model once on fake tensors. Raises a ValueError naming ``sample`` when the model rejects the shape."""
+    inputs = torch.zeros((1, *shape), dtype=dtype)
+    try:
+        output = fake_output(model, inputs)
+    except Exception as exc:
+        if is_fake_unsupported(exc):
+            raise FakeTensorUnsupportedError(
+                f"the model's forward cannot run under fake tensors ({type(exc).__name__}: {exception_first_line(exc)}). "
+                "Use the real search instead: batchfinder.find_batch_size(model, dataset, device=...)."
+            ) from exc
+        error_type = TypeError if isinstance(exc, TypeError) else ValueError
+        raise error_type(
+            f"sample={shape!r}: the model rejects inputs of shape {list((2, *shape))} "
+            f"({type(exc).__name__}: {exception_first_line(exc)}). Give the shape of one sample without the batch "
+            "dimension as the model's first layer expects it, e.g. (1, 28, 28) for an MNIST model, (3, 32, 32) for "
+            "CIFAR-10, or pass one dataset item as dataset[0] returns it."
+        ) from exc
+    return target_for_output(output)
+
+
+def _template_from_shape(model: nn.Module, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[Any, str]:
+    """A batch of one made up from an input shape, with the target the model's output calls for."""
+    target = target_for_shape(model, shape, dtype)
+    inputs = torch.zeros((1, *shape), dtype=dtype)
+    label = f"input shape {shape}"
+    if target is None:
+        return inputs, label
+    return (inputs, target.example().unsqueeze(0)), f"{label} with {target.describe()}"
+
+
+# -- public function ------------------------------------------------------------------------------------------------
+@overload
+def estimate_memory(model: nn.Module, sample: Any, batch_size: int, **kwargs: Any) -> MemoryEstimate: ...
+@overload
+def estimate_memory(model: nn.Module, sample: Any, batch_size: Sequence[int], **kwargs: Any) -> MemoryEstimates: ...
+
+
+def estimate_memory(
+    model: nn.Module,
+    sample: Any,
+    batch_size: int | Sequence[int],
+    *,
+    optimizer: OptimizerLike = None,
+    loss_fn: LossFn | None = None,
+    step_fn: StepFn | None = None,
+    steps_per_trial: int = MIN_STEPS_PER_TRIAL,
+    input_dtype: torch.dtype = torch.float32,
+) -> MemoryEstimate | MemoryEstimates:
+    """Estimate the GPU memory of training ``model`` at ``batch_size``, on the CPU, in a fraction of a second.
+
+    Runs ``steps_per_trial`` real training steps (forward, loss, backward, optimizer step, zero grad) under fake
+    tensors, which compute shapes but no values and allocate nothing, and charges them as the simulated GPU does.
+
+    Args:
+        model: any ``nn.Module`` (on the CPU, a GPU, or the ``meta`` device); it is left exactly as it was.
+        sample: one dataset item exactly as ``dataset[0]`` returns it (a tensor, an ``(input, target, ...)`` tuple or a
+            dict of tensors, without the batch dimension), or an input shape such as ``(1, 28, 28)`` or ``"1x28x28"``
+            (a float32 input; the target is made up from the model's output, see :mod:`batchfinder.synthetic`).
+        batch_size: a batch size, or a list of them.
+        optimizer: as for :func:`~batchfinder.find_batch_size` (a class, a callable ``params -> optimizer``, or an
+            optimizer instance over the model's parameters); default Adam.
+        loss_fn: ``loss_fn(output, target) -> loss`` instead of the default loss.
+        step_fn: ``step_fn(model, batch) -> loss`` for full control of the forward pass.
+        steps_per_trial: training steps traced (at least 2: Adam creates its state at the first step).
+        input_dtype: the input's dtype when ``sample`` is a shape (e.g. ``torch.int64`` for token ids).
+
+    Returns:
+        A :class:`MemoryEstimate` (or :class:`MemoryEstimates`, one per size, for a list of sizes). Print it for a
+        table; its ``peak`` equals what a trial on a large enough :class:`~batchfinder.SimulatedGPU` measures.
+
+    Raises:
+        ValueError / TypeError: a bad argument, or a sample the model rejects (the message says what would be valid).
+        FakeTensorUnsupportedError (a ValueError): the training step cannot run under fake tensors (it reads tensor
+            values); use :func:`~batchfinder.find_batch_size` instead.
+    """
+    sizes: list[int]
+    single = not isinstance(batch_size, (list, tuple, range))
+    if single:
+        sizes = [_validate_batch_size(batch_size)]
+    else:
+        sizes = [_validate_batch_size(b, "batch_size") for b in batch_size]  # type: ignore[union-attr]
+        if not sizes:
+            raise ValueError("batch_size is an empty list; give a batch size or a list of them, e.g. [64, 256, 1024]")
+    estimator = Estimator.create(
+        model, sample, optimizer=optimizer, loss_fn=loss_fn, step_fn=step_fn, steps_per_trial=steps_per_trial, input_dtype=input_dtype
+    )
+    estimates = [estimator.estimate(size) for size in sizes]
+    logger.debug("estimated %d batch size(s) with %d fake-tensor traces", len(sizes), estimator.calls)
+    return estimates[0] if single else MemoryEstimates(estimates)

@@ -1,0 +1,330 @@
+"""Predicting the largest batch size without a GPU, and the engine side of ``mode="guided"``.
+
+>>> import torch, batchfinder as bf
+>>> p = bf.predict_max_batch_size(bf.zoo.mnist_mlp(), (1, 28, 28), gpu="A100-40GB")   # doctest: +SKIP
+>>> p.max_batch_size, p.batch_size                                                    # doctest: +SKIP
+
+:func:`predict_max_batch_size` finds the largest batch size whose predicted peak (the fake-tensor estimator of
+:mod:`batchfinder.estimate`) fits in a capacity, by a few traces (a line through each phase's peak, then secant and
+bisection steps on the estimator), on the CPU, in seconds. With ``capacity=`` the capacity is what the tensors may
+take, as for a :class:`~batchfinder.SimulatedGPU`: the prediction then equals what real trials find on that
+simulated GPU. With ``gpu=`` the GPU's memory minus the allowance of :mod:`batchfinder.gpus` (CUDA context, cuBLAS
+workspace) is used.
+
+:func:`guided_strategy` builds the ``"guided"`` search strategy (:class:`~batchfinder.guided.GuidedSearch`) for the
+engine, with the estimator's prediction for the search's own model, data, optimizer and step. Importing this module
+registers it in :data:`batchfinder.engine.STRATEGIES`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .engine import STRATEGIES, SearchContext, recommend_batch_size
+from .estimate import Estimator, MemoryEstimate
+from .gpus import CUDA_CONTEXT_BYTES, GPUSpec, lookup_gpu
+from .guided import GuidedSearch
+from .optimizers import OptimizerLike
+from .search import SearchBounds
+from .steps import LossFn, StepFn
+from .validation import MIN_STEPS_PER_TRIAL
+from .units import format_bytes, parse_bytes
+
+__all__ = ["Prediction", "predict_max_batch_size", "guided_strategy", "DEFAULT_MAX_BATCH_SIZE"]
+
+logger = logging.getLogger("batchfinder")
+
+DEFAULT_MAX_BATCH_SIZE = 2**31 - 1
+"""The largest batch size :func:`predict_max_batch_size` considers unless told otherwise."""
+
+
+@dataclass
+class Prediction:
+    """The largest batch size predicted to fit, and the recommendation after the safety factor."""
+
+    max_batch_size: int
+    """Largest batch size whose predicted peak fits in :attr:`capacity_bytes`."""
+    batch_size: int
+    """Recommended: ``floor(safety * max_batch_size)``, rounded down to ``multiple_of``, at least 1."""
+    capacity_bytes: int
+    """Bytes the training step's tensors may take (the GPU's memory minus :attr:`allowance_bytes`)."""
+    peak_bytes: int
+    """Predicted peak at :attr:`max_batch_size`."""
+    next_peak_bytes: int | None
+    """Predicted peak at ``max_batch_size + 1`` (None when the search stopped at ``max_batch_size`` instead)."""
+    estimate: MemoryEstimate
+    """The full breakdown at :attr:`max_batch_size`."""
+    safety: float = 0.8
+    multiple_of: int = 1
+    gpu: GPUSpec | None = None
+    allowance_bytes: int = 0
+    """What was subtracted from the GPU's memory for the CUDA context and cuBLAS workspace (0 with ``capacity=``)."""
+    capped: bool = False
+    """True when the largest size considered (``max_batch_size=``) still fitted."""
+    curve: dict[int, int] = field(default_factory=dict)
+    """Every batch size traced, with its predicted peak."""
+    traces: int = 0
+    seconds: float = 0.0
+
+    @property
+    def memory_bytes(self) -> int:
+        """The GPU's memory (``capacity_bytes + allowance_bytes``)."""
+        return self.capacity_bytes + self.allowance_bytes
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every figure as plain JSON-ready values."""
+        return {
+            "max_batch_size": self.max_batch_size,
+            "batch_size": self.batch_size,
+            "safety": self.safety,
+            "multiple_of": self.multiple_of,
+            "gpu": None if self.gpu is None else self.gpu.name,
+            "memory_bytes": self.memory_bytes,
+            "allowance_bytes": self.allowance_bytes,
+            "capacity_bytes": self.capacity_bytes,
+            "peak_bytes": self.peak_bytes,
+            "next_peak_bytes": self.next_peak_bytes,
+            "capped": self.capped,
+            "traces": self.traces,
+            "seconds": round(self.seconds, 3),
+            "curve": {str(k): v for k, v in self.curve.items()},
+            "estimate": self.estimate.as_dict(),
+        }
+
+    def __str__(self) -> str:
+        est = self.estimate
+        if self.gpu is not None:
+            where = (
+                f"on {self.gpu.name}: {format_bytes(self.gpu.memory_bytes)} minus {format_bytes(self.allowance_bytes)} "
+                f"(CUDA context {format_bytes(CUDA_CONTEXT_BYTES)} + cuBLAS workspace "
+                f"{format_bytes(self.gpu.workspace_bytes)}) = {format_bytes(self.capacity_bytes)} for tensors"
+            )
+        else:
+            where = f"in {format_bytes(self.capacity_bytes)}"
+        if self.capped:
+            limit = f"(the largest size considered; it still fits, peak {format_bytes(self.peak_bytes)})"
+        else:
+            limit = (
+                f"(predicted peak {format_bytes(self.peak_bytes)}; {self.max_batch_size + 1:,} would need "
+                f"{format_bytes(self.next_peak_bytes)})"
+            )
+        scaled = math.floor(self.safety * self.max_batch_size + 1e-9)
+        rounding = f", rounded down to a multiple of {self.multiple_of}" if self.multiple_of > 1 else ""
+        return "\n".join(
+            [
+                f"predicted batch size for {est.model} ({est.parameter_count:,} parameters), optimizer {est.optimizer}, "
+                f"batch {est.sample}",
+                f"  {where}",
+                f"largest batch size that fits: {self.max_batch_size:,} {limit}",
+                f"recommended batch size: {self.batch_size:,} (x{self.safety:g} = {scaled:,}{rounding})",
+                "",
+                f"breakdown at {self.max_batch_size:,}:",
+                est.table(),
+                f"the peak is in {est.peak_phase}; {self.traces} fake-tensor traces, {self.seconds:.1f} s, no GPU used",
+            ]
+        )
+
+    def plot(self, path: Any) -> Any:
+        """Write a PNG: the predicted peak against batch size, the capacity, the largest and recommended sizes."""
+        from .plot import plot_prediction
+
+        return plot_prediction(self, path)
+
+
+def _validate(safety: Any, multiple_of: Any, max_batch_size: Any) -> None:
+    if isinstance(safety, bool) or not isinstance(safety, (int, float)) or not 0 < safety <= 1:
+        raise ValueError(f"safety={safety!r} must be a number in (0, 1], e.g. 0.8 to keep 20% headroom")
+    for name, value in (("multiple_of", multiple_of), ("max_batch_size", max_batch_size)):
+        if value is None and name == "max_batch_size":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be a whole number, not {type(value).__name__}")
+        if value < 1:
+            raise ValueError(f"{name}={value} must be at least 1")
+
+
+def _budget(capacity: Any, gpu: Any) -> tuple[int, int, GPUSpec | None, str]:
+    """(bytes for tensors, allowance, GPU, how to name it in messages)."""
+    if (capacity is None) == (gpu is None):
+        raise ValueError(
+            "give exactly one of capacity= (bytes the tensors may take, e.g. capacity='16GiB') or gpu= (a GPU name, "
+            "e.g. gpu='A100-40GB', whose memory minus the CUDA context is used)"
+        )
+    if gpu is not None:
+        spec = lookup_gpu(gpu)
+        return spec.usable_bytes, spec.allowance_bytes, spec, f"gpu={spec.name!r} ({format_bytes(spec.usable_bytes)} for tensors)"
+    limit = parse_bytes(capacity, argument="capacity")
+    return limit, 0, None, f"capacity={capacity!r} ({format_bytes(limit)})"
+
+
+def predict_max_batch_size(
+    model: nn.Module,
+    sample: Any,
+    *,
+    capacity: int | str | None = None,
+    gpu: str | None = None,
+    optimizer: OptimizerLike = None,
+    loss_fn: LossFn | None = None,
+    step_fn: StepFn | None = None,
+    safety: float = 0.8,
+    multiple_of: int = 1,
+    max_batch_size: int | None = None,
+    steps_per_trial: int = MIN_STEPS_PER_TRIAL,
+    input_dtype: torch.dtype = torch.float32,
+) -> Prediction:
+    """Predict the largest batch size ``model`` can train with in ``capacity`` bytes or on ``gpu``, without a GPU.
+
+    Args:
+        model: any ``nn.Module`` (on the CPU, a GPU or the ``meta`` device); left exactly as it was.
+        sample: one dataset item as ``dataset[0]`` returns it, or an input shape such as ``(3, 224, 224)``
+            (see :func:`~batchfinder.estimate_memory`).
+        capacity: bytes the training step's tensors may take (an int or a string such as ``"16GiB"``), as the
+            capacity of a :class:`~batchfinder.SimulatedGPU`.
+        gpu: instead of ``capacity``, a GPU name (``"T4"``, ``"A100-40GB"``, ``"H100"``, ...; see
+            :mod:`batchfinder.gpus`): its memory minus the allowance for the CUDA context and cuBLAS workspace.
+        optimizer, loss_fn, step_fn, steps_per_trial, input_dtype: as for :func:`~batchfinder.estimate_memory`.
+        safety: the recommendation is ``floor(safety * max_batch_size)`` (default 0.8).
+        multiple_of: round the recommendation down to a multiple of this.
+        max_batch_size: the largest size considered (default 2**31 - 1).
+
+    Returns:
+        A :class:`Prediction`; print it for the figures and the breakdown at the largest size.
+
+    Raises:
+        ValueError: an unknown GPU (the message lists the known ones), a capacity too small for batch size 1 (the
+            message says what batch size 1 needs), a sample the model rejects, or a model that cannot run under fake
+            tensors (:class:`~batchfinder.FakeTensorUnsupportedError`; use :func:`~batchfinder.find_batch_size`).
+    """
+    started = time.perf_counter()
+    _validate(safety, multiple_of, max_batch_size)
+    limit, allowance, spec, where = _budget(capacity, gpu)
+    estimator = Estimator.create(
+        model, sample, optimizer=optimizer, loss_fn=loss_fn, step_fn=step_fn, steps_per_trial=steps_per_trial, input_dtype=input_dtype
+    )
+    estimator.detailed = True  # the breakdown at the answer then costs no extra trace
+    cap = max_batch_size if max_batch_size is not None else DEFAULT_MAX_BATCH_SIZE
+    one = estimator.peak(1)
+    if one > limit:
+        est = estimator.estimate(1)
+        raise ValueError(
+            f"{where} is too small for batch size 1: training needs {format_bytes(one)} at batch size 1 (parameters "
+            f"{format_bytes(est.parameters + est.buffers)}, gradients {format_bytes(est.gradients)}, optimizer state "
+            f"{format_bytes(est.optimizer_state)}, batch {format_bytes(est.batch)}, activations and temporaries "
+            f"{format_bytes(est.activations)} at the peak). Use a larger GPU, an optimizer with less state (SGD), "
+            "mixed precision, or a smaller model."
+        )
+    best = estimator.largest_fitting(limit, 1, cap)
+    capped = best >= cap
+    next_peak = None if capped else estimator.peak(best + 1)
+    est = estimator.estimate(best)
+    prediction = Prediction(
+        max_batch_size=best,
+        batch_size=recommend_batch_size(best, safety, multiple_of),
+        capacity_bytes=limit,
+        peak_bytes=est.peak,
+        next_peak_bytes=next_peak,
+        estimate=est,
+        safety=float(safety),
+        multiple_of=multiple_of,
+        gpu=spec,
+        allowance_bytes=allowance,
+        capped=capped,
+        curve=estimator.known_peaks,
+        traces=estimator.calls,
+        seconds=time.perf_counter() - started,
+    )
+    logger.info(
+        "predicted largest batch size %d in %s (%d traces, %.1f s)", best, format_bytes(limit), estimator.calls, prediction.seconds
+    )
+    return prediction
+
+
+# -- the engine side of mode="guided" ---------------------------------------------------------------------------------
+class _SearchPrediction:
+    """The estimator for a search's context, built on first use; ``None`` (with a warning) when it cannot predict."""
+
+    def __init__(self, context: SearchContext) -> None:
+        self.context = context
+        self.estimator: Estimator | None = None
+        self.failed = False
+
+    def _get(self) -> Estimator | None:
+        if self.failed:
+            return None
+        if self.estimator is None:
+            try:
+                self.estimator = Estimator.for_search(self.context)
+            except Exception as exc:
+                return self._fail(exc)
+        return self.estimator
+
+    def _fail(self, exc: BaseException) -> None:
+        self.failed = True
+        logger.warning(
+            "guided search: the memory estimator cannot trace this model (%s: %s); searching with measured peaks only",
+            type(exc).__name__,
+            str(exc).splitlines()[0] if str(exc) else "",
+        )
+        return None
+
+    def peak(self, batch_size: int) -> int | None:
+        estimator = self._get()
+        if estimator is None:
+            return None
+        try:
+            return estimator.peak(batch_size)
+        except Exception as exc:
+            return self._fail(exc)
+
+    def known_peaks(self) -> dict[int, int]:
+        return {} if self.estimator is None else self.estimator.known_peaks
+
+    def solve(self, level: int, lo: int, hi: int) -> int:
+        estimator = self._get()
+        if estimator is None:
+            raise RuntimeError("no prediction")
+        try:
+            return estimator.largest_fitting(level, lo, hi)
+        except Exception as exc:
+            self._fail(exc)
+            raise
+
+
+def _guided_limit(device: Any) -> tuple[int | None, bool]:
+    """(peak bytes a trial may reach, whether the prediction is exact by construction) for a device backend."""
+    from .simulated import SimulatedGPU
+
+    capacity = device.capacity_bytes
+    if capacity is None:
+        return None, False
+    if isinstance(device, SimulatedGPU):
+        return capacity, True  # the same accounting as the estimator: exact
+    if getattr(device, "memory_limit", None) is not None:
+        return capacity, False  # a per-process fraction limits the allocator alone; the context is outside it
+    return max(capacity - CUDA_CONTEXT_BYTES, 1), False
+
+
+def guided_strategy(bounds: SearchBounds, context: SearchContext) -> GuidedSearch:
+    """The ``"guided"`` strategy for a search: :class:`~batchfinder.guided.GuidedSearch` with the estimator's
+    prediction, the device's limit, and (off the simulated GPU) a first trial at 90% of the predicted size."""
+    limit, exact = _guided_limit(context.device)
+    prediction = _SearchPrediction(context)
+    return GuidedSearch(
+        bounds,
+        limit=limit,
+        capacity=context.device.capacity_bytes,
+        predict=prediction.peak,
+        solve=prediction.solve,
+        first_fraction=1.0 if exact else 0.9,
+        known=prediction.known_peaks,
+    )
+
+
+STRATEGIES.setdefault("guided", guided_strategy)

@@ -1,0 +1,126 @@
+"""The batchfinder command line: estimate, predict, find; tables, JSON, plots and clear errors."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import batchfinder as bf
+from batchfinder.cli import SUBCOMMANDS, build_parser, load_model, main
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_help_reads_well():
+    done = subprocess.run([sys.executable, "-m", "batchfinder.cli", "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0
+    for text in ("estimate", "predict", "find", "batchfinder.zoo:mnist_mlp", "torchvision:resnet18", "--gpu A100-40GB"):
+        assert text in done.stdout
+    find_help = build_parser()._subparsers._group_actions[0].choices["find"].format_help()
+    assert "synthetic" in find_help and "integer class labels" in find_help and "sim:64MiB" in find_help
+    assert [f.__name__ for f in SUBCOMMANDS][:3] == ["add_estimate", "add_predict", "add_find"]  # one function each
+
+
+def test_console_script_is_installed():
+    script = shutil.which("batchfinder", path=str(pathlib.Path(sys.executable).parent))
+    if script is None:
+        pytest.skip("the console script is not installed in this environment")
+    done = subprocess.run([script, "predict", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "--gpu" in done.stdout and "known GPUs: T4" in done.stdout
+
+
+def test_estimate_table_and_json(capsys):
+    code, out, _ = _run(capsys, "estimate", "batchfinder.zoo:mnist_mlp", "--input", "1x28x28", "--batch-sizes", "64,256,1024,4096", "--optimizer", "sgd")
+    assert code == 0
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [r[0] for r in rows] == ["64", "256", "1,024", "4,096"]
+    assert "optimizer SGD" in out and "101,770 parameters" in out and "MiB" in out
+    code, out, _ = _run(capsys, "estimate", "batchfinder.zoo:mnist_mlp", "--input", "1x28x28", "--batch-sizes", "64,1024", "--optimizer", "sgd", "--json")
+    data = json.loads(out)
+    expected = bf.estimate_memory(bf.zoo.mnist_mlp(), (1, 28, 28), [64, 1024], optimizer=torch.optim.SGD)
+    assert [e["peak"] for e in data["estimates"]] == [e.peak for e in expected]
+    assert data["estimates"][0]["parameters"] == 407_552 and data["estimates"][0]["optimizer_state"] == 0
+
+
+def test_predict_json_matches_the_api(capsys):
+    code, out, _ = _run(capsys, "predict", "batchfinder.zoo:cifar10_mlp", "--input", "3x32x32", "--capacity", "24MiB", "--json")
+    assert code == 0
+    data = json.loads(out)
+    api = bf.predict_max_batch_size(bf.zoo.cifar10_mlp(), (3, 32, 32), capacity="24MiB")
+    assert data["max_batch_size"] == api.max_batch_size and data["batch_size"] == api.batch_size
+    code, out, _ = _run(capsys, "predict", "batchfinder.zoo:mnist_mlp", "--input", "1x28x28", "--gpu", "a100-40gb")
+    assert code == 0 and "on A100-40GB" in out and "recommended batch size" in out
+
+
+def test_find_on_a_simulated_gpu_with_a_plot(capsys, tmp_path):
+    png = tmp_path / "search.png"
+    code, out, err = _run(
+        capsys, "find", "batchfinder.zoo:mnist_mlp", "--input", "1x28x28", "--device", "sim:6MiB", "--mode", "guided", "--samples", "5000", "--plot", str(png), "--json"
+    )
+    assert code == 0, err
+    data = json.loads(out)
+    predicted = bf.predict_max_batch_size(bf.zoo.mnist_mlp(), (1, 28, 28), capacity="6MiB").max_batch_size
+    assert data["max_batch_size"] == predicted and data["num_trials"] <= 2 and data["num_ooms"] <= 1
+    assert data["targets"] == "integer class labels in [0, 10)"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    code, out, _ = _run(capsys, "find", "batchfinder.zoo:mnist_mlp", "--input", "1x28x28", "--device", "sim:6MiB", "--samples", "5000", "--max-trials", "3")
+    assert code == 0 and "batch size search on SimulatedGPU(6.00 MiB)" in out and "synthetic data: 5,000 samples" in out
+
+
+def test_model_from_a_file_and_torchvision(capsys, tmp_path):
+    source = tmp_path / "mymodels.py"
+    source.write_text(
+        "from torch import nn\n"
+        "def regressor(width=16):\n"
+        "    return nn.Sequential(nn.Linear(8, width), nn.ReLU(), nn.Linear(width, 1))\n"
+    )
+    code, out, _ = _run(capsys, "estimate", f"{source}:regressor", "--input", "8", "--batch-sizes", "32", "--model-kwargs", '{"width": 64}', "--json")
+    assert code == 0
+    data = json.loads(out)["estimates"][0]
+    assert data["parameter_count"] == 8 * 64 + 64 + 64 + 1
+    assert data["sample_parts"] == {"input": 32, "target": 4}  # a float target for a (N, 1) output
+    pytest.importorskip("torchvision")
+    code, out, _ = _run(capsys, "estimate", "torchvision:resnet18", "--input", "3x32x32", "--batch-sizes", "2", "--model-kwargs", '{"num_classes": 10}')
+    assert code == 0 and "ResNet" in out and "buffers" in out
+
+
+def test_cli_does_not_import_torchvision_unless_asked():
+    code = "import sys, batchfinder.cli as c; c.build_parser(); print('torchvision' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.stdout.strip() == "False"
+
+
+def test_errors_are_one_clear_line(capsys):
+    code, _, err = _run(capsys, "predict", "batchfinder.zoo:mnist_mlp", "--input", "1x28x28", "--gpu", "Z80")
+    assert code == 1 and "known GPUs: T4" in err and "Traceback" not in err
+    code, _, err = _run(capsys, "estimate", "batchfinder.zoo:mnist_mlp", "--input", "3x28x28")
+    assert code == 1 and "sample=(3, 28, 28)" in err
+    code, _, err = _run(capsys, "estimate", "batchfinder.zoo:no_such_model", "--input", "1x28x28")
+    assert code == 1 and "has no attribute 'no_such_model'" in err
+    code, _, err = _run(capsys, "estimate", "mnist_mlp", "--input", "1x28x28")
+    assert code == 1 and "package.module:callable" in err
+    code, _, err = _run(capsys, "estimate", "batchfinder.zoo:mnist_mlp", "--input", "1x28x28", "--optimizer", "adamx")
+    assert code == 1 and "adamw" in err
+    code, _, err = _run(capsys, "predict", "batchfinder.zoo:mnist_mlp", "--input", "1x28x28", "--capacity", "100KiB")
+    assert code == 1 and "too small for batch size 1" in err
+    with pytest.raises(SystemExit) as usage:
+        main(["estimate", "batchfinder.zoo:mnist_mlp", "--input", "1 by 28"])
+    assert usage.value.code == 2
+    assert "is not an input shape" in capsys.readouterr().err
+
+
+def test_load_model_accepts_instances_and_factories():
+    assert isinstance(load_model("batchfinder.zoo:mnist_mlp"), torch.nn.Module)
+    assert sum(p.numel() for p in load_model("batchfinder.zoo:cifar10_mlp").parameters()) == 394_634
