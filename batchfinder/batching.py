@@ -17,23 +17,33 @@ from torch.utils.data._utils.collate import default_collate, default_convert
 
 from .accounting import host_side_loading
 
-__all__ = ["BatchSource", "describe_batch"]
+__all__ = ["BatchSource", "describe_batch", "sample_bytes", "is_supported_sample"]
 
 _CACHE_BUDGET_BYTES = 2 * 1024**3
 
 
-def _sample_bytes(sample: Any) -> int:
+def sample_bytes(sample: Any) -> int:
+    """Unrounded bytes of the tensors in a sample or batch (nested tuples, lists and dicts); other values count 0."""
     if isinstance(sample, torch.Tensor):
         return sample.numel() * sample.element_size()
     if isinstance(sample, Mapping):
-        return sum(_sample_bytes(v) for v in sample.values())
+        return sum(sample_bytes(v) for v in sample.values())
     if isinstance(sample, (list, tuple)):
-        return sum(_sample_bytes(v) for v in sample)
-    return 64
+        return sum(sample_bytes(v) for v in sample)
+    return 0
 
 
 def _is_array_like(value: Any) -> bool:
     return isinstance(value, torch.Tensor) or type(value).__module__.split(".")[0] == "numpy"
+
+
+def is_supported_sample(sample: Any) -> bool:
+    """True for a tensor, a dict with tensors, or a tuple/list whose first element is a tensor (or NumPy array)."""
+    if _is_array_like(sample):
+        return True
+    if isinstance(sample, Mapping):
+        return any(_is_array_like(v) for v in sample.values())
+    return isinstance(sample, (tuple, list)) and bool(sample) and _is_array_like(sample[0])
 
 
 def _check_sample(sample: Any) -> None:
@@ -99,7 +109,7 @@ class BatchSource:
         sample = self.dataset[index]
         if index == len(self._cache) and self._cached_bytes < _CACHE_BUDGET_BYTES:
             self._cache.append(sample)
-            self._cached_bytes += _sample_bytes(sample)
+            self._cached_bytes += sample_bytes(sample)
         return sample
 
     def batch(self, batch_size: int) -> Any:

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from torch.utils.data._utils.collate import default_collate
 
+from .batching import is_supported_sample, sample_bytes
 from .optimizers import OptimizerLike, OptimizerSpec, resolve_optimizer
 from .steps import LossFn, StepFn, make_step
 from .synthetic import TargetSpec, as_shape, target_for_output
@@ -241,32 +242,16 @@ def _describe_sample(sample: Any) -> str:
 def _sample_parts(template: Any) -> dict[str, int]:
     """Unrounded bytes of one sample by part (``input``, ``target``, further elements or dict keys)."""
 
-    def nbytes(value: Any) -> int:
-        if isinstance(value, torch.Tensor):
-            return value.numel() * value.element_size()
-        if isinstance(value, dict):
-            return sum(nbytes(v) for v in value.values())
-        if isinstance(value, (tuple, list)):
-            return sum(nbytes(v) for v in value)
-        return 0
-
     if isinstance(template, dict):
-        return {str(k): nbytes(v) for k, v in template.items()}
+        return {str(k): sample_bytes(v) for k, v in template.items()}
     if isinstance(template, (tuple, list)):
         names = ["input", "target"] + [f"element {i}" for i in range(2, len(template))]
-        return {names[i]: nbytes(v) for i, v in enumerate(template)}
-    return {"input": nbytes(template)}
+        return {names[i]: sample_bytes(v) for i, v in enumerate(template)}
+    return {"input": sample_bytes(template)}
 
 
 def _check_sample(sample: Any) -> None:
-    def tensorish(value: Any) -> bool:
-        return isinstance(value, torch.Tensor) or type(value).__module__.split(".")[0] == "numpy"
-
-    if tensorish(sample):
-        return
-    if isinstance(sample, dict) and any(tensorish(v) for v in sample.values()):
-        return
-    if isinstance(sample, (tuple, list)) and sample and tensorish(sample[0]):
+    if is_supported_sample(sample):
         return
     raise TypeError(
         f"sample must be one dataset item as dataset[0] returns it (a tensor, an (input, target, ...) tuple or a dict "

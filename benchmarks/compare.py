@@ -23,6 +23,7 @@ import gc
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -76,7 +77,16 @@ def environment(kind: str) -> dict[str, Any]:
         "gpu_name": torch.cuda.get_device_name(torch.cuda.current_device()) if kind == "cuda" else None,
         "gpu_total_bytes": cuda_total_bytes() if kind == "cuda" else None,
         "nvml": nvml.query().to_dict(),
+        "load_average": _load_average(),
     }
+
+
+def _load_average() -> list[float] | None:
+    """The 1/5/15-minute load averages (other work on the machine slows every finder; None where unknown)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def _ratio(value: float | None, reference: float | None) -> float | None:
@@ -232,6 +242,7 @@ def run_benchmark(
             raise SystemExit(f"unknown finder(s) {sorted(unknown)}; choose from {[f.name for f in finders]}")
         finders = [f for f in finders if f.name in finder_names]
     cases = plan(kind, list(models or WORKLOADS), capacities)
+    env_at_start = {"load_average": _load_average()}
     started = time.perf_counter()
     results = []
     if freeze_gc:
@@ -246,11 +257,12 @@ def run_benchmark(
         if freeze_gc:
             gc.unfreeze()
     label = device_label(kind)
+    load_at_start = env_at_start["load_average"]
     document = {
         "schema": SCHEMA_VERSION,
         "device": label,
         "command": command,
-        "environment": environment(kind),
+        "environment": {**environment(kind), "load_average_at_start": load_at_start},
         "settings": {
             "seed": seed,
             "window": window,
@@ -361,9 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     log: Callable[[str], None] = (lambda _: None) if args.quiet else (lambda line: print(line, flush=True))
-    command = "python -m benchmarks.compare" + ("" if argv is None else " " + " ".join(argv))
-    if argv is None:
-        command = "python -m benchmarks.compare " + " ".join(sys.argv[1:])
+    command = "python -m benchmarks.compare " + shlex.join(sys.argv[1:] if argv is None else list(argv))
     document = run_benchmark(
         kind=kind,
         models=_split([args.models]),

@@ -110,13 +110,15 @@ def summary_rows(document: dict[str, Any]) -> list[dict[str, Any]]:
             name = row["finder"]
             if name not in rows:
                 order.append(name)
-                rows[name] = {"finder": name, "cases": 0, "exact": 0, "ratios": [], "fit": 0, "trials": 0,
+                rows[name] = {"finder": name, "cases": 0, "exact": 0, "ratios": [], "all_ratios": [], "fit": 0, "trials": 0,
                               "steps": 0, "ooms": 0, "seconds": 0.0}
             entry = rows[name]
             entry["cases"] += 1
             entry["exact"] += int(row["ratio"] == 1.0)
             if row["ratio"] is not None:
-                entry["ratios"].append(row["ratio"])
+                entry["all_ratios"].append(row["ratio"])
+                if row["fits"]:
+                    entry["ratios"].append(row["ratio"])
             entry["fit"] += int(bool(row["fits"]))
             for key in ("trials", "steps", "ooms", "seconds"):
                 entry[key] += row[key]
@@ -124,9 +126,10 @@ def summary_rows(document: dict[str, Any]) -> list[dict[str, Any]]:
     reference = rows.get(document["settings"]["reference_finder"])
     for name in order:
         entry = rows[name]
-        ratios = entry.pop("ratios")
-        entry["mean_ratio"] = sum(ratios) / len(ratios) if ratios else None
-        entry["min_ratio"] = min(ratios) if ratios else None
+        ratios, all_ratios = entry.pop("ratios"), entry.pop("all_ratios")
+        entry["mean_ratio"] = sum(ratios) / len(ratios) if ratios else None  # over the returned sizes that fit
+        entry["min_ratio"] = min(all_ratios) if all_ratios else None
+        entry["max_ratio"] = max(all_ratios) if all_ratios else None
         entry["steps_vs_reference"] = entry["steps"] / reference["steps"] if reference and reference["steps"] else None
         entry["seconds_vs_reference"] = (
             entry["seconds"] / reference["seconds"] if reference and reference["seconds"] else None
@@ -137,14 +140,15 @@ def summary_rows(document: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _summary_table(document: dict[str, Any]) -> str:
     lines = [
-        "| finder | exact answers | mean ratio | lowest ratio | returned size fits | trials | steps | OOMs | seconds "
-        "| steps vs bf binsearch | time vs bf binsearch |",
+        "| finder | exact answers | returned size fits | mean ratio when it fits | ratio range | trials | steps "
+        "| OOMs | seconds | steps vs bf binsearch | time vs bf binsearch |",
         "|" + "|".join(["---"] * 11) + "|",
     ]
     for row in summary_rows(document):
         lines.append(
-            f"| {row['finder']} | {row['exact']}/{row['cases']} | {_cell(row['mean_ratio'], 3)} | "
-            f"{_cell(row['min_ratio'], 3)} | {row['fit']}/{row['cases']} | {row['trials']:,} | {row['steps']:,} | "
+            f"| {row['finder']} | {row['exact']}/{row['cases']} | {row['fit']}/{row['cases']} | "
+            f"{_cell(row['mean_ratio'], 3)} | {_cell(row['min_ratio'], 3)}-{_cell(row['max_ratio'], 3)} | "
+            f"{row['trials']:,} | {row['steps']:,} | "
             f"{row['ooms']:,} | {row['seconds']:.1f} | {_cell(row['steps_vs_reference'])} | "
             f"{_cell(row['seconds_vs_reference'])} |"
         )
@@ -173,8 +177,13 @@ def _environment_lines(document: dict[str, Any]) -> list[str]:
         f"pytorch-lightning {env['pytorch_lightning']}, accelerate {env['accelerate']}, "
         f"torchvision {env['torchvision']}, Python {env['python']}",
         f"- {gpu_line}",
-        f"- Command: `{document['command'] or 'python -m benchmarks.compare'}`; total {document['total_seconds']} s",
+        f"- Command: `{document['command'] or 'python -m benchmarks.compare'}`; total {document['total_seconds']} s; "
+        f"load average at start {_load(env.get('load_average_at_start'))}, at the end {_load(env.get('load_average'))}",
     ]
+
+
+def _load(values: list[float] | None) -> str:
+    return "unknown" if not values else "/".join(f"{v:.2f}" for v in values)
 
 
 def markdown_document(document: dict[str, Any]) -> str:
@@ -187,8 +196,8 @@ def markdown_document(document: dict[str, Any]) -> str:
         "",
         "Every finder trains the same model (fresh copy, same seed) with Adam and cross-entropy on the same synthetic "
         "data, one after another in one process, against the same device capacity. *true max* is the exact largest "
-        "batch size that fits, found independently with `batchfinder.try_batch_size` (B fits, B+1 does not, every "
-        f"size within {settings['window']} of B checked). *returned* is what the finder returns (batchfinder: "
+        "batch size that fits, found independently with `batchfinder.try_batch_size` (B fits, B+1 does not; every "
+        f"size from B-{settings['window'] - 1} to B+{settings['window']} checked). *returned* is what the finder returns (batchfinder: "
         "`max_batch_size`, which it recommends using at x0.8; Lightning binsearch: after its 5% margin); "
         "*(untried)* marks a size the finder returned without having run it. *fits?* is checked with "
         "`try_batch_size`. *steps* counts calls of the training step (forward + loss) on real tensors, including "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch
 from torchvision import datasets, transforms
 
 import batchfinder as bf
+from batchfinder.report import ProgressPrinter
 
 DATA_ROOT = os.environ.get("BATCHFINDER_DATA", os.path.join(os.path.dirname(__file__), "..", "data"))
 
@@ -36,7 +38,7 @@ def parse_args(description: str, default_capacity: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--device", default=None, help="cuda, cuda:N or sim:CAPACITY (default: CUDA if present, "
                         f"otherwise a simulated GPU of {default_capacity})")
-    parser.add_argument("--mode", default="binsearch", help="search mode (binsearch, power, ...)")
+    parser.add_argument("--mode", default="binsearch", help="search mode: binsearch, power or guided")
     parser.add_argument("--data-root", default=DATA_ROOT, help="where the real dataset would be (default: ./data)")
     args = parser.parse_args()
     if args.device is None:
@@ -51,3 +53,22 @@ def describe_device(device: bf.DeviceBackend) -> str:
             "simulated on the CPU (real computation; memory charged as the GPU would hold it)"
         )
     return f"{device.name} ({bf.format_bytes(device.capacity_bytes)})"
+
+
+def search_and_report(label: str, model: torch.nn.Module, dataset: Any, origin: str, args: argparse.Namespace) -> None:
+    """Search the batch size with Adam, showing each trial, the table, the recommendation and where memory goes."""
+    device = bf.resolve_device(args.device)
+    print(f"model:   {label}, {sum(p.numel() for p in model.parameters()):,} parameters, Adam")
+    print(f"data:    {origin}")
+    print(f"device:  {describe_device(device)}")
+    print("trials (forward + backward + Adam step, 2 steps each):")
+    result = bf.find_batch_size(
+        model, dataset, optimizer=torch.optim.Adam, device=device, mode=args.mode, progress=ProgressPrinter(sys.stdout)
+    )
+    print()
+    print(result)
+    # The seeds' four parts of GPU memory at the recommended batch size: parameters + gradients, optimizer state,
+    # the data batch, and the activations (estimated by tracing the same training step under fake tensors).
+    print()
+    print(f"where the memory goes at the recommended batch size {result.batch_size}:")
+    print(bf.estimate_memory(model, dataset[0], result.batch_size, optimizer=torch.optim.Adam))
