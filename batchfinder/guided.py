@@ -300,7 +300,8 @@ class GuidedSearch(SearchStrategy):
 
     def _level(self, model: Callable[[int], float], hi: int) -> float:
         """The peak the next trial may reach: the limit while it is trusted, otherwise a point in its bracket."""
-        assert self.limit is not None
+        if self.limit is None:
+            raise RuntimeError("GuidedSearch._level needs a memory limit")
         if self._trusted:
             return self.limit
         upper = float(self._ceiling)
