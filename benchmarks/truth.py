@@ -45,42 +45,30 @@ class FitOracle:
         self.estimate_seconds = 0.0
         """Wall time spent in ``estimate_memory`` for the first guess."""
 
-    def fits(self, batch_size: int) -> bool:
-        """True when ``batch_size`` trains (two optimizer steps) without running out of memory."""
-        if batch_size not in self.results:
-            start = time.perf_counter()
-            trial = bf.try_batch_size(
-                self.model,
-                self.dataset,
-                batch_size,
-                optimizer=make_optimizer,
-                step_fn=training_step,
-                device=self.device.backend(),
-            )
-            self.seconds += time.perf_counter() - start
-            self.trials_run += 1
-            self.results[batch_size] = trial.fits
-            if trial.fits:
-                self.peaks[batch_size] = trial.peak_bytes
-            self.device.clean(collect=False)  # try_batch_size collects garbage itself
-        return self.results[batch_size]
-
-    def peak_without_limit(self, batch_size: int) -> int | None:
-        """Peak memory of a trial at ``batch_size`` on a device without the capacity limit (None if it OOMs there)."""
+    def _trial(self, batch_size: int, device: bf.DeviceBackend) -> bf.Trial:
+        """One timed, counted ``try_batch_size`` trial of the benchmark's training step on ``device``."""
         start = time.perf_counter()
         try:
-            trial = bf.try_batch_size(
-                self.model,
-                self.dataset,
-                batch_size,
-                optimizer=make_optimizer,
-                step_fn=training_step,
-                device=self.device.measuring_backend(),
+            return bf.try_batch_size(
+                self.model, self.dataset, batch_size, optimizer=make_optimizer, step_fn=training_step, device=device
             )
         finally:
             self.seconds += time.perf_counter() - start
             self.trials_run += 1
-            self.device.clean(collect=False)
+            self.device.clean(collect=False)  # try_batch_size collects garbage itself
+
+    def fits(self, batch_size: int) -> bool:
+        """True when ``batch_size`` trains (two optimizer steps) without running out of memory."""
+        if batch_size not in self.results:
+            trial = self._trial(batch_size, self.device.backend())
+            self.results[batch_size] = trial.fits
+            if trial.fits:
+                self.peaks[batch_size] = trial.peak_bytes
+        return self.results[batch_size]
+
+    def peak_without_limit(self, batch_size: int) -> int | None:
+        """Peak memory of a trial at ``batch_size`` on a device without the capacity limit (None if it OOMs there)."""
+        trial = self._trial(batch_size, self.device.measuring_backend())
         return trial.peak_bytes if trial.fits else None
 
 
