@@ -11,64 +11,47 @@ Usage::
     result.batch_size             # recommended: floor(0.8 x max_batch_size)
 
     trial = bf.try_batch_size(model, dataset, 512, device="cuda")   # does 512 fit?
-    bf.is_oom_error(exc)                                               # is this an out-of-memory error?
+    bf.estimate_memory(model, (1, 28, 28), 1024)                   # memory by category, without a GPU
+    bf.predict_max_batch_size(model, (1, 28, 28), gpu="A100-40GB")  # the largest size predicted to fit
 
 The search never changes the model's weights, buffers, gradients, train/eval mode, the optimizer's state or the
-RNG states, also when it fails or is interrupted.
+RNG states, also when it fails or is interrupted. The Lightning callback is ``batchfinder.lightning.BatchFinder``;
+everything else is reachable from its module (``batchfinder.units.format_bytes``, ``batchfinder.zoo``,
+``batchfinder.gpus``, ``batchfinder.estimate.estimate_memory_curve``, ...).
 """
 
 from __future__ import annotations
 
 import logging
 
-from .accumulation import AccumulationPlan, plan_accumulation
-from .cuda import CudaDevice
-from .devices import DeviceBackend, resolve_device
 from .distributed import RankFailedError
-from .engine import SearchResult, find_batch_size, recommend_batch_size, try_batch_size
+from .engine import find_batch_size, try_batch_size
 from .errors import BatchFinderError, NoBatchSizeFitsError, SearchIncompleteError
+from .estimate import MemoryEstimate, estimate_memory
 from .oom import is_oom_error
-from .search import StopReason
+from .predict import Prediction, predict_max_batch_size
+from .result import SearchResult, Trial
 from .simulated import SimulatedGPU
-from .trial import Trial
-from .units import format_bytes, parse_bytes
-from . import zoo
-from .estimate import FakeTensorUnsupportedError, MemoryEstimate, MemoryEstimates, estimate_memory
-from .gpus import GPUSpec, lookup_gpu
-from .predict import Prediction, predict_max_batch_size  # also registers mode="guided"
+from .tracing import FakeTensorUnsupportedError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "find_batch_size",
     "try_batch_size",
+    "estimate_memory",
+    "predict_max_batch_size",
     "is_oom_error",
-    "recommend_batch_size",
     "SearchResult",
     "Trial",
-    "StopReason",
     "SimulatedGPU",
-    "CudaDevice",
-    "DeviceBackend",
-    "resolve_device",
+    "MemoryEstimate",
+    "Prediction",
     "BatchFinderError",
     "NoBatchSizeFitsError",
     "SearchIncompleteError",
-    "parse_bytes",
-    "format_bytes",
-    "plan_accumulation",
-    "AccumulationPlan",
     "RankFailedError",
-    "estimate_memory",
-    "MemoryEstimate",
-    "MemoryEstimates",
     "FakeTensorUnsupportedError",
-    "predict_max_batch_size",
-    "Prediction",
-    "GPUSpec",
-    "lookup_gpu",
-    "zoo",
-    "__version__",
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

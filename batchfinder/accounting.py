@@ -203,7 +203,8 @@ class _DataLoaderHook:
 _DATALOADER_HOOK = _DataLoaderHook()
 
 
-def _storages(tree: Any) -> list[torch.UntypedStorage]:
+def tensor_storages(tree: Any) -> list[torch.UntypedStorage]:
+    """The storages of every strided tensor in a nested structure (lists, tuples, dicts)."""
     storages: list[torch.UntypedStorage] = []
     for leaf in tree_flatten(tree)[0]:
         if isinstance(leaf, torch.Tensor) and leaf.layout == torch.strided:
@@ -212,11 +213,6 @@ def _storages(tree: Any) -> list[torch.UntypedStorage]:
             except (RuntimeError, NotImplementedError):  # tensors without a storage of their own
                 continue
     return storages
-
-
-def tensor_storages(tree: Any) -> list[torch.UntypedStorage]:
-    """The storages of every strided tensor in a nested structure (lists, tuples, dicts)."""
-    return _storages(tree)
 
 
 class ChargingMode(TorchDispatchMode):
@@ -244,11 +240,11 @@ class ChargingMode(TorchDispatchMode):
         kwargs = kwargs or {}
         if _loading_now():
             return func(*args, **kwargs)
-        consumed = _storages((args, kwargs))
+        consumed = tensor_storages((args, kwargs))
         if consumed:
             self.ledger.charge(consumed)
         out = func(*args, **kwargs)
-        produced = _storages(out)
+        produced = tensor_storages(out)
         if produced:
             self.ledger.charge(produced)
         return out

@@ -16,16 +16,12 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .oom import exception_first_line
+
 __all__ = ["main", "build_parser", "load_model", "SUBCOMMANDS"]
 
-_DESCRIPTION = """\
-Find the batch size a PyTorch model can train with on a GPU.
-
-  estimate  memory of a training step at given batch sizes (fake tensors, no GPU needed)
-  predict   the largest batch size predicted to fit on a GPU or in a capacity (no GPU needed)
-  find      the largest batch size that fits, by running real training steps (a GPU, or sim:SIZE)
-  gpus      the NVIDIA GPUs the driver reports: name, memory total and used (all processes), versions
-"""
+_DESCRIPTION = "Find the batch size a PyTorch model can train with on a GPU."
+"""The top of ``batchfinder --help``; the commands are listed under it from each subparser's ``help``."""
 
 _EPILOG = """\
 MODEL is package.module:callable (called with no arguments, or with --model-kwargs), a file
@@ -73,7 +69,7 @@ def load_model(spec: str, kwargs: dict[str, Any] | None = None) -> Any:
         try:
             factory: Any = torchvision.models.get_model_builder(name)
         except ValueError as exc:
-            raise CommandError(f"torchvision has no model {name!r} ({exc})") from exc
+            raise CommandError(f"torchvision has no model {name!r} ({exception_first_line(exc)})") from exc
     else:
         module = _import(where)
         factory = module
@@ -88,7 +84,7 @@ def load_model(spec: str, kwargs: dict[str, Any] | None = None) -> Any:
         try:
             model = factory(**kwargs)
         except TypeError as exc:
-            raise CommandError(f"calling {spec} failed: {exc} (pass arguments with --model-kwargs '{{\"name\": value}}')") from exc
+            raise CommandError(f"calling {spec} failed: {exception_first_line(exc)} (pass arguments with --model-kwargs '{{\"name\": value}}')") from exc
     if not isinstance(model, nn.Module):
         raise CommandError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -110,7 +106,7 @@ def _import(where: str) -> Any:
     try:
         return importlib.import_module(where)
     except ImportError as exc:
-        raise CommandError(f"cannot import {where!r}: {exc}") from exc
+        raise CommandError(f"cannot import {where!r}: {exception_first_line(exc)}") from exc
 
 
 def _optimizer(name: str) -> Any:
@@ -189,9 +185,9 @@ def add_estimate(subparsers: Any) -> None:
     """``batchfinder estimate``: memory at given batch sizes."""
     parser = subparsers.add_parser(
         "estimate",
-        help="memory of a training step at given batch sizes (no GPU needed)",
-        description="Estimate the GPU memory of training MODEL at each batch size, by the seeds' categories "
-        "(parameters, gradients, optimizer state, batch, activations), tracing two real training steps under fake "
+        help="memory of a training step at given batch sizes (fake tensors, no GPU needed)",
+        description="Estimate the GPU memory of training MODEL at each batch size, by category (parameters and "
+        "gradients, optimizer state, the data batch, activations), tracing two real training steps under fake "
         "tensors on the CPU. Each storage is rounded up to 512 B as the CUDA allocator does.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  batchfinder estimate batchfinder.zoo:mnist_mlp --input 1x28x28 --batch-sizes 64,256,1024,4096 --optimizer sgd",
@@ -205,10 +201,11 @@ def add_estimate(subparsers: Any) -> None:
 
 
 def run_estimate(args: argparse.Namespace) -> int:
-    from .estimate import estimate_memory
+    """Print the estimates at ``--batch-sizes`` (a table, or one estimate's breakdown), optionally plot them."""
+    from .estimate import estimate_memory_curve
 
     model, optimizer, dtype = _prepare(args)
-    estimates = estimate_memory(model, args.input, list(args.batch_sizes), optimizer=optimizer, input_dtype=dtype)
+    estimates = estimate_memory_curve(model, args.input, list(args.batch_sizes), optimizer=optimizer, input_dtype=dtype)
     if args.plot:
         estimates.plot(args.plot, capacity=args.capacity)
     text = str(estimates)
@@ -225,7 +222,7 @@ def add_predict(subparsers: Any) -> None:
 
     parser = subparsers.add_parser(
         "predict",
-        help="the largest batch size predicted to fit on a GPU (no GPU needed)",
+        help="the largest batch size predicted to fit on a GPU or in a capacity (no GPU needed)",
         description="Predict the largest batch size MODEL can train with on a GPU (its memory minus an allowance for "
         "the CUDA context and cuBLAS workspace) or in a capacity, from fake-tensor traces on the CPU, and the "
         "recommended batch size after the safety factor.",
@@ -266,7 +263,7 @@ def add_find(subparsers: Any) -> None:
     """``batchfinder find``: the largest batch size that fits, by real trials."""
     parser = subparsers.add_parser(
         "find",
-        help="the largest batch size that fits, by real training steps (a GPU or sim:SIZE)",
+        help="the largest batch size that fits, by running real training steps (a GPU, or sim:SIZE)",
         description="Find the largest batch size MODEL can train with by running real training steps (forward, "
         "backward, optimizer step) on a CUDA GPU, or on a simulated GPU of a given size on the CPU.\n\n" + _DATA_NOTE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -280,31 +277,6 @@ def add_find(subparsers: Any) -> None:
     parser.add_argument("--max-trials", type=int, default=None, help="stop after this many trials")
     parser.add_argument("--progress", action="store_true", help="print a line per trial to standard error")
     parser.set_defaults(handler=run_find)
-
-
-def _result_dict(result: Any) -> dict[str, Any]:
-    extra = dict(result.extra)
-    if "predicted_peaks" in extra:
-        extra["predicted_peaks"] = {str(k): v for k, v in extra["predicted_peaks"].items()}
-    return {
-        "max_batch_size": result.max_batch_size,
-        "batch_size": result.batch_size,
-        "safety": result.safety,
-        "mode": result.mode,
-        "device": result.device,
-        "capacity_bytes": result.capacity_bytes,
-        "stop_reason": result.stop_reason.value,
-        "smallest_failure": result.smallest_failure,
-        "num_trials": result.num_trials,
-        "num_steps": result.num_steps,
-        "num_ooms": result.num_ooms,
-        "seconds": round(result.seconds, 3),
-        "trials": [
-            {"batch_size": t.batch_size, "fits": t.fits, "peak_bytes": t.peak_bytes, "seconds_per_step": t.seconds, "steps": t.steps}
-            for t in result.trials
-        ],
-        "extra": extra,
-    }
 
 
 def run_find(args: argparse.Namespace) -> int:
@@ -336,7 +308,7 @@ def run_find(args: argparse.Namespace) -> int:
     )
     if args.plot:
         result.plot(args.plot)
-    data = {**_result_dict(result), "targets": None if target is None else target.describe(), "plot": args.plot}
+    data = {**result.as_dict(), "targets": None if target is None else target.describe(), "plot": args.plot}
     described = "none" if target is None else target.describe()
     text = f"synthetic data: {args.samples:,} samples of shape {args.input}, targets: {described}\n{result}"
     _emit(args, data, text + (f"\nplot written to {args.plot}" if args.plot else ""))
@@ -348,7 +320,7 @@ def add_gpus(subparsers: Any) -> None:
     """``batchfinder gpus``: what the NVIDIA driver reports (through NVML)."""
     parser = subparsers.add_parser(
         "gpus",
-        help="the NVIDIA GPUs the driver reports (name, memory, driver and CUDA versions)",
+        help="the NVIDIA GPUs the driver reports: name, memory total and used (all processes), versions",
         description="List the NVIDIA GPUs as the driver reports them through NVML: name, total memory, memory "
         "used by every process (this one and others), free memory, driver and CUDA versions. Says so when "
         "there is no NVIDIA driver or GPU.",
@@ -379,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"batchfinder {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the search does to standard error")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    # Each command is listed once, under "commands", from the help= its add_<name> function gives.
+    subparsers = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND", required=True)
     for add in SUBCOMMANDS:
         add(subparsers)
     return parser

@@ -1,7 +1,8 @@
-"""The device interface every trial runs against, and :func:`resolve_device` that picks one.
+"""The device interface every trial runs against.
 
 Two backends implement it: :class:`~batchfinder.simulated.SimulatedGPU` (a GPU of a chosen capacity, simulated on
-the CPU) and :class:`~batchfinder.cuda.CudaDevice` (a real CUDA GPU). The engine never calls ``torch.cuda`` itself.
+the CPU) and :class:`~batchfinder.cuda.CudaDevice` (a real CUDA GPU); :func:`batchfinder.device_choice.resolve_device`
+turns the public ``device`` argument into one. The engine never calls ``torch.cuda`` itself.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["DeviceBackend", "resolve_device", "DeviceLike"]
+__all__ = ["DeviceBackend", "DeviceLike"]
 
 
 class DeviceBackend(ABC):
@@ -22,6 +23,10 @@ class DeviceBackend(ABC):
 
     #: The torch device tensors of a trial live on.
     torch_device: torch.device
+
+    #: True when the device charges memory with the same accounting as the fake-tensor estimator (the simulated
+    #: GPU), so that a prediction is exact on it.
+    accounting_is_exact: bool = False
 
     @property
     @abstractmethod
@@ -73,47 +78,3 @@ class DeviceBackend(ABC):
 
 
 DeviceLike = DeviceBackend | torch.device | str | None
-
-
-def resolve_device(device: DeviceLike, *, memory_limit: int | str | None = None) -> DeviceBackend:
-    """Turn the ``device`` argument of the public functions into a backend.
-
-    ``None`` means the current CUDA GPU when there is one. Strings and ``torch.device`` naming CUDA give a
-    :class:`~batchfinder.cuda.CudaDevice`; ``"sim:64MiB"`` gives a :class:`~batchfinder.simulated.SimulatedGPU`
-    of that capacity; a backend instance is returned as it is.
-    """
-    from .cuda import CudaDevice
-    from .simulated import SimulatedGPU
-
-    if isinstance(device, DeviceBackend):
-        if memory_limit is not None and not isinstance(device, CudaDevice):
-            raise ValueError("memory_limit applies to CUDA devices only; give a SimulatedGPU its capacity instead")
-        return device
-    if device is None:
-        if torch.cuda.is_available():
-            return CudaDevice("cuda", memory_limit=memory_limit)
-        raise ValueError(
-            "device was not given and no CUDA GPU is available. To search on this machine, pass a simulated GPU "
-            "of the size you train on, e.g. device=batchfinder.SimulatedGPU('16GiB')."
-        )
-    if isinstance(device, str) and device.strip().lower().startswith("sim:"):
-        if memory_limit is not None:
-            raise ValueError("memory_limit applies to CUDA devices only; 'sim:CAPACITY' already sets the capacity")
-        return SimulatedGPU(device.strip()[4:])
-    if isinstance(device, (str, torch.device)):
-        try:
-            parsed = torch.device(device)
-        except RuntimeError as exc:
-            raise ValueError(
-                f"device={device!r} is not a device: use 'cuda', 'cuda:N', 'sim:16GiB' or batchfinder.SimulatedGPU(...)"
-            ) from exc
-        if parsed.type == "cuda":
-            return CudaDevice(parsed, memory_limit=memory_limit)
-        raise ValueError(
-            f"device={device!r}: batch sizes are searched on CUDA GPUs; a {parsed.type!r} device has no memory limit "
-            "to find. On a machine without a GPU use device=batchfinder.SimulatedGPU('16GiB') (or 'sim:16GiB')."
-        )
-    raise TypeError(
-        f"device must be a torch.device, a string such as 'cuda' or 'sim:16GiB', or a SimulatedGPU, "
-        f"not {type(device).__name__}"
-    )

@@ -145,7 +145,7 @@ class RankAgreement:
         return not out_of_memory, max(row[1] for row in rows), out_of_memory
 
     def agree_trial(self, trial: Any, what: str) -> tuple[Any, int]:
-        """The :class:`~batchfinder.trial.Trial` with the agreed ``fits`` (this rank's peak and timings kept), and
+        """The :class:`~batchfinder.result.Trial` with the agreed ``fits`` (this rank's peak and timings kept), and
         the largest peak over the ranks."""
         fits, peak, out_of_memory = self.agree_outcome(trial.fits, trial.peak_bytes, False, what)
         if fits == trial.fits:
@@ -155,7 +155,7 @@ class RankAgreement:
             dataclasses.replace(
                 trial,
                 fits=False,
-                seconds=None,
+                seconds_per_step=None,
                 error=f"out of memory on rank(s) {others} (this rank, {self.rank}, fitted)",
             ),
             peak,

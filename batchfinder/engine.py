@@ -1,4 +1,4 @@
-"""The search engine behind every front end: :func:`find_batch_size` and :func:`try_batch_size`.
+"""The one search entry every front end calls: :func:`search`, and the function front end over it.
 
 >>> import torch, batchfinder as bf
 >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
@@ -6,9 +6,17 @@
 >>> result = bf.find_batch_size(model, data, device=bf.SimulatedGPU("8MiB"))   # doctest: +SKIP
 >>> result.max_batch_size, result.batch_size, result.stop_reason                  # doctest: +SKIP
 
-The engine validates every argument before touching anything, opens a :class:`~batchfinder.trial.TrialSession`
-(which snapshots and later restores the user's state), and asks a search strategy which batch size to try next
-until the strategy, the trial budget or the time budget ends the search.
+A front end (:func:`find_batch_size`, the Lightning callback, the command line) gathers the user's pieces into a
+:class:`Workload` (the model, where batches come from, how a trial steps) and the search settings into
+:class:`SearchOptions`, and calls :func:`search`, which
+
+1. checks the options and the model,
+2. opens a :class:`~batchfinder.trial.TrialSession` (which snapshots and later restores the user's state, keeps the
+   model resident on the device and checks once that the model takes a batch),
+3. agrees with the other ranks when ``torch.distributed`` runs several (:mod:`batchfinder.distributed`),
+4. runs the training search (and, when asked, a search of a separate evaluation batch size), asking the search mode
+   (:mod:`batchfinder.modes`) which size to try next until it, the trial budget or the time budget ends the search,
+5. plans gradient accumulation toward ``target_batch_size`` once, and returns the :class:`SearchResult`.
 """
 
 from __future__ import annotations
@@ -17,220 +25,112 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
 from .accumulation import plan_accumulation, validate_target_batch_size
 from .batching import BatchSource
-from .devices import DeviceBackend, DeviceLike, resolve_device
+from .device_choice import resolve_device
+from .devices import DeviceBackend, DeviceLike
 from .distributed import RankAgreement, ddp_bucket_bytes, local_batch_norm, resolve_agreement, unwrap_ddp
 from .errors import NoBatchSizeFitsError, SearchIncompleteError
-from .optimizers import OptimizerLike, resolve_optimizer
-from .report import ProgressPrinter, trial_table
-from .search import BisectingSearch, SearchBounds, SearchStrategy, StopReason
+from .modes import EVALUATION_MODES, MODES, SearchContext, check_mode
+from .optimizers import OptimizerLike, OptimizerSpec, resolve_optimizer
+from .report import ProgressPrinter
+from .result import SearchResult, Trial
+from .search import SearchBounds, StopReason, recommend_batch_size
+from .state import SnapshotFactory
 from .steps import LossFn, StepFn, make_step
-from .trial import Trial, TrialSession
-from .validation import MIN_STEPS_PER_TRIAL, check_model, check_positive_int, check_steps_per_trial
+from .trial import EvalStepFn, TrainStepFn, TrialSession
 from .units import format_bytes
+from .validation import (
+    MIN_STEPS_PER_TRIAL,
+    check_materialised,
+    check_model,
+    check_positive_int,
+    check_safety,
+    check_steps_per_trial,
+    check_time_budget,
+)
 
-__all__ = [
-    "SearchResult",
-    "find_batch_size",
-    "try_batch_size",
-    "recommend_batch_size",
-    "STRATEGIES",
-    "open_session",
-    "run_search",
-]
+__all__ = ["SearchOptions", "Workload", "search", "find_batch_size", "try_batch_size"]
 
-logger = logging.getLogger("batchfinder")
+logger = logging.getLogger(__name__)
 
 ProgressLike = bool | Callable[[Trial], None] | None
 
-StrategyFactory = Callable[[SearchBounds, "SearchContext"], SearchStrategy]
-
 
 @dataclass(frozen=True)
-class SearchContext:
-    """What a strategy factory may use besides the bounds (model, data, device, how a trial steps)."""
+class SearchOptions:
+    """How to search: the arguments every front end shares (see :func:`find_batch_size` for each)."""
 
-    model: nn.Module
-    source: BatchSource
-    device: DeviceBackend
-    optimizer: Any
-    step: StepFn
+    mode: str = "binsearch"
+    init_batch_size: int = 16
+    max_batch_size: int | None = None
+    safety: float = 0.8
+    multiple_of: int = 1
     steps_per_trial: int = MIN_STEPS_PER_TRIAL
+    max_trials: int | None = None
+    time_budget: float | None = None
+    progress: ProgressLike = False
+    target_batch_size: int | None = None
+    """The effective batch size over all ranks (micro-batch x accumulation steps x ranks)."""
+    distributed: bool | None = None
 
-
-STRATEGIES: dict[str, StrategyFactory] = {
-    "binsearch": lambda bounds, _context: BisectingSearch(bounds, "binsearch"),
-    "power": lambda bounds, _context: BisectingSearch(bounds, "power"),
-}
-"""Search modes by name; other modules register more (e.g. ``"guided"``)."""
-
-
-def recommend_batch_size(max_batch_size: int, safety: float = 0.8, multiple_of: int = 1) -> int:
-    """``floor(safety * max_batch_size)`` rounded down to a multiple of ``multiple_of``, at least 1."""
-    scaled = math.floor(safety * max_batch_size + 1e-9)
-    return max(scaled // multiple_of * multiple_of, 1)
+    def validate(self) -> None:
+        """Raise a ValueError/TypeError naming the first bad option and what would be valid."""
+        check_mode(self.mode)
+        check_positive_int("init_batch_size", self.init_batch_size)
+        check_positive_int("max_batch_size", self.max_batch_size, allow_none=True)
+        if self.max_batch_size is not None and self.init_batch_size > self.max_batch_size:
+            raise ValueError(f"init_batch_size={self.init_batch_size} is larger than max_batch_size={self.max_batch_size}")
+        check_safety(self.safety)
+        check_positive_int("multiple_of", self.multiple_of)
+        check_steps_per_trial(self.steps_per_trial)
+        check_positive_int("max_trials", self.max_trials, allow_none=True)
+        check_time_budget(self.time_budget)
+        progress_callback(self.progress)
+        validate_target_batch_size(self.target_batch_size)
+        if self.distributed is not None and not isinstance(self.distributed, bool):
+            raise TypeError(f"distributed must be True, False or None (automatic), not {type(self.distributed).__name__}")
 
 
 @dataclass
-class SearchResult:
-    """What a search found, how, and why it stopped."""
+class Workload:
+    """What a search's trials run, gathered by a front end.
 
-    max_batch_size: int
-    """Largest batch size whose trial ran without running out of memory."""
-    batch_size: int
-    """Recommended batch size: ``floor(safety * max_batch_size)``, rounded down to ``multiple_of``, at least 1."""
-    trials: list[Trial]
-    """Every trial, in the order it ran."""
-    stop_reason: StopReason
-    safety: float = 0.8
-    multiple_of: int = 1
-    mode: str = "binsearch"
-    device: str = ""
-    capacity_bytes: int | None = None
-    seconds: float = 0.0
-    """Wall time of the whole search."""
-    smallest_failure: int | None = None
-    """Smallest batch size that ran out of memory (None when none did)."""
-    extra: dict[str, Any] = field(default_factory=dict)
-    target_batch_size: int | None = None
-    """The effective batch size asked for with ``target_batch_size`` (None when none was)."""
-    micro_batch_size: int | None = None
-    """Batch size of each forward/backward pass: ``batch_size``, or with a target the planned micro-batch (<= it)."""
-    accumulation_steps: int = 1
-    """Micro-batches to accumulate per optimizer step (Lightning's ``accumulate_grad_batches``)."""
-    world_size: int = 1
-    """Ranks that ran every trial and agreed on each outcome (1 without ``torch.distributed``)."""
-    eval_max_batch_size: int | None = None
-    """Largest evaluation batch size that fitted, when an evaluation batch size was searched as well."""
-    eval_batch_size: int | None = None
-    """Recommended evaluation batch size (``floor(safety * eval_max_batch_size)``), when searched."""
-    eval_trials: list[Trial] = field(default_factory=list)
-    """The evaluation-only trials of that search."""
+    ``source`` builds training batches (``None`` for an evaluation-only search). ``step``/``optimizer`` drive the
+    built-in training step; ``train_step`` replaces it with a front end's own (e.g. Lightning's optimisation step).
+    ``eval_step``/``eval_source`` add evaluation: inside every training trial when ``validate`` is true, and as a
+    search of its own when ``search_evaluation`` is true (or when the workload does not train).
+    ``extra_optimizers``, ``extra_state`` and ``ddp`` are kept, restored and charged as the session describes.
+    """
 
-    def __post_init__(self) -> None:
-        if self.micro_batch_size is None:
-            self.micro_batch_size = self.batch_size
+    model: nn.Module
+    source: Any
+    step: StepFn | None
+    optimizer: OptimizerSpec | None
+    train_step: TrainStepFn | None = None
+    eval_step: EvalStepFn | None = None
+    eval_source: Any = None
+    validate: bool = False
+    search_evaluation: bool = False
+    extra_optimizers: Sequence[Any] = ()
+    extra_state: Sequence[SnapshotFactory] = ()
+    ddp: nn.parallel.DistributedDataParallel | None = None
+    """The DDP wrapper around ``model``, when there is one (its gradient buckets are charged)."""
 
     @property
-    def effective_batch_size(self) -> int:
-        """Samples per optimizer step over all ranks: ``micro_batch_size * accumulation_steps * world_size``."""
-        return (self.micro_batch_size or self.batch_size) * self.accumulation_steps * self.world_size
-
-    @property
-    def accumulate_grad_batches(self) -> int:
-        """Same as :attr:`accumulation_steps`, under Lightning's name."""
-        return self.accumulation_steps
-
-    @property
-    def num_trials(self) -> int:
-        return len(self.trials)
-
-    @property
-    def num_steps(self) -> int:
-        """Training steps executed across all trials."""
-        return sum(t.steps for t in self.trials)
-
-    @property
-    def num_ooms(self) -> int:
-        """Trials that ran out of memory."""
-        return sum(not t.fits for t in self.trials)
-
-    def trial_for(self, batch_size: int) -> Trial | None:
-        """The (last) trial at ``batch_size``, if one ran."""
-        for trial in reversed(self.trials):
-            if trial.batch_size == batch_size:
-                return trial
-        return None
-
-    def explain(self) -> str:
-        """The recommendation's arithmetic, e.g. ``largest that fits: 14076; x0.8 = 11260``."""
-        scaled = math.floor(self.safety * self.max_batch_size + 1e-9)
-        text = f"largest that fits: {self.max_batch_size}; x{self.safety:g} = {scaled}"
-        if self.multiple_of > 1:
-            text += f"; rounded down to a multiple of {self.multiple_of} = {self.batch_size}"
-        elif scaled != self.batch_size:
-            text += f"; at least 1 = {self.batch_size}"
-        return text
-
-    def why_stopped(self) -> str:
-        """Why the search ended, with the smallest size that ran out of memory when there is one."""
-        text = f"stopped: {self.stop_reason.value}"
-        if self.smallest_failure is not None:
-            text += f"; smallest that ran out of memory: {self.smallest_failure}"
-        return text
-
-    def table(self) -> str:
-        """The trial table as text."""
-        return trial_table(self.trials)
-
-    def plot(self, path: Any) -> Any:
-        """Write a PNG of the search to ``path``: each trial's peak against batch size (out-of-memory trials
-        marked), the predicted curve when the search had one, the capacity, the largest and the recommended size.
-        Needs matplotlib (``pip install batchfinder[plot]``); see :func:`batchfinder.plot.plot_search`."""
-        from .plot import plot_search
-
-        return plot_search(self, path)
-
-    def __str__(self) -> str:
-        capacity = f", capacity {format_bytes(self.capacity_bytes)}" if self.capacity_bytes else ""
-        return (
-            f"batch size search on {self.device}{capacity}, mode {self.mode}: {self.num_trials} trials, "
-            f"{self.num_steps} steps, {self.num_ooms} out of memory, {self.seconds:.1f} s\n"
-            f"{self.table()}\n"
-            f"recommended batch size: {self.batch_size}\n"
-            f"  {self.explain()}\n"
-            f"  {self.why_stopped()}"
-        ) + self._extras()
-
-    def _extras(self) -> str:
-        lines = []
-        if self.world_size > 1:
-            lines.append(f"  agreed by {self.world_size} ranks: a size fits only if it fitted on every rank")
-        if self.target_batch_size is not None:
-            waste = self.effective_batch_size - self.target_batch_size
-            lines.append(
-                f"gradient accumulation for target batch size {self.target_batch_size}: micro-batch "
-                f"{self.micro_batch_size} x {self.accumulation_steps}"
-                + (f" x {self.world_size} ranks" if self.world_size > 1 else "")
-                + f" = {self.effective_batch_size}"
-                + (f" ({waste} over the target)" if waste else "")
-            )
-        if self.eval_max_batch_size is not None:
-            lines.append(
-                f"evaluation batch size: {self.eval_batch_size} (largest that fits: {self.eval_max_batch_size}, "
-                f"{len(self.eval_trials)} evaluation trials)"
-            )
-        return "".join("\n" + line for line in lines)
+    def trains(self) -> bool:
+        """True when trials run training steps."""
+        return self.source is not None and (self.train_step is not None or (self.step is not None and self.optimizer is not None))
 
 
-# -- validation -------------------------------------------------------------------------------------------------------
-def _validate_search(
-    mode: Any, init_batch_size: Any, max_batch_size: Any, safety: Any, multiple_of: Any, max_trials: Any, time_budget: Any
-) -> None:
-    if mode not in STRATEGIES:
-        raise ValueError(f"mode={mode!r} is not a search mode; choose one of {sorted(STRATEGIES)}")
-    check_positive_int("init_batch_size", init_batch_size)
-    check_positive_int("max_batch_size", max_batch_size, allow_none=True)
-    if max_batch_size is not None and init_batch_size > max_batch_size:
-        raise ValueError(f"init_batch_size={init_batch_size} is larger than max_batch_size={max_batch_size}")
-    if isinstance(safety, bool) or not isinstance(safety, (int, float)) or not 0 < safety <= 1:
-        raise ValueError(f"safety={safety!r} must be a number in (0, 1], e.g. 0.8 to keep 20% headroom")
-    check_positive_int("multiple_of", multiple_of)
-    check_positive_int("max_trials", max_trials, allow_none=True)
-    if time_budget is not None and (
-        isinstance(time_budget, bool) or not isinstance(time_budget, (int, float)) or time_budget <= 0
-    ):
-        raise ValueError(f"time_budget={time_budget!r} must be a positive number of seconds (or None)")
-
-
-def _progress_callback(progress: ProgressLike) -> Callable[[Trial], None] | None:
+def progress_callback(progress: ProgressLike) -> Callable[[Trial], None] | None:
+    """The ``progress`` argument as a callback (``True``: one line per trial on standard error)."""
     if progress is None or progress is False:
         return None
     if progress is True:
@@ -240,31 +140,75 @@ def _progress_callback(progress: ProgressLike) -> Callable[[Trial], None] | None
     raise TypeError(f"progress must be a bool or a callable taking a Trial, not {type(progress).__name__}")
 
 
-def _open_session(
-    model: nn.Module,
-    dataset: Any,
-    optimizer: OptimizerLike,
-    loss_fn: LossFn | None,
-    step_fn: StepFn | None,
-    device: DeviceLike,
-    steps_per_trial: int,
-    memory_limit: int | str | None,
-) -> tuple[TrialSession, SearchContext]:
-    model, ddp = unwrap_ddp(model)  # trials run on the unwrapped module: DDP's collectives could hang on an OOM
-    check_model(model)
-    check_steps_per_trial(steps_per_trial)
-    step = make_step(loss_fn, step_fn)
-    spec = resolve_optimizer(optimizer, model)
-    backend = resolve_device(device, memory_limit=memory_limit)
-    source = BatchSource(dataset)
+# -- the one entry point --------------------------------------------------------------------------------------------
+def search(workload: Workload, device: DeviceBackend, options: SearchOptions) -> SearchResult:
+    """Search the batch size of ``workload`` on ``device``: the entry point every front end calls.
+
+    Returns the training search's :class:`SearchResult` (its :attr:`~SearchResult.evaluation` holds the evaluation
+    search when ``workload.search_evaluation``), or, for a workload that does not train, the evaluation search's.
+    Raises :class:`~batchfinder.NoBatchSizeFitsError` when batch size 1 does not fit and
+    :class:`~batchfinder.SearchIncompleteError` when a budget ends the search before any size fitted. The user's
+    state is restored in every case.
+    """
+    started = time.perf_counter()
+    options.validate()
+    check_model(workload.model)
+    check_materialised(workload.model)
+    agreement = resolve_agreement(options.distributed)
+    session = _session(workload, device, options)
+    training = workload.trains
+    source = workload.source if training else workload.eval_source
+    context = SearchContext(workload.model, source, device, workload.optimizer, workload.step, options.steps_per_trial)
+    with _open(session, agreement):
+        result = _run(session, context, options, agreement, phase="train" if training else "eval", length=source.length)
+        if training and workload.search_evaluation and workload.eval_source is not None:
+            eval_options = _evaluation_options(options, min(result.max_batch_size, workload.eval_source.length))
+            result.evaluation = _run(
+                session, context, eval_options, agreement, phase="eval", length=workload.eval_source.length
+            )
+    if training and options.target_batch_size is not None:
+        plan = plan_accumulation(
+            math.ceil(options.target_batch_size / result.world_size), result.batch_size, options.multiple_of
+        )
+        result.target_batch_size = options.target_batch_size
+        result.micro_batch_size = plan.micro_batch_size
+        result.accumulation_steps = plan.accumulation_steps
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _evaluation_options(options: SearchOptions, init_batch_size: int) -> SearchOptions:
+    mode = options.mode if options.mode in EVALUATION_MODES else "binsearch"
+    if mode != options.mode:
+        logger.info("evaluation batch sizes are searched with binsearch (mode %s models training memory)", options.mode)
+    return SearchOptions(**{**options.__dict__, "mode": mode, "init_batch_size": max(init_batch_size, 1)})
+
+
+def _session(workload: Workload, device: DeviceBackend, options: SearchOptions) -> TrialSession:
     # A real GPU already holds DDP's gradient buckets (allocated when the wrapper was built); elsewhere charge them.
-    reserved = ddp_bucket_bytes(ddp) if ddp is not None and backend.torch_device.type != "cuda" else []
-    session = TrialSession(model, source, step, spec, backend, steps_per_trial=steps_per_trial, reserved_bytes=reserved)
-    return session, SearchContext(model, source, backend, spec, step, steps_per_trial)
+    charge_buckets = workload.ddp is not None and device.torch_device.type != "cuda"
+    return TrialSession(
+        workload.model,
+        workload.source if workload.trains else workload.eval_source,
+        workload.step,
+        workload.optimizer,
+        device,
+        steps_per_trial=options.steps_per_trial,
+        train_step=workload.train_step,
+        eval_step=workload.eval_step,
+        eval_source=workload.eval_source,
+        validate=workload.validate or not workload.trains,
+        extra_optimizers=workload.extra_optimizers,
+        reserved_bytes=ddp_bucket_bytes(workload.ddp) if charge_buckets and workload.ddp is not None else (),
+        extra_state=workload.extra_state,
+    )
+
+
+_SETUP = "the search's set-up (snapshot, model on the device, probe)"
 
 
 @contextlib.contextmanager
-def open_session(session: TrialSession, agreement: RankAgreement | None = None) -> Iterator[TrialSession]:
+def _open(session: TrialSession, agreement: RankAgreement | None) -> Iterator[TrialSession]:
     """Enter ``session`` (snapshot, resident model, probe) for the length of the block, and restore on exit.
 
     With an ``agreement`` every rank learns whether every other rank got in, so that a rank whose model does not fit
@@ -276,11 +220,11 @@ def open_session(session: TrialSession, agreement: RankAgreement | None = None) 
             session.__enter__()
         except Exception:
             if agreement is not None:
-                agreement.check(False, "the search's set-up (snapshot, model on the device, probe)")
+                agreement.check(False, _SETUP)
             raise
         try:
             if agreement is not None:
-                agreement.check(True, "the search's set-up (snapshot, model on the device, probe)")
+                agreement.check(True, _SETUP)
             yield session
         finally:
             session.__exit__(None, None, None)
@@ -289,48 +233,30 @@ def open_session(session: TrialSession, agreement: RankAgreement | None = None) 
 _BUDGET_STOPS = (StopReason.MAX_TRIALS, StopReason.TIME_BUDGET)
 
 
-def run_search(
+def _run(
     session: TrialSession,
     context: SearchContext,
+    options: SearchOptions,
+    agreement: RankAgreement | None,
     *,
-    mode: str = "binsearch",
-    init_batch_size: int = 16,
-    max_batch_size: int | None = None,
-    safety: float = 0.8,
-    multiple_of: int = 1,
-    max_trials: int | None = None,
-    time_budget: float | None = None,
-    progress: ProgressLike = False,
-    target_batch_size: int | None = None,
-    agreement: RankAgreement | None = None,
-    phase: str = "train",
-    length: int | None = None,
-    started: float | None = None,
+    phase: str,
+    length: int,
 ) -> SearchResult:
-    """The search loop every front end shares, on a session that is already open (see :func:`open_session`).
-
-    Arguments as for :func:`find_batch_size` (validated by the caller). ``phase="eval"`` searches an evaluation
-    batch size with evaluation-only trials (``session.run(size, phase="eval")``) up to ``length`` (default: the
-    training data's length). With an ``agreement`` every rank runs each trial at the same size and a trial fits
-    only if it fitted on every rank.
-    """
-    report = _progress_callback(progress)
-    started = time.perf_counter() if started is None else started
-    length = context.source.length if length is None else length
-    if max_batch_size is not None and max_batch_size < length:
-        bounds = SearchBounds(min(init_batch_size, max_batch_size), max_batch_size, StopReason.MAX_BATCH_SIZE)
+    """One search loop (training or evaluation batch sizes) on an open session."""
+    report = progress_callback(options.progress)
+    started = time.perf_counter()
+    cap = options.max_batch_size
+    if cap is not None and cap < length:
+        bounds = SearchBounds(min(options.init_batch_size, cap), cap, StopReason.MAX_BATCH_SIZE)
     else:
-        bounds = SearchBounds(min(init_batch_size, length), length, StopReason.DATASET_LENGTH)
-    if phase == "eval" and mode not in ("binsearch", "power"):
-        logger.info("evaluation batch sizes are searched with binsearch (mode %s models training memory)", mode)
-        mode = "binsearch"
-    strategy = STRATEGIES[mode](bounds, context)
+        bounds = SearchBounds(min(options.init_batch_size, length), length, StopReason.DATASET_LENGTH)
+    strategy = MODES[options.mode](bounds, context)
     trials: list[Trial] = []
     logger.info(
         "searching %s batch sizes on %s (mode %s, up to %d%s)",
         "evaluation" if phase == "eval" else "training",
         context.device.name,
-        mode,
+        options.mode,
         bounds.cap,
         f", {agreement.world_size} ranks agreeing" if agreement is not None else "",
     )
@@ -338,9 +264,9 @@ def run_search(
         size = strategy.propose()
         stop: StopReason | None = None
         if size is not None:
-            if max_trials is not None and len(trials) >= max_trials:
+            if options.max_trials is not None and len(trials) >= options.max_trials:
                 stop = StopReason.MAX_TRIALS
-            elif time_budget is not None and trials and time.perf_counter() - started >= time_budget:
+            elif options.time_budget is not None and trials and time.perf_counter() - started >= options.time_budget:
                 stop = StopReason.TIME_BUDGET
         if agreement is not None:
             size, agreed_stop = agreement.agree_next(size, stop, _BUDGET_STOPS)
@@ -371,31 +297,22 @@ def run_search(
             f"the search stopped ({strategy.stop_reason}) after {len(trials)} trial(s) before any batch size fitted; "
             "raise max_trials / time_budget or lower init_batch_size"
         )
-    stop_reason = strategy.stop_reason or StopReason.BRACKET_CLOSED
-    batch_size = recommend_batch_size(strategy.largest_fit, safety, multiple_of)
-    world_size = agreement.world_size if agreement is not None else 1
-    plan = (
-        plan_accumulation(math.ceil(target_batch_size / world_size), batch_size, multiple_of)
-        if target_batch_size is not None
-        else None
-    )
     return SearchResult(
         max_batch_size=strategy.largest_fit,
-        batch_size=batch_size,
+        batch_size=recommend_batch_size(strategy.largest_fit, options.safety, options.multiple_of),
         trials=trials,
-        stop_reason=stop_reason,
-        safety=float(safety),
-        multiple_of=multiple_of,
-        mode=mode,
+        stop_reason=strategy.stop_reason or StopReason.BRACKET_CLOSED,
+        safety=float(options.safety),
+        multiple_of=options.multiple_of,
+        mode=options.mode,
         device=context.device.name,
         capacity_bytes=context.device.capacity_bytes,
         seconds=time.perf_counter() - started,
         smallest_failure=strategy.smallest_failure,
-        target_batch_size=target_batch_size,
-        micro_batch_size=plan.micro_batch_size if plan is not None else batch_size,
-        accumulation_steps=plan.accumulation_steps if plan is not None else 1,
-        world_size=world_size,
-        extra=dict(getattr(strategy, "extra", None) or {}),  # e.g. the guided strategy's predicted peaks
+        predicted_peaks=strategy.predicted_peaks,
+        predicted_max_batch_size=strategy.predicted_max,
+        prediction_status=strategy.prediction_status,
+        world_size=agreement.world_size if agreement is not None else 1,
     )
 
 
@@ -415,7 +332,19 @@ def _nothing_fits(trials: list[Trial], device: DeviceBackend) -> NoBatchSizeFits
     )
 
 
-# -- public functions -------------------------------------------------------------------------------------------
+# -- the function front end -----------------------------------------------------------------------------------------
+def _function_workload(
+    model: nn.Module, dataset: Any, optimizer: OptimizerLike, loss_fn: LossFn | None, step_fn: StepFn | None
+) -> Workload:
+    """The user's pieces as a :class:`Workload`, each checked before anything runs."""
+    check_model(model)
+    module, ddp = unwrap_ddp(model)  # trials run on the unwrapped module: DDP's collectives could hang on an OOM
+    check_materialised(module)
+    step = make_step(loss_fn, step_fn)
+    spec = resolve_optimizer(optimizer, module)
+    return Workload(module, BatchSource(dataset), step, spec, ddp=ddp)
+
+
 def find_batch_size(
     model: nn.Module,
     dataset: Any,
@@ -441,7 +370,8 @@ def find_batch_size(
 
     Args:
         model: any ``nn.Module``; its weights, buffers, gradients, train/eval mode, the optimizer's state and the
-            RNG states are exactly as before when this returns, raises or is interrupted.
+            RNG states are exactly as before when this returns, raises or is interrupted. A model on the ``meta``
+            device is refused (materialise it first; :func:`~batchfinder.estimate_memory` accepts it).
         dataset: a map-style ``Dataset`` or a ``DataLoader``; samples are tensors, ``(input, target, ...)`` tuples or
             dicts of tensors (passed as ``model(**batch)``). Batch sizes never exceed ``len(dataset)``.
         optimizer: an optimizer class, a callable ``params -> optimizer``, or an optimizer bound to the model (its
@@ -450,7 +380,9 @@ def find_batch_size(
         step_fn: ``step_fn(model, batch) -> loss`` for full control of the forward pass (AMP, several inputs).
         device: ``"cuda"``, ``"cuda:N"``, a ``torch.device``, a :class:`~batchfinder.SimulatedGPU`, or
             ``"sim:16GiB"``. Default: the current CUDA GPU.
-        mode: ``"binsearch"`` (double, then bisect to a resolution of 1) or ``"power"`` (last doubling that fits).
+        mode: ``"binsearch"`` (double, then bisect to a resolution of 1), ``"power"`` (last doubling that fits) or
+            ``"guided"`` (jump to the size the fake-tensor estimator predicts, then verify and close the bracket with
+            real trials: two trials on the simulated GPU).
         init_batch_size: first size tried (default 16); when it does not fit the search walks down.
         max_batch_size: never try more than this.
         safety: the recommendation is ``floor(safety * max_batch_size)`` (default 0.8).
@@ -463,9 +395,8 @@ def find_batch_size(
         memory_limit: on CUDA, make the GPU behave like one with this much memory (e.g. ``"16GiB"``).
         target_batch_size: the effective batch size to reach with gradient accumulation: the result then also holds
             ``micro_batch_size`` (at most the recommended size) and ``accumulation_steps`` with
-            ``micro_batch_size * accumulation_steps >= target_batch_size`` and the least waste
-            (see :mod:`batchfinder.accumulation`). With several agreeing ranks the target is the global batch: each
-            rank's micro-batches add up to ``ceil(target_batch_size / world_size)``.
+            ``micro_batch_size * accumulation_steps * world_size >= target_batch_size`` and the least waste
+            (see :mod:`batchfinder.accumulation`). With several agreeing ranks the target is the global batch.
         distributed: ``None`` (default): when ``torch.distributed`` is initialised with several ranks, every rank
             must call this; they run each trial at the same size and a size fits only if it fitted on every rank, so
             all ranks return the same result (see :mod:`batchfinder.distributed`). ``False``: this rank searches on
@@ -474,31 +405,26 @@ def find_batch_size(
             models (FSDP, DeepSpeed) are refused.
 
     Returns:
-        A :class:`SearchResult`. Raises :class:`~batchfinder.NoBatchSizeFitsError` when batch size 1 does not fit,
-        and :class:`~batchfinder.SearchIncompleteError` when a budget ends the search before any size fitted.
+        A :class:`~batchfinder.SearchResult`. Raises :class:`~batchfinder.NoBatchSizeFitsError` when batch size 1
+        does not fit, and :class:`~batchfinder.SearchIncompleteError` when a budget ends the search before any size
+        fitted.
     """
-    _validate_search(mode, init_batch_size, max_batch_size, safety, multiple_of, max_trials, time_budget)
-    validate_target_batch_size(target_batch_size)
-    _progress_callback(progress)
-    agreement = resolve_agreement(distributed)
-    session, context = _open_session(model, dataset, optimizer, loss_fn, step_fn, device, steps_per_trial, memory_limit)
-    started = time.perf_counter()
-    with open_session(session, agreement):
-        return run_search(
-            session,
-            context,
-            mode=mode,
-            init_batch_size=init_batch_size,
-            max_batch_size=max_batch_size,
-            safety=safety,
-            multiple_of=multiple_of,
-            max_trials=max_trials,
-            time_budget=time_budget,
-            progress=progress,
-            target_batch_size=target_batch_size,
-            agreement=agreement,
-            started=started,
-        )
+    options = SearchOptions(
+        mode=mode,
+        init_batch_size=init_batch_size,
+        max_batch_size=max_batch_size,
+        safety=safety,
+        multiple_of=multiple_of,
+        steps_per_trial=steps_per_trial,
+        max_trials=max_trials,
+        time_budget=time_budget,
+        progress=progress,
+        target_batch_size=target_batch_size,
+        distributed=distributed,
+    )
+    options.validate()
+    workload = _function_workload(model, dataset, optimizer, loss_fn, step_fn)
+    return search(workload, resolve_device(device, memory_limit=memory_limit), options)
 
 
 def try_batch_size(
@@ -515,14 +441,16 @@ def try_batch_size(
 ) -> Trial:
     """Run one trial: does ``batch_size`` fit? Same arguments and guarantees as :func:`find_batch_size`.
 
-    ``batch_size`` may not exceed ``len(dataset)``. Returns the :class:`~batchfinder.trial.Trial`.
+    ``batch_size`` may not exceed ``len(dataset)``. Returns the :class:`~batchfinder.Trial`.
     """
     check_positive_int("batch_size", batch_size)
-    session, context = _open_session(model, dataset, optimizer, loss_fn, step_fn, device, steps_per_trial, memory_limit)
-    if batch_size > context.source.length:
+    check_steps_per_trial(steps_per_trial)
+    workload = _function_workload(model, dataset, optimizer, loss_fn, step_fn)
+    if batch_size > workload.source.length:
         raise ValueError(
-            f"batch_size={batch_size} is larger than the dataset ({context.source.length} samples): "
+            f"batch_size={batch_size} is larger than the dataset ({workload.source.length} samples): "
             "a trial needs that many real samples"
         )
+    session = _session(workload, resolve_device(device, memory_limit=memory_limit), SearchOptions(steps_per_trial=steps_per_trial))
     with session:
         return session.run(batch_size)

@@ -1,22 +1,30 @@
 """Memory estimates without a GPU: :func:`estimate_memory` traces real training steps under fake tensors.
 
 >>> import torch, batchfinder as bf
->>> model = bf.zoo.mnist_mlp()
+>>> from batchfinder.estimate import estimate_memory_curve
+>>> from batchfinder.zoo import mnist_mlp
+>>> model = mnist_mlp()
 >>> est = bf.estimate_memory(model, (1, 28, 28), 1024, optimizer=torch.optim.SGD)
 >>> est.parameters, est.gradients, est.optimizer_state      # bytes
 (407552, 407552, 0)
 >>> print(est)                                                # doctest: +SKIP
+>>> curve = estimate_memory_curve(model, (1, 28, 28), [64, 256, 1024], optimizer=torch.optim.SGD)
+>>> [e.batch_size for e in curve]
+[64, 256, 1024]
+>>> print(curve)                                              # doctest: +SKIP
 
-The figures are the seeds' four categories: parameters (and buffers), gradients, optimizer state, the batch (inputs
-and targets on the device) and the activations and temporaries held at the peak. They come from the simulated GPU's
-accounting (:mod:`batchfinder.accounting`), so:
+:func:`estimate_memory` gives a :class:`MemoryEstimate` at one batch size, :func:`estimate_memory_curve` a
+:class:`MemoryEstimates` (one estimate per size) at several. The figures follow the four categories of GPU memory
+in training: parameters and their gradients (with buffers such as BatchNorm's running statistics), optimizer state,
+the data batch (inputs and targets on the device), and the activations and temporaries held at the peak. They come
+from the simulated GPU's accounting (:mod:`batchfinder.accounting`), so:
 
 * ``estimate.peak`` equals, to the byte, the ``peak_bytes`` that ``try_batch_size`` measures on a
   :class:`~batchfinder.SimulatedGPU` large enough for the same model, optimizer, step and batch;
-* every storage is rounded up to 512 bytes, as the CUDA caching allocator rounds every request. For the seeds'
-  MNIST MLP the four parameter tensors hold 407,080 bytes (101,770 x 4) and are charged 407,552: the weight of
-  784 x 128 floats is a multiple of 512 already, the bias of 128 floats (512 B) too, the 128 x 10 weight (5,120 B)
-  too, and the 10-float bias (40 B) takes 512. ``estimate.exact`` keeps the unrounded figures. A batch of B MNIST
+* every storage is rounded up to 512 bytes, as the CUDA caching allocator rounds every request. For the MNIST
+  MLP (:func:`batchfinder.zoo.mnist_mlp`, 784-128-10) the four parameter tensors hold 407,080 bytes (101,770 x 4)
+  and are charged 407,552: the weight of 784 x 128 floats is a multiple of 512 already, the bias of 128 floats
+  (512 B) too, the 128 x 10 weight (5,120 B) too, and the 10-float bias (40 B) takes 512. ``estimate.exact`` keeps the unrounded figures. A batch of B MNIST
   images holds B x 3,136 B (one storage, rounded once) and its B integer labels B x 8 B (another storage).
 
 What it does not see (a real GPU's allocator does): the CUDA context, cuBLAS/cuDNN workspaces, the allocator's
@@ -27,15 +35,16 @@ segment sizes and fragmentation, and kernels that differ between the CPU and the
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, overload
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data._utils.collate import default_collate
 
 from .batching import is_supported_sample, sample_bytes
+from .oom import exception_first_line
 from .optimizers import OptimizerLike, OptimizerSpec, resolve_optimizer
 from .steps import LossFn, StepFn, make_step
 from .synthetic import TargetSpec, as_shape, target_for_output
@@ -56,11 +65,12 @@ __all__ = [
     "MemoryEstimates",
     "Estimator",
     "estimate_memory",
+    "estimate_memory_curve",
     "target_for_shape",
     "FakeTensorUnsupportedError",
 ]
 
-logger = logging.getLogger("batchfinder")
+logger = logging.getLogger(__name__)
 
 _CATEGORY_LABELS: tuple[tuple[str, str], ...] = (
     ("parameters", "parameters"),
@@ -74,7 +84,8 @@ _CATEGORY_LABELS: tuple[tuple[str, str], ...] = (
 
 @dataclass
 class MemoryEstimate:
-    """Memory of training at one batch size, in bytes, by the seeds' categories (each storage rounded to 512 B).
+    """Memory of training at one batch size, in bytes, by category (each storage rounded to 512 B): what
+    :func:`estimate_memory` returns.
 
     ``parameters``, ``buffers``, ``gradients``, ``optimizer_state`` and ``batch`` are the full size of each category;
     ``activations`` is what the activations and temporaries hold at the peak; ``peak`` is the total at the peak,
@@ -183,14 +194,12 @@ class MemoryEstimate:
         return plot_estimates([self], path, capacity=capacity, safety=safety)
 
 
-class MemoryEstimates(list):
-    """Estimates at several batch sizes (a list of :class:`MemoryEstimate`) with a table and a plot."""
-
-    def __iter__(self) -> Iterator[MemoryEstimate]:
-        return super().__iter__()
+class MemoryEstimates(list[MemoryEstimate]):
+    """Estimates at several batch sizes (a list of :class:`MemoryEstimate`, in the order asked) with a table and a
+    plot. What :func:`estimate_memory_curve` returns."""
 
     def table(self) -> str:
-        """One row per batch size, in the spirit of the seeds' table: batch, activations, optimizer state, peak."""
+        """One row per batch size: its batch, activations and temporaries at the peak, peak, and where it peaks."""
         header = f"{'batch size':>10}  {'batch':>11}  {'activations':>11}  {'peak':>11}  peak in"
         rows = [header, "-" * (len(header) + 16)]
         for est in self:
@@ -262,7 +271,7 @@ def _check_sample(sample: Any) -> None:
 
 def _validate_batch_size(value: Any, argument: str = "batch_size") -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{argument} must be a whole number (or a list of them), not {type(value).__name__}")
+        raise TypeError(f"{argument} must be a whole number, not {type(value).__name__}")
     if value < 1:
         raise ValueError(f"{argument}={value} must be at least 1")
     return value
@@ -439,13 +448,6 @@ class Estimator:
         )
 
 
-def exception_first_line(exc: BaseException) -> str:
-    from .oom import exception_text
-
-    lines = exception_text(exc).strip().splitlines()
-    return lines[0] if lines else ""
-
-
 def _unique(tensors: Any) -> list[torch.Tensor]:
     return list({id(t): t for t in tensors}.values())
 
@@ -482,35 +484,30 @@ def _template_from_shape(model: nn.Module, shape: tuple[int, ...], dtype: torch.
     return (inputs, target.example().unsqueeze(0)), f"{label} with {target.describe()}"
 
 
-# -- public function ------------------------------------------------------------------------------------------------
-@overload
-def estimate_memory(model: nn.Module, sample: Any, batch_size: int, **kwargs: Any) -> MemoryEstimate: ...
-@overload
-def estimate_memory(model: nn.Module, sample: Any, batch_size: Sequence[int], **kwargs: Any) -> MemoryEstimates: ...
-
-
+# -- public functions -----------------------------------------------------------------------------------------------
 def estimate_memory(
     model: nn.Module,
     sample: Any,
-    batch_size: int | Sequence[int],
+    batch_size: int,
     *,
     optimizer: OptimizerLike = None,
     loss_fn: LossFn | None = None,
     step_fn: StepFn | None = None,
     steps_per_trial: int = MIN_STEPS_PER_TRIAL,
     input_dtype: torch.dtype = torch.float32,
-) -> MemoryEstimate | MemoryEstimates:
+) -> MemoryEstimate:
     """Estimate the GPU memory of training ``model`` at ``batch_size``, on the CPU, in a fraction of a second.
 
     Runs ``steps_per_trial`` real training steps (forward, loss, backward, optimizer step, zero grad) under fake
     tensors, which compute shapes but no values and allocate nothing, and charges them as the simulated GPU does.
+    For several batch sizes use :func:`estimate_memory_curve`.
 
     Args:
         model: any ``nn.Module`` (on the CPU, a GPU, or the ``meta`` device); it is left exactly as it was.
         sample: one dataset item exactly as ``dataset[0]`` returns it (a tensor, an ``(input, target, ...)`` tuple or a
             dict of tensors, without the batch dimension), or an input shape such as ``(1, 28, 28)`` or ``"1x28x28"``
             (a float32 input; the target is made up from the model's output, see :mod:`batchfinder.synthetic`).
-        batch_size: a batch size, or a list of them.
+        batch_size: the batch size, a whole number of at least 1.
         optimizer: as for :func:`~batchfinder.find_batch_size` (a class, a callable ``params -> optimizer``, or an
             optimizer instance over the model's parameters); default Adam.
         loss_fn: ``loss_fn(output, target) -> loss`` instead of the default loss.
@@ -519,25 +516,68 @@ def estimate_memory(
         input_dtype: the input's dtype when ``sample`` is a shape (e.g. ``torch.int64`` for token ids).
 
     Returns:
-        A :class:`MemoryEstimate` (or :class:`MemoryEstimates`, one per size, for a list of sizes). Print it for a
-        table; its ``peak`` equals what a trial on a large enough :class:`~batchfinder.SimulatedGPU` measures.
+        A :class:`MemoryEstimate`. Print it for a table; its ``peak`` equals what a trial on a large enough
+        :class:`~batchfinder.SimulatedGPU` measures.
 
     Raises:
-        ValueError / TypeError: a bad argument, or a sample the model rejects (the message says what would be valid).
+        ValueError / TypeError: a bad argument (a list of batch sizes is a TypeError that points to
+            :func:`estimate_memory_curve`), or a sample the model rejects (the message says what would be valid).
         FakeTensorUnsupportedError (a ValueError): the training step cannot run under fake tensors (it reads tensor
             values); use :func:`~batchfinder.find_batch_size` instead.
     """
-    sizes: list[int]
-    single = not isinstance(batch_size, (list, tuple, range))
-    if single:
-        sizes = [_validate_batch_size(batch_size)]
-    else:
-        sizes = [_validate_batch_size(b, "batch_size") for b in batch_size]  # type: ignore[union-attr]
-        if not sizes:
-            raise ValueError("batch_size is an empty list; give a batch size or a list of them, e.g. [64, 256, 1024]")
+    if isinstance(batch_size, Sequence) and not isinstance(batch_size, (str, bytes)):
+        raise TypeError(
+            f"batch_size must be one whole number, not a {type(batch_size).__name__}; for estimates at several batch "
+            "sizes use batchfinder.estimate.estimate_memory_curve(model, sample, [64, 256, 1024], ...)"
+        )
+    size = _validate_batch_size(batch_size)
     estimator = Estimator.create(
         model, sample, optimizer=optimizer, loss_fn=loss_fn, step_fn=step_fn, steps_per_trial=steps_per_trial, input_dtype=input_dtype
     )
-    estimates = [estimator.estimate(size) for size in sizes]
-    logger.debug("estimated %d batch size(s) with %d fake-tensor traces", len(sizes), estimator.calls)
-    return estimates[0] if single else MemoryEstimates(estimates)
+    estimate = estimator.estimate(size)
+    logger.debug("estimated batch size %d with %d fake-tensor trace(s)", size, estimator.calls)
+    return estimate
+
+
+def estimate_memory_curve(
+    model: nn.Module,
+    sample: Any,
+    batch_sizes: Sequence[int],
+    *,
+    optimizer: OptimizerLike = None,
+    loss_fn: LossFn | None = None,
+    step_fn: StepFn | None = None,
+    steps_per_trial: int = MIN_STEPS_PER_TRIAL,
+    input_dtype: torch.dtype = torch.float32,
+) -> MemoryEstimates:
+    """Estimate the GPU memory of training ``model`` at each of ``batch_sizes``, as :func:`estimate_memory` does
+    at one: one estimator (the sample and arguments are checked once), one fake-tensor trace per distinct size.
+
+    Args:
+        model, sample, optimizer, loss_fn, step_fn, steps_per_trial, input_dtype: as for :func:`estimate_memory`.
+        batch_sizes: the batch sizes (a list, tuple or range of whole numbers of at least 1), e.g.
+            ``[64, 256, 1024, 4096]``.
+
+    Returns:
+        A :class:`MemoryEstimates`: one :class:`MemoryEstimate` per batch size, in the order given. Print it for a
+        table with one row per size; ``.plot(path)`` draws memory against batch size.
+
+    Raises:
+        ValueError / TypeError: as :func:`estimate_memory`; an empty ``batch_sizes`` is a ValueError, a single
+            number a TypeError that points to :func:`estimate_memory`.
+        FakeTensorUnsupportedError (a ValueError): as :func:`estimate_memory`.
+    """
+    if isinstance(batch_sizes, (str, bytes)) or not isinstance(batch_sizes, Sequence):
+        raise TypeError(
+            f"batch_sizes must be a list of batch sizes, e.g. [64, 256, 1024], not {type(batch_sizes).__name__}; for "
+            "one batch size use batchfinder.estimate_memory(model, sample, batch_size, ...)"
+        )
+    sizes = [_validate_batch_size(size, f"batch_sizes[{index}]") for index, size in enumerate(batch_sizes)]
+    if not sizes:
+        raise ValueError("batch_sizes is empty; give at least one batch size, e.g. [64, 256, 1024]")
+    estimator = Estimator.create(
+        model, sample, optimizer=optimizer, loss_fn=loss_fn, step_fn=step_fn, steps_per_trial=steps_per_trial, input_dtype=input_dtype
+    )
+    estimates = MemoryEstimates(estimator.estimate(size) for size in sizes)
+    logger.debug("estimated %d batch size(s) with %d fake-tensor trace(s)", len(sizes), estimator.calls)
+    return estimates

@@ -40,7 +40,7 @@ from .search import SearchBounds, SearchStrategy, StopReason
 
 __all__ = ["GuidedSearch", "largest_within", "PeakFn", "SolveFn"]
 
-logger = logging.getLogger("batchfinder")
+logger = logging.getLogger(__name__)
 
 PeakFn = Callable[[int], "int | None"]
 """``predict(batch_size) -> peak bytes`` (None when no prediction can be made)."""
@@ -140,7 +140,7 @@ class GuidedSearch(SearchStrategy):
         predict: the predicted peak at a batch size, or None.
         solve: a fast ``solve(level, lo, hi)`` on the prediction (default: :func:`largest_within` on ``predict``).
         first_fraction: the first trial targets ``first_fraction * limit`` (1.0 where the prediction is exact).
-        known: every predicted peak computed so far, also by ``solve`` (for :attr:`extra`).
+        known: every predicted peak computed so far, also by ``solve`` (for :attr:`predicted_peaks`).
     """
 
     def __init__(
@@ -351,17 +351,20 @@ class GuidedSearch(SearchStrategy):
 
     # -- reporting ---------------------------------------------------------------------------------------------
     @property
-    def extra(self) -> dict[str, Any]:
-        """What the search knew: predicted peaks, the predicted largest size and the limit (for reports, plots)."""
+    def predicted_peaks(self) -> dict[int, int]:
+        """Every predicted peak the search computed (also by ``solve``), by batch size."""
         peaks = dict(self._predicted)
         if self._known is not None:
             try:
                 peaks.update(self._known())
             except Exception:  # reporting only
                 pass
-        return {
-            "predicted_max": self.predicted_max,
-            "predicted_peaks": dict(sorted(peaks.items())),
-            "limit_bytes": self.limit,
-            "prediction": "unavailable" if not peaks else ("exact" if self._trusted else "recalibrated"),
-        }
+        return {size: int(peak) for size, peak in sorted(peaks.items())}
+
+    @property
+    def prediction_status(self) -> str:
+        """``"exact"`` (every trial went as predicted), ``"recalibrated"`` (a surprise corrected the model) or
+        ``"unavailable"`` (the estimator could not trace the model)."""
+        if not self.predicted_peaks:
+            return "unavailable"
+        return "exact" if self._trusted else "recalibrated"

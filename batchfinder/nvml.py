@@ -25,7 +25,7 @@ from .units import format_bytes
 
 __all__ = ["GpuProcess", "GpuInfo", "NvmlReport", "query", "format_report"]
 
-logger = logging.getLogger("batchfinder")
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["OOM_MESSAGES", "is_oom_error", "is_fatal_device_error", "exception_text"]
+__all__ = ["OOM_MESSAGES", "is_oom_error", "is_fatal_device_error", "exception_text", "exception_first_line"]
 
 #: Message fragments that mean a device (or host) allocation failed, across CUDA, ROCm, XPU, MPS and cuDNN/cuBLAS.
 OOM_MESSAGES: tuple[str, ...] = (
@@ -75,6 +75,18 @@ def exception_text(exc: BaseException) -> str:
     except Exception:
         pass
     return "\n".join(parts)
+
+
+def exception_first_line(exc: BaseException) -> str:
+    """Return the first non-blank line of :func:`exception_text` (``""`` when the exception says nothing).
+
+    >>> exception_first_line(RuntimeError("CUDA out of memory. Tried to allocate 2.00 MiB\\nsee the docs"))
+    'CUDA out of memory. Tried to allocate 2.00 MiB'
+    """
+    for line in exception_text(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
 
 
 def _matches(exc: BaseException, fragments: tuple[str, ...]) -> bool:

@@ -7,10 +7,12 @@ matplotlib itself.
 
 What the plots show:
 
-* a search (:func:`plot_search`): each trial's peak memory against its batch size (fitting trials as dots,
-  out-of-memory trials as red crosses at the peak they reached before failing), the predicted curve when the
+* a search (:func:`plot_search`): each trial's peak memory against its batch size (fitting trials as green dots,
+  out-of-memory trials as open red crosses at the peak they reached before failing), the predicted curve when the
   search was guided, the device's capacity, the largest batch size that fitted and the recommended one
-  (``safety`` x the largest);
+  (``safety`` x the largest). The largest size that fits and the smallest that does not are usually adjacent, so
+  their markers land on the same spot: the dots are drawn above the crosses and smaller than them, and the crosses
+  are open strokes, so each stays visible;
 * estimates (:func:`plot_estimates`): the peak at each batch size stacked by category (parameters, gradients,
   optimizer state, batch, activations), with the capacity and ``safety`` x capacity lines when a capacity is given;
 * a prediction (:func:`plot_prediction`): the predicted peak at every batch size the estimator traced, the
@@ -25,12 +27,14 @@ from typing import TYPE_CHECKING, Any
 
 from .units import format_bytes, parse_bytes
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .engine import SearchResult
+if TYPE_CHECKING:  # pragma: no cover - types only: plotting never imports the search engine at run time
+    from matplotlib.figure import Figure
+
     from .estimate import MemoryEstimate
     from .predict import Prediction
+    from .result import SearchResult
 
-__all__ = ["plot_search", "plot_estimates", "plot_prediction"]
+__all__ = ["plot_search", "search_figure", "plot_estimates", "plot_prediction"]
 
 _SIZE = (9.0, 5.5)
 _DPI = 100
@@ -42,6 +46,17 @@ _COLOURS = {
     "batch": "#55A868",
     "activations": "#C44E52",
 }
+# Trial markers of a search plot. A trial that fits is drawn above one that ran out of memory, and smaller: at
+# adjacent batch sizes (the largest that fits, the smallest that does not) both stay visible.
+FITS_MARKER: dict[str, Any] = {
+    "marker": "o",
+    "color": "#2CA02C",
+    "markersize": 7,
+    "markeredgecolor": "white",
+    "markeredgewidth": 1.0,
+    "zorder": 4,
+}
+OOM_MARKER: dict[str, Any] = {"marker": "x", "color": "#D62728", "markersize": 12, "markeredgewidth": 2.5, "zorder": 3}
 _LABELS = {
     "parameters": "parameters",
     "buffers": "buffers",
@@ -101,11 +116,17 @@ def _log_x(axes: Any, sizes: Sequence[int]) -> None:
         axes.set_xscale("log", base=2)
 
 
-def plot_search(result: "SearchResult", path: Any) -> str:
+def plot_search(result: SearchResult, path: Any) -> str:
     """Write a PNG of a search to ``path`` (see the module documentation); returns the path."""
+    return _save(search_figure(result), path)
+
+
+def search_figure(result: SearchResult) -> Figure:
+    """The figure :func:`plot_search` saves: trials, predicted peaks (guided searches), capacity, largest and
+    recommended batch sizes. A matplotlib ``Figure`` on the Agg canvas (no ``pyplot``)."""
     figure, axes = _figure()
     trials = list(result.trials)
-    predicted = {int(k): int(v) for k, v in (result.extra.get("predicted_peaks") or {}).items()}
+    predicted = {int(size): int(peak) for size, peak in result.predicted_peaks.items()}
     values = [t.peak_bytes for t in trials] + list(predicted.values())
     if result.capacity_bytes:
         values.append(result.capacity_bytes)
@@ -117,15 +138,16 @@ def plot_search(result: "SearchResult", path: Any) -> str:
     fits = [t for t in trials if t.fits]
     fails = [t for t in trials if not t.fits]
     if fits:
-        axes.plot([t.batch_size for t in fits], [t.peak_bytes / scale for t in fits], "o", color="#2CA02C", markersize=8, label="trial: fits")
+        axes.plot(
+            [t.batch_size for t in fits], [t.peak_bytes / scale for t in fits], linestyle="none", label="trial: fits", **FITS_MARKER
+        )
     if fails:
         axes.plot(
             [t.batch_size for t in fails],
             [t.peak_bytes / scale for t in fails],
-            "X",
-            color="#D62728",
-            markersize=11,
+            linestyle="none",
             label="trial: out of memory (peak before failing)",
+            **OOM_MARKER,
         )
         for trial in fails:
             axes.axvline(trial.batch_size, color="#D62728", alpha=0.25, linewidth=1)
@@ -151,11 +173,11 @@ def plot_search(result: "SearchResult", path: Any) -> str:
         fontsize=11,
     )
     axes.legend(loc="upper left", fontsize=8)
-    return _save(figure, path)
+    return figure
 
 
 def plot_estimates(
-    estimates: "Sequence[MemoryEstimate]", path: Any, *, capacity: int | str | None = None, safety: float = 0.8
+    estimates: Sequence[MemoryEstimate], path: Any, *, capacity: int | str | None = None, safety: float = 0.8
 ) -> str:
     """Write a PNG of estimates to ``path``: the peak at each batch size stacked by category; returns the path."""
     if not estimates:
@@ -187,7 +209,7 @@ def plot_estimates(
     return _save(figure, path)
 
 
-def plot_prediction(prediction: "Prediction", path: Any) -> str:
+def plot_prediction(prediction: Prediction, path: Any) -> str:
     """Write a PNG of a prediction to ``path``: predicted peak against batch size; returns the path."""
     figure, axes = _figure()
     curve = dict(sorted(prediction.curve.items()))

@@ -1,4 +1,4 @@
-"""Predicting the largest batch size without a GPU, and the engine side of ``mode="guided"``.
+"""Predicting the largest batch size without a GPU.
 
 >>> import torch, batchfinder as bf
 >>> p = bf.predict_max_batch_size(bf.zoo.mnist_mlp(), (1, 28, 28), gpu="A100-40GB")   # doctest: +SKIP
@@ -11,15 +11,12 @@ take, as for a :class:`~batchfinder.SimulatedGPU`: the prediction then equals wh
 simulated GPU. With ``gpu=`` the GPU's memory minus the allowance of :mod:`batchfinder.gpus` (CUDA context, cuBLAS
 workspace) is used.
 
-:func:`guided_strategy` builds the ``"guided"`` search strategy (:class:`~batchfinder.guided.GuidedSearch`) for the
-engine, with the estimator's prediction for the search's own model, data, optimizer and step. Importing this module
-registers it in :data:`batchfinder.engine.STRATEGIES`.
+The same estimator drives ``mode="guided"`` of the search (see :mod:`batchfinder.modes`).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,19 +24,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .engine import STRATEGIES, SearchContext, recommend_batch_size
 from .estimate import Estimator, MemoryEstimate
 from .gpus import CUDA_CONTEXT_BYTES, GPUSpec, lookup_gpu
-from .guided import GuidedSearch
 from .optimizers import OptimizerLike
-from .search import SearchBounds
+from .search import recommend_batch_size, scaled_batch_size
 from .steps import LossFn, StepFn
-from .validation import MIN_STEPS_PER_TRIAL
+from .validation import MIN_STEPS_PER_TRIAL, check_positive_int, check_safety
 from .units import format_bytes, parse_bytes
 
-__all__ = ["Prediction", "predict_max_batch_size", "guided_strategy", "DEFAULT_MAX_BATCH_SIZE"]
+__all__ = ["Prediction", "predict_max_batch_size", "DEFAULT_MAX_BATCH_SIZE"]
 
-logger = logging.getLogger("batchfinder")
+logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH_SIZE = 2**31 - 1
 """The largest batch size :func:`predict_max_batch_size` considers unless told otherwise."""
@@ -115,7 +110,7 @@ class Prediction:
                 f"(predicted peak {format_bytes(self.peak_bytes)}; {self.max_batch_size + 1:,} would need "
                 f"{format_bytes(self.next_peak_bytes)})"
             )
-        scaled = math.floor(self.safety * self.max_batch_size + 1e-9)
+        scaled = scaled_batch_size(self.max_batch_size, self.safety)
         rounding = f", rounded down to a multiple of {self.multiple_of}" if self.multiple_of > 1 else ""
         return "\n".join(
             [
@@ -139,15 +134,9 @@ class Prediction:
 
 
 def _validate(safety: Any, multiple_of: Any, max_batch_size: Any) -> None:
-    if isinstance(safety, bool) or not isinstance(safety, (int, float)) or not 0 < safety <= 1:
-        raise ValueError(f"safety={safety!r} must be a number in (0, 1], e.g. 0.8 to keep 20% headroom")
-    for name, value in (("multiple_of", multiple_of), ("max_batch_size", max_batch_size)):
-        if value is None and name == "max_batch_size":
-            continue
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be a whole number, not {type(value).__name__}")
-        if value < 1:
-            raise ValueError(f"{name}={value} must be at least 1")
+    check_safety(safety)
+    check_positive_int("multiple_of", multiple_of)
+    check_positive_int("max_batch_size", max_batch_size, allow_none=True)
 
 
 def _budget(capacity: Any, gpu: Any) -> tuple[int, int, GPUSpec | None, str]:
@@ -244,87 +233,3 @@ def predict_max_batch_size(
         "predicted largest batch size %d in %s (%d traces, %.1f s)", best, format_bytes(limit), estimator.calls, prediction.seconds
     )
     return prediction
-
-
-# -- the engine side of mode="guided" ---------------------------------------------------------------------------------
-class _SearchPrediction:
-    """The estimator for a search's context, built on first use; ``None`` (with a warning) when it cannot predict."""
-
-    def __init__(self, context: SearchContext) -> None:
-        self.context = context
-        self.estimator: Estimator | None = None
-        self.failed = False
-
-    def _get(self) -> Estimator | None:
-        if self.failed:
-            return None
-        if self.estimator is None:
-            try:
-                self.estimator = Estimator.for_search(self.context)
-            except Exception as exc:
-                return self._fail(exc)
-        return self.estimator
-
-    def _fail(self, exc: BaseException) -> None:
-        self.failed = True
-        logger.warning(
-            "guided search: the memory estimator cannot trace this model (%s: %s); searching with measured peaks only",
-            type(exc).__name__,
-            str(exc).splitlines()[0] if str(exc) else "",
-        )
-        return None
-
-    def peak(self, batch_size: int) -> int | None:
-        estimator = self._get()
-        if estimator is None:
-            return None
-        try:
-            return estimator.peak(batch_size)
-        except Exception as exc:
-            return self._fail(exc)
-
-    def known_peaks(self) -> dict[int, int]:
-        return {} if self.estimator is None else self.estimator.known_peaks
-
-    def solve(self, level: int, lo: int, hi: int) -> int:
-        estimator = self._get()
-        if estimator is None:
-            raise RuntimeError("no prediction")
-        try:
-            return estimator.largest_fitting(level, lo, hi)
-        except Exception as exc:
-            self._fail(exc)
-            raise
-
-
-def _guided_limit(device: Any) -> tuple[int | None, bool]:
-    """(peak bytes a trial may reach, whether the prediction is exact by construction) for a device backend."""
-    from .simulated import SimulatedGPU
-
-    capacity = device.capacity_bytes
-    if capacity is None:
-        return None, False
-    if isinstance(device, SimulatedGPU):
-        return capacity, True  # the same accounting as the estimator: exact
-    if getattr(device, "memory_limit", None) is not None:
-        return capacity, False  # a per-process fraction limits the allocator alone; the context is outside it
-    return max(capacity - CUDA_CONTEXT_BYTES, 1), False
-
-
-def guided_strategy(bounds: SearchBounds, context: SearchContext) -> GuidedSearch:
-    """The ``"guided"`` strategy for a search: :class:`~batchfinder.guided.GuidedSearch` with the estimator's
-    prediction, the device's limit, and (off the simulated GPU) a first trial at 90% of the predicted size."""
-    limit, exact = _guided_limit(context.device)
-    prediction = _SearchPrediction(context)
-    return GuidedSearch(
-        bounds,
-        limit=limit,
-        capacity=context.device.capacity_bytes,
-        predict=prediction.peak,
-        solve=prediction.solve,
-        first_fraction=1.0 if exact else 0.9,
-        known=prediction.known_peaks,
-    )
-
-
-STRATEGIES.setdefault("guided", guided_strategy)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from .trial import Trial
 from .units import format_bytes
+
+if TYPE_CHECKING:
+    from .result import Trial
 
 __all__ = ["ProgressPrinter", "format_trial", "trial_table"]
 
@@ -15,7 +17,7 @@ __all__ = ["ProgressPrinter", "format_trial", "trial_table"]
 def format_trial(index: int, trial: Trial) -> str:
     """One line describing a finished trial."""
     if trial.fits:
-        speed = f"{trial.seconds * 1000:8.1f} ms/step" if trial.seconds is not None else ""
+        speed = f"{trial.seconds_per_step * 1000:8.1f} ms/step" if trial.seconds_per_step is not None else ""
         return f"trial {index:>2}: batch {trial.batch_size:>7}  fits      peak {format_bytes(trial.peak_bytes):>11}  {speed}"
     return f"trial {index:>2}: batch {trial.batch_size:>7}  OOM       peak {format_bytes(trial.peak_bytes):>11}  (out of memory)"
 
@@ -39,7 +41,7 @@ def trial_table(trials: Sequence[Trial]) -> str:
     header = f"{'#':>3}  {'batch size':>10}  {'fits':>4}  {'peak memory':>12}  {'time/step':>10}  {'samples/s':>10}"
     lines = [header, "-" * len(header)]
     for index, trial in enumerate(trials, 1):
-        seconds = f"{trial.seconds * 1000:.1f} ms" if trial.seconds is not None else "-"
+        seconds = f"{trial.seconds_per_step * 1000:.1f} ms" if trial.seconds_per_step is not None else "-"
         rate = f"{trial.samples_per_second:,.0f}" if trial.samples_per_second is not None else "-"
         lines.append(
             f"{index:>3}  {trial.batch_size:>10,}  {'yes' if trial.fits else 'OOM':>4}  "

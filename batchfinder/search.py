@@ -14,10 +14,18 @@ Both walk *down* by halving when the initial size does not fit, and both stop at
 from __future__ import annotations
 
 import enum
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-__all__ = ["StopReason", "SearchBounds", "SearchStrategy", "BisectingSearch", "SEARCH_MODES"]
+__all__ = [
+    "StopReason",
+    "SearchBounds",
+    "SearchStrategy",
+    "BisectingSearch",
+    "scaled_batch_size",
+    "recommend_batch_size",
+]
 
 
 class StopReason(str, enum.Enum):
@@ -67,6 +75,18 @@ class SearchStrategy(ABC):
         self.smallest_failure: int | None = None
         """Smallest size tried that did not fit (None while none has failed)."""
         self.stop_reason: StopReason | None = None
+        self.predicted_max: int | None = None
+        """The largest batch size the strategy predicted to fit, for strategies that predict (None otherwise)."""
+
+    @property
+    def predicted_peaks(self) -> dict[int, int]:
+        """Predicted peak bytes by batch size, for strategies that predict (empty otherwise)."""
+        return {}
+
+    @property
+    def prediction_status(self) -> str | None:
+        """How the prediction held up, for strategies that predict (None otherwise)."""
+        return None
 
     @property
     def done(self) -> bool:
@@ -137,5 +157,12 @@ class BisectingSearch(SearchStrategy):
         return size
 
 
-SEARCH_MODES: tuple[str, ...] = ("binsearch", "power")
-"""Modes :class:`BisectingSearch` implements (other modules may add theirs to the engine)."""
+def scaled_batch_size(max_batch_size: int, safety: float) -> int:
+    """``floor(safety * max_batch_size)``, robust to float error (0.8 * 10 is 8, not 7)."""
+    return math.floor(safety * max_batch_size + 1e-9)
+
+
+def recommend_batch_size(max_batch_size: int, safety: float = 0.8, multiple_of: int = 1) -> int:
+    """The recommended batch size: ``floor(safety * max_batch_size)`` rounded down to a multiple of
+    ``multiple_of``, at least 1."""
+    return max(scaled_batch_size(max_batch_size, safety) // multiple_of * multiple_of, 1)

@@ -44,6 +44,7 @@ class SimulatedGPU(DeviceBackend):
     """
 
     torch_device = torch.device("cpu")
+    accounting_is_exact = True
 
     def __init__(self, capacity: int | str, *, label: str = "GPU 0") -> None:
         self._capacity = parse_bytes(capacity, argument="capacity")

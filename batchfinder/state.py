@@ -1,10 +1,14 @@
-"""Snapshots of a user's training state, so that a search leaves no trace.
+"""Snapshots of a user's training state, so that a search leaves no trace: the one snapshot/restore mechanism.
 
 :class:`TrainingState` captures, in host memory, everything a trial may change: parameter and buffer values,
 gradients, the optimizer's per-parameter state and hyperparameters, every module's train/eval flag, and the RNG
 states of torch (CPU and, when initialised, CUDA), Python's ``random`` and NumPy. :meth:`TrainingState.restore`
 puts it all back bit for bit, writing into the existing tensors so that references held elsewhere (an optimizer's
 parameter list, a scheduler) stay valid.
+
+Front ends add what their framework keeps besides (a learning-rate scheduler, a gradient scaler, metric states,
+Python attributes of the modules) as *extras*: any object with a ``restore()`` method (:class:`Snapshot`), captured
+with the rest and restored with it. :class:`AttributeSnapshot` and :class:`StateDictSnapshot` cover most cases.
 """
 
 from __future__ import annotations
@@ -14,16 +18,23 @@ import copy
 import random
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from .accounting import host_side_loading
 
-__all__ = ["TrainingState", "RngState", "deferred_interrupts"]
+__all__ = [
+    "TrainingState",
+    "RngState",
+    "Snapshot",
+    "AttributeSnapshot",
+    "StateDictSnapshot",
+    "deferred_interrupts",
+]
 
 
 @contextlib.contextmanager
@@ -55,6 +66,100 @@ def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
 def _copy_into(target: torch.Tensor, saved: torch.Tensor) -> None:
     with torch.no_grad():
         target.copy_(saved)
+
+
+class Snapshot(Protocol):
+    """Something captured now that :meth:`restore` puts back later."""
+
+    def restore(self) -> None:
+        """Put the captured state back."""
+
+
+def copy_value(value: Any) -> Any:
+    """An independent copy of ``value`` (a tensor is cloned); an object that cannot be copied is kept by reference."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    try:
+        return copy.deepcopy(value)
+    except Exception:  # noqa: BLE001 - restored by reference
+        return value
+
+
+def _copy_containers(value: Any) -> Any:
+    """A copy of nested lists, dicts and sets whose leaves are the very same objects."""
+    if isinstance(value, list):
+        return [_copy_containers(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _copy_containers(v) for k, v in value.items()}
+    if isinstance(value, set):
+        return set(value)
+    return value
+
+
+def _restore_container(live: Any, saved: Any) -> Any:
+    """Put ``saved`` contents back into ``live`` in place (references held elsewhere see them); returns the object
+    to keep."""
+    if isinstance(live, list) and isinstance(saved, list):
+        live[:] = saved
+    elif isinstance(live, dict) and isinstance(saved, dict):
+        live.clear()
+        live.update(saved)
+    elif isinstance(live, set) and isinstance(saved, set):
+        live.clear()
+        live.update(saved)
+    else:
+        return saved
+    return live
+
+
+class AttributeSnapshot:
+    """An object's own attributes (``vars(owner)``), put back on :meth:`restore`.
+
+    By default (``deep=False``) a rebound attribute gets its original object back, a list, dict or set its original
+    contents (the same objects, in place), and attributes added since are removed. With ``deep=True`` every value is
+    copied (tensors cloned) and restored as a copy, for objects whose values change in place (a gradient scaler's
+    scale tensor). ``only`` restricts the snapshot to those attribute names (attributes added since are then left
+    alone); ``exclude`` leaves names out.
+    """
+
+    def __init__(
+        self, owner: Any, *, exclude: Collection[str] = (), only: Collection[str] | None = None, deep: bool = False
+    ) -> None:
+        self.owner = owner
+        self.exclude = frozenset(exclude)
+        self.only = None if only is None else frozenset(only)
+        self.deep = deep
+        self.saved = {
+            key: (value, copy_value(value) if deep else _copy_containers(value))
+            for key, value in vars(owner).items()
+            if self._covers(key)
+        }
+
+    def _covers(self, key: str) -> bool:
+        return key not in self.exclude and (self.only is None or key in self.only)
+
+    def restore(self) -> None:
+        live = vars(self.owner)
+        if self.only is None:
+            for key in [k for k in live if k not in self.saved and self._covers(k)]:
+                del live[key]
+        for key, (original, saved) in self.saved.items():
+            live[key] = copy_value(saved) if self.deep else _restore_container(original, saved)
+
+
+class StateDictSnapshot:
+    """An object with ``state_dict()``/``load_state_dict()`` (a learning-rate scheduler), deep-copied."""
+
+    def __init__(self, owner: Any) -> None:
+        self.owner = owner
+        self.saved = copy.deepcopy(owner.state_dict())
+
+    def restore(self) -> None:
+        self.owner.load_state_dict(copy.deepcopy(self.saved))
+
+
+SnapshotFactory = Callable[[], Snapshot]
+"""Captures one extra piece of state when called (e.g. ``lambda: StateDictSnapshot(scheduler)``)."""
 
 
 @dataclass
@@ -152,23 +257,34 @@ class TrainingState:
     buffer_slots: list[tuple[nn.Module, str, torch.Tensor | None]]
     rng: RngState
     optimizers: list[_OptimizerState] = field(default_factory=list)
+    extras: list[Snapshot] = field(default_factory=list)
 
     @classmethod
     def capture(
-        cls, model: nn.Module, optimizers: list[torch.optim.Optimizer] | None = None, *, values: bool = True
+        cls,
+        model: nn.Module,
+        optimizers: list[torch.optim.Optimizer] | None = None,
+        *,
+        values: bool = True,
+        extras: Sequence[SnapshotFactory] = (),
     ) -> "TrainingState":
-        """Copy the state of ``model`` and ``optimizers`` to host memory.
+        """Copy the state of ``model`` and ``optimizers`` (and each of ``extras``) to host memory.
 
         With ``values=False`` tensor values and gradients are not copied (for code that never touches them, such as
         a trace on fake twins of the parameters): only modes, buffer slots, optimizers and RNG states are kept.
         Snapshots are host memory: a :class:`~batchfinder.SimulatedGPU` active around the call charges nothing.
         """
         with host_side_loading():
-            return cls._capture(model, optimizers, values=values)
+            return cls._capture(model, optimizers, values=values, extras=extras)
 
     @classmethod
     def _capture(
-        cls, model: nn.Module, optimizers: list[torch.optim.Optimizer] | None = None, *, values: bool = True
+        cls,
+        model: nn.Module,
+        optimizers: list[torch.optim.Optimizer] | None = None,
+        *,
+        values: bool = True,
+        extras: Sequence[SnapshotFactory] = (),
     ) -> "TrainingState":
         tensors: dict[int, torch.Tensor] = {}
         for tensor in (*model.parameters(), *model.buffers()):
@@ -188,6 +304,7 @@ class TrainingState:
             buffer_slots=slots,
             rng=RngState.capture(),
             optimizers=[_OptimizerState.capture(o) for o in optimizers or []],
+            extras=[factory() for factory in extras],
         )
 
     def clear_gradients(self) -> None:
@@ -220,4 +337,6 @@ class TrainingState:
             module.training = flag
         for optimizer_state in self.optimizers:
             optimizer_state.restore()
+        for extra in self.extras:
+            extra.restore()
         self.rng.restore()

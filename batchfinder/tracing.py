@@ -23,6 +23,7 @@ import contextlib
 import copy
 import functools
 import logging
+import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from .accounting import ChargingMode, MemoryLedger, round_allocation, tensor_storages
-from .oom import exception_text
+from .oom import exception_first_line, exception_text
 from .optimizers import OptimizerSpec
 from .state import TrainingState
 from .steps import StepContractError, StepFn, run_training_step
@@ -42,9 +43,18 @@ from .validation import MIN_STEPS_PER_TRIAL
 if TYPE_CHECKING:  # pragma: no cover
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-__all__ = ["FakeTrainer", "Trace", "FakeTensorUnsupportedError", "StepContractError", "PHASES", "describe_template", "fake_output"]
+__all__ = [
+    "FakeTrainer",
+    "Trace",
+    "FakeTensorUnsupportedError",
+    "StepContractError",
+    "PHASES",
+    "describe_template",
+    "fake_output",
+    "quiet_fake_tensor_logs",
+]
 
-logger = logging.getLogger("batchfinder")
+logger = logging.getLogger(__name__)
 
 PHASES: tuple[str, ...] = ("setup", "forward", "backward", "optimizer step", "zero_grad")
 """Where in a training step a trace can peak: ``setup`` is the model plus the batch before the first step."""
@@ -59,6 +69,48 @@ def _new_fake_mode() -> "FakeTensorMode":
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+TORCH_FAKE_TENSOR_LOGGERS: tuple[str, ...] = ("torch._subclasses.fake_tensor", "torch._subclasses.fake_tensor.not_implemented")
+"""Torch's loggers that report, with a full traceback, every operation that fails under fake tensors."""
+
+
+class _ThreadRecordsFilter(logging.Filter):
+    """Drops the log records of one thread (the one that created the filter) and counts them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thread = threading.get_ident()
+        self.dropped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.thread is None or record.thread == self.thread:
+            self.dropped += 1
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def quiet_fake_tensor_logs() -> Iterator[_ThreadRecordsFilter]:
+    """Within this block, drop what torch's fake-tensor loggers log from this thread.
+
+    When an operation fails under fake tensors (e.g. a batch of the wrong shape), torch logs the failure with a full
+    traceback at ERROR level (``torch._subclasses.fake_tensor``: "failed while attempting to run meta for
+    aten.mm.default" and some 17 lines of traceback) before raising it. A trace turns that exception into one clear message, so the log
+    is noise. Only the records of the calling thread are dropped; the loggers are left as they were on exit. Yields
+    the filter, whose ``dropped`` counts the records dropped.
+    """
+    records = _ThreadRecordsFilter()
+    loggers = [logging.getLogger(name) for name in TORCH_FAKE_TENSOR_LOGGERS]
+    for torch_logger in loggers:
+        torch_logger.addFilter(records)
+    try:
+        yield records
+    finally:
+        for torch_logger in loggers:
+            torch_logger.removeFilter(records)
+        if records.dropped:
+            logger.debug("dropped %d log record(s) of torch's fake tensors (the error is reported instead)", records.dropped)
 
 
 @functools.lru_cache(maxsize=1)
@@ -130,11 +182,22 @@ class Trace:
 
 
 class _PeakLedger(MemoryLedger):
-    """A ledger that calls ``on_peak`` each time the running total passes its peak."""
+    """A ledger that calls ``on_peak`` each time the running total passes its peak.
+
+    Call :meth:`close` when the trace is over. The ledger watches every storage it charged with a
+    ``weakref.finalize``, and ``weakref.finalize`` keeps its callback (the ledger) in a process-wide registry until
+    the storage dies; ``on_peak`` (the recorder's) holds the trace's fake parameters, batch and optimizer state,
+    whose storages are among those watched. Left in place, that chain keeps every trace's fake tensors and fake
+    mode alive for the life of the process.
+    """
 
     def __init__(self, on_peak: Callable[[], None] | None) -> None:
         super().__init__(None, device_label="fake")
         self._on_peak = on_peak
+
+    def close(self) -> None:
+        """Drop ``on_peak`` (and with it the recorder and the trace's fake tensors); the totals stay readable."""
+        self._on_peak = None
 
     def charge(self, storages: Any) -> int:
         before = self.peak
@@ -305,16 +368,15 @@ class FakeTrainer:
         """
         state = TrainingState.capture(self.model, values=False)
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), quiet_fake_tensor_logs():
                 return self._trace(batch_size, breakdown)
         except (FakeTensorUnsupportedError, StepContractError):
             raise
         except Exception as exc:
             if is_fake_unsupported(exc):
-                message = exception_text(exc).strip().splitlines()
                 raise FakeTensorUnsupportedError(
                     f"the model's training step cannot run under fake tensors ({type(exc).__name__}: "
-                    f"{message[0] if message else ''}). The estimator runs the step without computing any values, so "
+                    f"{exception_first_line(exc)}). The estimator runs the step without computing any values, so "
                     "code that reads tensor values (.item(), .tolist(), `if tensor:`, data-dependent shapes such as "
                     "x[mask] or nonzero(), NumPy conversions) cannot be traced. Use the real search instead: "
                     "batchfinder.find_batch_size(model, dataset, device=...) (on a GPU, or a SimulatedGPU on the CPU)."
@@ -322,10 +384,6 @@ class FakeTrainer:
             raise
         finally:
             state.restore(final=True)
-
-    def output_of(self, batch: Any) -> Any:
-        """The model's fake output for a fake batch of 2 built from ``batch`` (a template); see :func:`fake_output`."""
-        return fake_output(self.model, batch)
 
     # -- the trace ---------------------------------------------------------------------------------------------------
     def _trace(self, batch_size: int, breakdown: bool) -> Trace:
@@ -335,6 +393,14 @@ class FakeTrainer:
         recorder = _Recorder(breakdown)
         ledger = _PeakLedger(recorder.on_peak)
         recorder.ledger = ledger
+        try:
+            return self._trace_steps(batch_size, mode, convert, recorder, ledger)
+        finally:
+            ledger.close()  # or weakref.finalize's registry keeps this trace's fake tensors alive (see _PeakLedger)
+
+    def _trace_steps(
+        self, batch_size: int, mode: FakeTensorMode, convert: _FakeConverter, recorder: _Recorder, ledger: _PeakLedger
+    ) -> Trace:
         with _fake_module_state(self.model, convert) as (params, buffers):
             bound = self.optimizer.bound
             optimizer: torch.optim.Optimizer | None = None
@@ -369,7 +435,7 @@ def fake_output(model: nn.Module, template: Any) -> Any:
     convert = _FakeConverter(mode)
     state = TrainingState.capture(model, values=False)
     try:
-        with _fake_module_state(model, convert):
+        with quiet_fake_tensor_logs(), _fake_module_state(model, convert):
             fake = _batch_of(template, 2, mode)
             with mode, torch.no_grad():
                 model.train()

@@ -19,7 +19,9 @@ backward, optimizer step(s), zero grad, as their loop does it), ``eval_step`` wi
 also runs evaluation steps at the same batch size, in eval mode under ``torch.no_grad()``, with the optimizer state
 and gradients still held as they are during validation inside training), ``extra_optimizers`` (further optimizers
 whose state is snapshotted, restored and charged) and ``reserved_bytes`` (memory a wrapper such as DDP holds for the
-whole of training, allocated on the device for the session). ``run(size, phase="eval")`` measures evaluation alone.
+whole of training, allocated on the device for the session) and ``extra_state`` (further state the front end's
+framework keeps, captured and restored with the rest: see :mod:`batchfinder.state`). ``run(size, phase="eval")``
+measures evaluation alone.
 """
 
 from __future__ import annotations
@@ -27,73 +29,34 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .accounting import host_side_loading
+from .accounting import host_side_loading, round_allocation, tensor_storages
 from .batching import BatchSource, describe_batch
 from .devices import DeviceBackend
 from .errors import NoBatchSizeFitsError
-from .oom import exception_text, is_fatal_device_error, is_oom_error
+from .oom import exception_first_line, is_fatal_device_error, is_oom_error
 from .optimizers import OptimizerSpec
-from .state import TrainingState, deferred_interrupts
+from .result import Trial
+from .state import SnapshotFactory, TrainingState, deferred_interrupts
 from .steps import StepFn, check_loss, run_training_step
 from .units import format_bytes
 from .validation import MIN_STEPS_PER_TRIAL
 
-__all__ = ["Trial", "TrialSession", "MIN_STEPS_PER_TRIAL", "TrainStepFn", "EvalStepFn"]
+__all__ = ["TrialSession", "TrainStepFn", "EvalStepFn"]
 
-logger = logging.getLogger("batchfinder")
+logger = logging.getLogger(__name__)
 
 
 TrainStepFn = Callable[[nn.Module, Any, int], None]
 """``train_step(model, device_batch, step_index)``: one complete training step, optimizer step and zero grad included."""
 EvalStepFn = Callable[[nn.Module, Any], None]
 """``eval_step(model, device_batch)``: one evaluation step (called in eval mode under ``torch.no_grad()``)."""
-
-_REQUEST = re.compile(r"Tried to allocate ([\d.]+) (B|KiB|MiB|GiB|TiB|bytes)")
-_UNIT = {"B": 1, "bytes": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "TiB": 1024**4}
-
-
-@dataclass(frozen=True)
-class Trial:
-    """The outcome of training steps at one batch size."""
-
-    batch_size: int
-    fits: bool
-    """True when every step ran without running out of memory."""
-    peak_bytes: int
-    """Peak device memory during the trial (for a failed trial, the peak reached before the failure)."""
-    seconds: float | None
-    """Wall time per step (mean over the steps after the first, which allocates optimizer state); None if it failed."""
-    steps: int
-    """Steps completed."""
-    baseline_bytes: int = 0
-    """Device memory held before the trial (model, buffers, existing optimizer state)."""
-    leaked_bytes: int = 0
-    """Memory still held after recovery beyond the baseline (0 when recovery was complete)."""
-    error: str | None = None
-    """The out-of-memory message when the trial did not fit."""
-
-    @property
-    def samples_per_second(self) -> float | None:
-        """Training throughput of the trial, when it fitted."""
-        if not self.fits or not self.seconds:
-            return None
-        return self.batch_size / self.seconds
-
-    @property
-    def requested_bytes(self) -> int | None:
-        """Size of the allocation that failed, read from the out-of-memory message when it says."""
-        match = _REQUEST.search(self.error or "")
-        return None if match is None else int(float(match.group(1)) * _UNIT[match.group(2)])
-
 
 class TrialSession:
     """Runs trials on one model, dataset and device, and leaves the user's state as it found it.
@@ -114,8 +77,10 @@ class TrialSession:
         eval_step: EvalStepFn | None = None,
         eval_source: BatchSource | None = None,
         eval_steps: int = 1,
+        validate: bool = True,
         extra_optimizers: Sequence[torch.optim.Optimizer] = (),
         reserved_bytes: Sequence[int] = (),
+        extra_state: Sequence[SnapshotFactory] = (),
     ) -> None:
         """``step``/``optimizer`` drive the built-in training step; ``train_step`` replaces it (then ``step`` may be
         None); with neither the session only evaluates (``eval_step`` and ``eval_source`` required). See the module
@@ -130,8 +95,10 @@ class TrialSession:
         self.eval_step = eval_step
         self.eval_source = eval_source if eval_source is not None else (source if eval_step is not None else None)
         self.eval_steps = eval_steps
+        self.validate = validate
         self.extra_optimizers = list(extra_optimizers)
         self.reserved_bytes = [int(n) for n in reserved_bytes if n > 0]
+        self.extra_state = list(extra_state)
         if not self.trains and eval_step is None:
             raise ValueError("a TrialSession needs a training step (step and optimizer, or train_step) or an eval_step")
         self._state: TrainingState | None = None
@@ -147,7 +114,7 @@ class TrialSession:
     def __enter__(self) -> "TrialSession":
         self.device.check_model(self.model)
         bound = [self.optimizer.bound] if self.optimizer is not None and self.optimizer.bound is not None else []
-        self._state = TrainingState.capture(self.model, [*bound, *self.extra_optimizers])
+        self._state = TrainingState.capture(self.model, [*bound, *self.extra_optimizers], extras=self.extra_state)
         try:
             self._state.clear_gradients()
             self._enter_resident()
@@ -180,18 +147,29 @@ class TrialSession:
         except torch.OutOfMemoryError as exc:
             self._reserved = []
             resident.close()
-            message = exception_text(exc)
-            has_state = bound is not None or bool(self.extra_optimizers)
-            reserved = (
-                f" and {format_bytes(sum(self.reserved_bytes))} reserved by the parallel wrapper" if self.reserved_bytes else ""
-            )
-            raise NoBatchSizeFitsError(
-                f"the model alone does not fit on {self.device.name}: its parameters and buffers"
-                f"{' and optimizer state' if has_state else ''}{reserved} exceed the capacity "
-                f"({message})",
-                capacity_bytes=self.device.capacity_bytes,
-            ) from None
+            del exc
+            raise self._model_does_not_fit([*([bound] if bound is not None else []), *self.extra_optimizers]) from None
         self._resident = resident
+
+    def _model_does_not_fit(self, optimizers: list[torch.optim.Optimizer]) -> NoBatchSizeFitsError:
+        """The error for a model whose resident part (parameters, buffers, existing optimizer state, a wrapper's
+        buffers) exceeds the device, with what it needs: each storage rounded up as the CUDA allocator rounds it."""
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        tensors += [t for o in optimizers for entry in o.state.values() for t in entry.values() if isinstance(t, torch.Tensor)]
+        storages = {id(s): s for s in tensor_storages(tensors)}
+        needed = sum(round_allocation(s.nbytes()) for s in storages.values())
+        needed += sum(round_allocation(n) for n in self.reserved_bytes)
+        parts = "parameters and buffers" + (" and optimizer state" if optimizers else "")
+        if self.reserved_bytes:
+            parts += f" and the {format_bytes(sum(self.reserved_bytes))} a parallel wrapper reserves"
+        capacity = self.device.capacity_bytes
+        return NoBatchSizeFitsError(
+            f"the model alone does not fit on {self.device.name}: its {parts} need {format_bytes(needed)}, but the "
+            f"device has {format_bytes(capacity)}, before any batch. Use a larger GPU, a smaller model, or keep the "
+            "optimizer's state off the device (create the optimizer after the search).",
+            needed_bytes=needed,
+            capacity_bytes=capacity,
+        )
 
     def _probe(self) -> None:
         """Run one forward/backward at a tiny batch outside memory accounting to check the model takes the batch."""
@@ -224,7 +202,7 @@ class TrialSession:
             error_type = TypeError if isinstance(exc, TypeError) else ValueError
             raise error_type(
                 f"the model could not train on a batch built from the dataset, {describe_batch(host_batch)}: "
-                f"{exception_text(exc).splitlines()[0] if exception_text(exc) else type(exc).__name__}. "
+                f"{exception_first_line(exc) or type(exc).__name__}. "
                 "Check that the dataset's samples match the model's input, or pass loss_fn / step_fn(model, batch)."
             ) from exc
         finally:
@@ -251,7 +229,7 @@ class TrialSession:
             if not self.trains:
                 raise ValueError("this session only evaluates: use run(batch_size, phase='eval')")
             host_batch = self.source.batch(batch_size)
-            if self.eval_step is not None and self.eval_source is not None:
+            if self.validate and self.eval_step is not None and self.eval_source is not None:
                 eval_host = self.eval_source.batch(min(batch_size, self.eval_source.length))
             train_steps = self.steps_per_trial
         elif phase == "eval":
@@ -273,7 +251,7 @@ class TrialSession:
         except Exception as exc:  # recovery happens below, outside this block
             if not is_oom_error(exc) or is_fatal_device_error(exc):
                 raise
-            error = exception_text(exc).strip().splitlines()[0]
+            error = exception_first_line(exc)
         state.restore(final=False)
         del host_batch, eval_host
         if phase == "eval":
@@ -288,7 +266,7 @@ class TrialSession:
             batch_size=batch_size,
             fits=error is None,
             peak_bytes=peak,
-            seconds=(sum(timed) / len(timed)) if error is None and timed else None,
+            seconds_per_step=(sum(timed) / len(timed)) if error is None and timed else None,
             steps=len(durations),
             baseline_bytes=baseline,
             leaked_bytes=leaked,

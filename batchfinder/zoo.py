@@ -1,4 +1,4 @@
-"""Small built-in models: the seeds' MLPs, for examples, benchmarks and the command line.
+"""Small built-in models: the MNIST and CIFAR-10 MLPs, for examples, benchmarks and the command line.
 
 Each is a plain factory returning a fresh ``nn.Module``, so the command line can name it as
 ``batchfinder.zoo:mnist_mlp``::
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["mnist_mlp", "cifar10_mlp", "MODELS"]
+__all__ = ["mnist_mlp", "cifar10_mlp"]
 
 
 def _mlp(inputs: int, hidden: int, classes: int) -> nn.Sequential:
@@ -21,17 +21,10 @@ def _mlp(inputs: int, hidden: int, classes: int) -> nn.Sequential:
 
 
 def mnist_mlp(hidden: int = 128, classes: int = 10) -> nn.Sequential:
-    """The seeds' MNIST MLP: Flatten, Linear 784 -> 128, ReLU, Linear 128 -> 10 (101,770 parameters)."""
+    """The MNIST MLP: Flatten, Linear 784 -> 128, ReLU, Linear 128 -> 10 (101,770 parameters)."""
     return _mlp(1 * 28 * 28, hidden, classes)
 
 
 def cifar10_mlp(hidden: int = 128, classes: int = 10) -> nn.Sequential:
-    """The seeds' CIFAR-10 MLP: Flatten, Linear 3072 -> 128, ReLU, Linear 128 -> 10 (394,634 parameters)."""
+    """The CIFAR-10 MLP: Flatten, Linear 3072 -> 128, ReLU, Linear 128 -> 10 (394,634 parameters)."""
     return _mlp(3 * 32 * 32, hidden, classes)
-
-
-MODELS: dict[str, tuple[str, str]] = {
-    "mnist_mlp": ("1x28x28", "the seeds' MNIST MLP, 784-128-10, 101,770 parameters"),
-    "cifar10_mlp": ("3x32x32", "the seeds' CIFAR-10 MLP, 3072-128-10, 394,634 parameters"),
-}
-"""Zoo models by name: (input shape, description), for the command line's help."""

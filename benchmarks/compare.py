@@ -33,6 +33,8 @@ from typing import Any
 import torch
 
 import batchfinder as bf
+from batchfinder.units import format_bytes
+from batchfinder.units import parse_bytes
 from batchfinder import nvml
 
 from .devices import BenchDevice, cuda_total_bytes, device_label
@@ -205,9 +207,9 @@ def plan(kind: str, models: Sequence[str], capacities: Sequence[str] | None) -> 
             raise SystemExit(f"unknown model {name!r}; choose from {', '.join(WORKLOADS)}")
         workload = WORKLOADS[name]
         for text in capacities or workload.default_capacities[kind]:
-            capacity = bf.parse_bytes(text, argument="--capacity")
+            capacity = parse_bytes(text, argument="--capacity")
             if total is not None and capacity > total:
-                print(f"skipping {name} at {text}: more than the GPU's {bf.format_bytes(total)}", file=sys.stderr)
+                print(f"skipping {name} at {text}: more than the GPU's {format_bytes(total)}", file=sys.stderr)
                 continue
             cases.append((workload, BenchDevice(kind, capacity)))
     return cases

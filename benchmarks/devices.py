@@ -19,6 +19,8 @@ import torch
 from torch.utils._pytree import tree_map
 
 import batchfinder as bf
+from batchfinder.units import format_bytes
+from batchfinder.cuda import CudaDevice
 from batchfinder.devices import DeviceBackend
 
 __all__ = ["BenchDevice", "device_label", "cuda_total_bytes"]
@@ -56,7 +58,7 @@ class BenchDevice:
     @property
     def capacity_text(self) -> str:
         """E.g. ``64MiB`` (as the CLI takes it)."""
-        return bf.format_bytes(self.capacity_bytes).replace(".00 ", "").replace(" ", "")
+        return format_bytes(self.capacity_bytes).replace(".00 ", "").replace(" ", "")
 
     @property
     def torch_device(self) -> torch.device:
@@ -70,13 +72,13 @@ class BenchDevice:
     def backend(self) -> DeviceBackend:
         """A fresh batchfinder device of this capacity."""
         if self.kind == "cuda":
-            return bf.CudaDevice("cuda", memory_limit=self.capacity_bytes)
+            return CudaDevice("cuda", memory_limit=self.capacity_bytes)
         return bf.SimulatedGPU(self.capacity_bytes)
 
     def measuring_backend(self) -> DeviceBackend:
         """A device without this capacity's limit, to measure peaks above it (the whole GPU, or 1 TiB simulated)."""
         if self.kind == "cuda":
-            return bf.CudaDevice("cuda")
+            return CudaDevice("cuda")
         return bf.SimulatedGPU(MEASURING_CAPACITY)
 
     @contextlib.contextmanager

@@ -1,7 +1,7 @@
 """The finders compared, each driving the same model, data, optimizer and training step on the same device.
 
-* batchfinder ``find_batch_size`` in every mode of ``batchfinder.engine.STRATEGIES`` that the benchmark knows
-  (``binsearch``, ``power`` and, once registered, ``guided``), with the library's defaults;
+* batchfinder ``find_batch_size`` in every mode of ``batchfinder.modes.MODES`` that the benchmark knows
+  (``binsearch``, ``power`` and ``guided``), with the library's defaults;
 * Lightning ``Tuner.scale_batch_size`` with ``mode="binsearch"`` and ``mode="power"`` and its defaults (start 2,
   3 steps per trial, at most 25 trials, ``max_val`` 8192, a 5% margin in binsearch), on a LightningModule with a
   ``batch_size`` attribute whose ``training_step`` is the shared step;
@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import batchfinder as bf
-from batchfinder import engine
+from batchfinder.modes import MODES
 
 from .devices import BenchDevice
 from .workloads import Workload, make_optimizer, training_step
@@ -320,7 +320,7 @@ def _accelerate(workload: Workload, device: BenchDevice, dataset: Dataset, seed:
 
 # -- registry --------------------------------------------------------------------------------------------------------
 BATCHFINDER_MODES = ("binsearch", "power", "guided")
-"""batchfinder modes the benchmark runs when ``batchfinder.engine.STRATEGIES`` has them, in this order."""
+"""batchfinder modes the benchmark runs when ``batchfinder.modes.MODES`` has them, in this order."""
 
 
 def available_finders() -> list[Finder]:
@@ -328,7 +328,7 @@ def available_finders() -> list[Finder]:
     finders = [
         Finder(f"batchfinder {mode}", "batchfinder", mode, _batchfinder(mode))
         for mode in BATCHFINDER_MODES
-        if mode in engine.STRATEGIES
+        if mode in MODES
     ]
     finders.append(Finder("Lightning binsearch", "pytorch_lightning", "binsearch", _lightning("binsearch")))
     finders.append(Finder("Lightning power", "pytorch_lightning", "power", _lightning("power")))

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from torch.utils.data import Dataset
 
 import batchfinder as bf
+from batchfinder.devices import DeviceBackend
 
 from .devices import BenchDevice
 from .workloads import Workload, make_optimizer, training_step
@@ -45,7 +46,7 @@ class FitOracle:
         self.estimate_seconds = 0.0
         """Wall time spent in ``estimate_memory`` for the first guess."""
 
-    def _trial(self, batch_size: int, device: bf.DeviceBackend) -> bf.Trial:
+    def _trial(self, batch_size: int, device: DeviceBackend) -> bf.Trial:
         """One timed, counted ``try_batch_size`` trial of the benchmark's training step on ``device``."""
         start = time.perf_counter()
         try:

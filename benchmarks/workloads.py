@@ -164,7 +164,7 @@ WORKLOADS: dict[str, Workload] = {
     for w in (
         Workload(
             "mnist_mlp",
-            "seeds' MNIST MLP 784-128-10",
+            "MNIST MLP 784-128-10",
             mnist_mlp,
             (1, 28, 28),
             "image",
@@ -173,7 +173,7 @@ WORKLOADS: dict[str, Workload] = {
         ),
         Workload(
             "cifar10_mlp",
-            "seeds' CIFAR-10 MLP 3072-128-10",
+            "CIFAR-10 MLP 3072-128-10",
             cifar10_mlp,
             (3, 32, 32),
             "image",

@@ -1,4 +1,4 @@
-"""The seeds' CIFAR-10 MLP (3072 -> 128 -> 10, 394,634 parameters) with Adam: its largest and recommended batch size.
+"""The CIFAR-10 MLP (3072 -> 128 -> 10, 394,634 parameters) with Adam: its largest and recommended batch size.
 
 CIFAR-10 is used when it is on disk (./data or $BATCHFINDER_DATA); otherwise torchvision's FakeData with
 CIFAR-10's shape. On CUDA when present, otherwise on a simulated GPU of 256 MiB.
@@ -22,7 +22,7 @@ def main() -> None:
     dataset, origin = load_dataset(
         datasets.CIFAR10, shape=(3, 32, 32), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), root=args.data_root
     )
-    search_and_report("seeds' CIFAR-10 MLP", cifar10_mlp(), dataset, origin, args)
+    search_and_report("CIFAR-10 MLP", cifar10_mlp(), dataset, origin, args)
 
 
 if __name__ == "__main__":

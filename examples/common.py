@@ -12,6 +12,9 @@ import torch
 from torchvision import datasets, transforms
 
 import batchfinder as bf
+from batchfinder.units import format_bytes
+from batchfinder.device_choice import resolve_device
+from batchfinder.devices import DeviceBackend
 from batchfinder.report import ProgressPrinter
 
 DATA_ROOT = os.environ.get("BATCHFINDER_DATA", os.path.join(os.path.dirname(__file__), "..", "data"))
@@ -46,18 +49,18 @@ def parse_args(description: str, default_capacity: str) -> argparse.Namespace:
     return args
 
 
-def describe_device(device: bf.DeviceBackend) -> str:
+def describe_device(device: DeviceBackend) -> str:
     if isinstance(device, bf.SimulatedGPU):
         return (
-            f"{device.name}: no CUDA GPU here, so a GPU with {bf.format_bytes(device.capacity_bytes)} of memory is "
+            f"{device.name}: no CUDA GPU here, so a GPU with {format_bytes(device.capacity_bytes)} of memory is "
             "simulated on the CPU (real computation; memory charged as the GPU would hold it)"
         )
-    return f"{device.name} ({bf.format_bytes(device.capacity_bytes)})"
+    return f"{device.name} ({format_bytes(device.capacity_bytes)})"
 
 
 def search_and_report(label: str, model: torch.nn.Module, dataset: Any, origin: str, args: argparse.Namespace) -> None:
     """Search the batch size with Adam, showing each trial, the table, the recommendation and where memory goes."""
-    device = bf.resolve_device(args.device)
+    device = resolve_device(args.device)
     print(f"model:   {label}, {sum(p.numel() for p in model.parameters()):,} parameters, Adam")
     print(f"data:    {origin}")
     print(f"device:  {describe_device(device)}")
@@ -67,7 +70,7 @@ def search_and_report(label: str, model: torch.nn.Module, dataset: Any, origin: 
     )
     print()
     print(result)
-    # The seeds' four parts of GPU memory at the recommended batch size: parameters + gradients, optimizer state,
+    # The four parts of GPU memory at the recommended batch size: parameters + gradients, optimizer state,
     # the data batch, and the activations (estimated by tracing the same training step under fake tensors).
     print()
     print(f"where the memory goes at the recommended batch size {result.batch_size}:")

@@ -1,4 +1,4 @@
-"""The seeds' CIFAR-10 MLP as a LightningModule: BatchFinder picks its batch size, then a short training run uses it.
+"""The CIFAR-10 MLP as a LightningModule: BatchFinder picks its batch size, then a short training run uses it.
 
 CIFAR-10 comes from disk (./data or $BATCHFINDER_DATA, torchvision's layout, never downloaded) when it is there,
 otherwise torchvision's FakeData with CIFAR-10's shape. On CUDA when present; otherwise the search runs on a
@@ -24,13 +24,15 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 import batchfinder as bf
+from batchfinder.units import format_bytes
+from batchfinder.device_choice import resolve_device
 from batchfinder.lightning import BatchFinder
 
 DATA_ROOT = os.environ.get("BATCHFINDER_DATA", os.path.join(os.path.dirname(__file__), "..", "data"))
 
 
 class Cifar10MLP(pl.LightningModule):
-    """The seeds' CIFAR-10 MLP (Flatten, Linear 3072 -> 128, ReLU, Linear 128 -> 10) with Adam."""
+    """The CIFAR-10 MLP (Flatten, Linear 3072 -> 128, ReLU, Linear 128 -> 10) with Adam."""
 
     def __init__(self, lr: float = 1e-3) -> None:
         super().__init__()
@@ -111,8 +113,8 @@ class MeasureTraining(pl.Callback):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default=None, help="cuda or sim:CAPACITY (default: CUDA if present, else sim:64MiB)")
-    parser.add_argument("--data-root", default=DATA_ROOT)
-    parser.add_argument("--mode", default="binsearch")
+    parser.add_argument("--data-root", default=DATA_ROOT, help="where CIFAR-10 would be (default: ./data)")
+    parser.add_argument("--mode", default="binsearch", help="search mode: binsearch (default), power or guided")
     parser.add_argument("--max-steps", type=int, default=5, help="length of the training run after the search")
     parser.add_argument("--target-batch-size", type=int, default=None,
                         help="reach this effective batch size with gradient accumulation")
@@ -123,7 +125,7 @@ def main() -> None:
     pl.seed_everything(42, verbose=False)
 
     model, data = Cifar10MLP(), Cifar10Data(root=args.data_root)
-    simulated = bf.resolve_device(device) if device.startswith("sim:") else None
+    simulated = resolve_device(device) if device.startswith("sim:") else None
     finder = BatchFinder(device=simulated, mode=args.mode, target_batch_size=args.target_batch_size)
     callbacks: list[pl.Callback] = [finder]
     if simulated is not None:
@@ -146,7 +148,7 @@ def main() -> None:
         trainer.fit(model, datamodule=data)
     result = finder.result
     assert result is not None
-    print(f"model:   seeds' CIFAR-10 MLP, {sum(p.numel() for p in model.parameters()):,} parameters, Adam")
+    print(f"model:   CIFAR-10 MLP, {sum(p.numel() for p in model.parameters()):,} parameters, Adam")
     print(f"data:    {data.origin}")
     print(f"device:  {result.device}")
     print(result)
@@ -155,7 +157,7 @@ def main() -> None:
           f"validation loss {trainer.callback_metrics['val_loss']:.3f}")
     if simulated is not None:
         peak, capacity = simulated.max_memory_allocated(), simulated.capacity_bytes
-        print(f"training peak memory: {bf.format_bytes(peak)} of {bf.format_bytes(capacity)} "
+        print(f"training peak memory: {format_bytes(peak)} of {format_bytes(capacity)} "
               f"({100 * peak / capacity:.0f}% of the simulated GPU)")
 
 

@@ -122,6 +122,14 @@ class Snapshot:
     optimizer: Any
     rng: tuple[Any, ...]
     identities: list[int]
+    cuda_rng: list[torch.Tensor] | None = None
+    """Every CUDA generator's state, when CUDA is initialised (reading it otherwise would initialise CUDA)."""
+
+
+def _cuda_rng_states() -> list[torch.Tensor] | None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return [state.clone() for state in torch.cuda.get_rng_state_all()]
+    return None
 
 
 def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> Snapshot:
@@ -133,6 +141,7 @@ def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -
         optimizer=None if optimizer is None else copy.deepcopy(optimizer.state_dict()),
         rng=(torch.get_rng_state().clone(), random.getstate(), np.random.get_state()[1].copy()),
         identities=[id(p) for p in model.parameters()],
+        cuda_rng=_cuda_rng_states(),
     )
 
 
@@ -163,4 +172,8 @@ def assert_unchanged(before: Snapshot, model: nn.Module, optimizer: torch.optim.
     assert torch.equal(before.rng[0], after.rng[0]), "torch RNG changed"
     assert before.rng[1] == after.rng[1], "python RNG changed"
     assert np.array_equal(before.rng[2], after.rng[2]), "numpy RNG changed"
+    # CUDA first initialised during the search has no earlier state to compare with (nor could the search restore
+    # one); a test that cares initialises CUDA before its snapshot.
+    if before.cuda_rng is not None:
+        assert after.cuda_rng is not None and _equal(before.cuda_rng, after.cuda_rng), "CUDA RNG changed"
     assert before.identities == after.identities

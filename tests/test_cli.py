@@ -12,7 +12,9 @@ import pytest
 import torch
 
 import batchfinder as bf
+from batchfinder import zoo
 from batchfinder.cli import SUBCOMMANDS, build_parser, load_model, main
+from batchfinder.estimate import estimate_memory_curve
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -49,7 +51,7 @@ def test_estimate_table_and_json(capsys):
     assert "optimizer SGD" in out and "101,770 parameters" in out and "MiB" in out
     code, out, _ = _run(capsys, "estimate", "batchfinder.zoo:mnist_mlp", "--input", "1x28x28", "--batch-sizes", "64,1024", "--optimizer", "sgd", "--json")
     data = json.loads(out)
-    expected = bf.estimate_memory(bf.zoo.mnist_mlp(), (1, 28, 28), [64, 1024], optimizer=torch.optim.SGD)
+    expected = estimate_memory_curve(zoo.mnist_mlp(), (1, 28, 28), [64, 1024], optimizer=torch.optim.SGD)
     assert [e["peak"] for e in data["estimates"]] == [e.peak for e in expected]
     assert data["estimates"][0]["parameters"] == 407_552 and data["estimates"][0]["optimizer_state"] == 0
 
@@ -58,7 +60,7 @@ def test_predict_json_matches_the_api(capsys):
     code, out, _ = _run(capsys, "predict", "batchfinder.zoo:cifar10_mlp", "--input", "3x32x32", "--capacity", "24MiB", "--json")
     assert code == 0
     data = json.loads(out)
-    api = bf.predict_max_batch_size(bf.zoo.cifar10_mlp(), (3, 32, 32), capacity="24MiB")
+    api = bf.predict_max_batch_size(zoo.cifar10_mlp(), (3, 32, 32), capacity="24MiB")
     assert data["max_batch_size"] == api.max_batch_size and data["batch_size"] == api.batch_size
     code, out, _ = _run(capsys, "predict", "batchfinder.zoo:mnist_mlp", "--input", "1x28x28", "--gpu", "a100-40gb")
     assert code == 0 and "on A100-40GB" in out and "recommended batch size" in out
@@ -71,7 +73,7 @@ def test_find_on_a_simulated_gpu_with_a_plot(capsys, tmp_path):
     )
     assert code == 0, err
     data = json.loads(out)
-    predicted = bf.predict_max_batch_size(bf.zoo.mnist_mlp(), (1, 28, 28), capacity="6MiB").max_batch_size
+    predicted = bf.predict_max_batch_size(zoo.mnist_mlp(), (1, 28, 28), capacity="6MiB").max_batch_size
     assert data["max_batch_size"] == predicted and data["num_trials"] <= 2 and data["num_ooms"] <= 1
     assert data["targets"] == "integer class labels in [0, 10)"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -124,3 +126,34 @@ def test_errors_are_one_clear_line(capsys):
 def test_load_model_accepts_instances_and_factories():
     assert isinstance(load_model("batchfinder.zoo:mnist_mlp"), torch.nn.Module)
     assert sum(p.numel() for p in load_model("batchfinder.zoo:cifar10_mlp").parameters()) == 394_634
+
+
+def test_help_lists_each_command_once():
+    import re
+
+    text = build_parser().format_help()
+    names = build_parser()._subparsers._group_actions[0].choices
+    assert set(names) == {"estimate", "predict", "find", "gpus"}
+    for name in names:
+        listed = [line for line in text.splitlines() if re.match(rf"\s+{name}\s", line)]
+        assert len(listed) == 1, f"{name!r} is listed {len(listed)} times in batchfinder --help:\n{text}"
+
+
+def test_wrong_input_shape_prints_only_the_error(capfd):
+    code = main(["estimate", "batchfinder.zoo:mnist_mlp", "--input", "3x32x32", "--batch-sizes", "64"])
+    out, err = capfd.readouterr()
+    assert code == 1 and out == ""
+    lines = err.splitlines()
+    assert len(lines) == 1, err  # torch's fake-tensor traceback (18 lines) is not printed
+    assert lines[0].startswith("batchfinder estimate: error: sample=(3, 32, 32)")
+
+
+def test_a_failing_model_factory_is_reported_in_one_line(capsys, tmp_path):
+    source = tmp_path / "broken.py"
+    source.write_text("def build():\n    raise TypeError('bad width\\n  detail one\\n  detail two')\n")
+    code, _, err = _run(capsys, "estimate", f"{source}:build", "--input", "8")
+    assert code == 1
+    assert err.strip() == (
+        f"batchfinder estimate: error: calling {source}:build failed: bad width "
+        "(pass arguments with --model-kwargs '{\"name\": value}')"
+    )

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import batchfinder as bf
+from batchfinder.search import recommend_batch_size
 from batchfinder.distributed import (
     RankFailedError,
     check_supported_wrapper,
@@ -127,7 +128,7 @@ def test_function_ranks_agree_on_the_smaller_capacity() -> None:
     local = {rank: results[rank]["local"] for rank in (0, 1)}
     assert local[0] > local[1]  # on its own, the larger GPU takes a larger batch
     for rank in (0, 1):
-        assert results[rank]["agreed"] == (local[1], bf.recommend_batch_size(local[1]), 2)
+        assert results[rank]["agreed"] == (local[1], recommend_batch_size(local[1]), 2)
         assert results[rank]["unchanged"]
         # target_batch_size is the global batch: each rank's micro-batches cover half of it.
         micro, steps, effective = results[rank]["plan"]
@@ -199,6 +200,10 @@ def _lightning_worker(rank: int, world: int, port: int, queue: Any) -> None:
         # Each rank on its own: no agreement, different trial counts; no collective runs inside a trial, so no hang.
         local_callback = BatchFinder(device=[bf.SimulatedGPU(c) for c in CAPACITIES], distributed=False)
         fit(local_callback)
+        # A global target of 1000 samples per optimizer step over both ranks, with gradient accumulation.
+        target_callback = BatchFinder(device=lambda r: bf.SimulatedGPU(CAPACITIES[r]), target_batch_size=1000)
+        target_trainer, target_module = fit(target_callback)
+        target = target_callback.result
         agreed = agreed_callback.result
         queue.put((rank, dict(
             rank=trainer.global_rank,
@@ -208,6 +213,9 @@ def _lightning_worker(rank: int, world: int, port: int, queue: Any) -> None:
             local=local_callback.result.max_batch_size,
             trials=[(t.batch_size, t.fits) for t in agreed.trials],
             baseline=agreed.trials[0].baseline_bytes,
+            target=(target.target_batch_size, target.batch_size, target.micro_batch_size, target.accumulation_steps,
+                    target.world_size, target.effective_batch_size),
+            target_applied=(target_module.batch_size, target_trainer.accumulate_grad_batches),
         )))
     except BaseException:
         queue.put((rank, traceback.format_exc()))
@@ -222,12 +230,21 @@ def test_lightning_ddp_ranks_agree_on_the_smaller_capacity() -> None:
     for rank in (0, 1):
         max_batch, batch, world = results[rank]["agreed"]
         assert (max_batch, world) == (local[1], 2)
-        assert results[rank]["applied"] == batch == bf.recommend_batch_size(local[1])
+        assert results[rank]["applied"] == batch == recommend_batch_size(local[1])
         assert results[rank]["seen"][:1] == [batch]  # the real training step used the agreed size
     assert results[0]["trials"] == results[1]["trials"]
     # DDP's gradient buckets (as large as the parameters) are charged on top of parameters and Adam's state.
     params = sum(p.numel() * 4 for p in _mlp().parameters())
     assert results[0]["baseline"] >= 2 * params
+    # target_batch_size is the global batch, divided by the world size once: micro x accumulation x 2 ranks >= 1000
+    # (the callback used to divide it and the engine again, giving 250 x 1 x 2 = 500).
+    for rank in (0, 1):
+        target, batch, micro, steps, world, effective = results[rank]["target"]
+        assert (target, world) == (1000, 2)
+        assert micro <= batch and effective == micro * steps * world >= 1000
+        assert micro * steps < 500 + micro  # no more accumulation than half the target needs
+        assert results[rank]["target_applied"] == (micro, steps)
+    assert results[0]["target"] == results[1]["target"]
 
 
 # -- pieces that need no second process --------------------------------------------------------------------------

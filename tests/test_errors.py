@@ -204,21 +204,39 @@ def test_keyboard_interrupt_mid_search_restores_everything(mlp):
 
 def test_fatal_cuda_errors_are_not_treated_as_out_of_memory(mlp):
     model, data = mlp
-    error = RuntimeError("CUDA error: an illegal memory access was encountered")
-    with pytest.raises(RuntimeError, match="illegal memory access"):
+    error = RuntimeError(
+        "CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be asynchronously reported at "
+        "some other API call, so the stacktrace below might be incorrect.\nFor debugging consider passing "
+        "CUDA_LAUNCH_BLOCKING=1.\nCompile with `TORCH_USE_CUDA_DSA` to enable device-side assertions.\n"
+    )
+    # Raised from an out-of-memory error (as when recovery from an OOM runs into the poisoned context), so that
+    # only recognising the fatal error, not the absence of an OOM message, stops it counting as "does not fit".
+    error.__cause__ = RuntimeError(
+        "CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity of 79.11 GiB of which 5.12 MiB "
+        "is free. Including non-PyTorch memory, this process has 79.10 GiB memory in use."
+    )
+    assert bf.is_oom_error(error)
+    with pytest.raises(RuntimeError, match="illegal memory access") as info:
         bf.find_batch_size(model, data, device=bf.SimulatedGPU(CAPACITY), step_fn=_failing_step(4, error))
+    assert info.value is error  # re-raised as it is, not reported as a failed trial
 
 
 def test_an_oom_looking_error_from_the_step_counts_as_does_not_fit(mlp):
     model, data = mlp
 
     def step(m, batch):
-        if batch[0].shape[0] > 100:
-            raise RuntimeError("CUDA error: out of memory")
+        if batch[0].shape[0] > 100:  # the message CUDA gives when cudaMalloc fails outside the caching allocator
+            raise RuntimeError(
+                "CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported at some other API call, "
+                "so the stacktrace below might be incorrect.\nFor debugging consider passing CUDA_LAUNCH_BLOCKING=1.\n"
+                "Compile with `TORCH_USE_CUDA_DSA` to enable device-side assertions.\n"
+            )
         return nn.functional.cross_entropy(m(batch[0]), batch[1])
 
     result = bf.find_batch_size(model, data, device=bf.SimulatedGPU("64MiB"), step_fn=step)
     assert result.max_batch_size == 100
+    assert result.trial_for(100).fits and not result.trial_for(101).fits
+    assert result.trial_for(101).error == "CUDA error: out of memory"  # the first line of the message
 
 
 @pytest.mark.parametrize("delay", [0.05, 0.3, 0.9])

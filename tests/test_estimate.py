@@ -1,4 +1,5 @@
-"""estimate_memory: the seeds' figures, byte-exact agreement with the simulated GPU, and clear errors."""
+"""estimate_memory and estimate_memory_curve: the MNIST and CIFAR-10 MLPs' figures, byte-exact agreement with the
+simulated GPU, and clear errors."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import batchfinder as bf
+from batchfinder import zoo
+from batchfinder.units import format_bytes
 from batchfinder.accounting import round_allocation
+from batchfinder.estimate import Estimator, MemoryEstimate, MemoryEstimates, estimate_memory_curve
 from conftest import DictDataset, DictLossModel, PartlyFrozen, SmallCNN, assert_unchanged, snapshot
 
 R = round_allocation  # every storage is rounded up to 512 bytes, as the CUDA caching allocator does
@@ -19,9 +23,9 @@ def _linear_bytes(inputs: int, outputs: int) -> int:
     return R(inputs * outputs * 4) + R(outputs * 4)
 
 
-# -- the seeds' numbers -----------------------------------------------------------------------------------------------
-def test_mnist_mlp_matches_the_seeds_figures():
-    model = bf.zoo.mnist_mlp()
+# -- the MNIST and CIFAR-10 MLPs' figures ------------------------------------------------------------------------------
+def test_mnist_mlp_figures():
+    model = zoo.mnist_mlp()
     sgd = bf.estimate_memory(model, (1, 28, 28), 1024, optimizer=torch.optim.SGD)
     # 784x128 + 128 + 128x10 + 10 = 101,770 float32 parameters = 407,080 B; charged per storage: 407,552 B.
     assert sgd.parameter_count == 101_770
@@ -43,8 +47,8 @@ def test_mnist_mlp_matches_the_seeds_figures():
     assert momentum.optimizer_state == momentum.parameters
 
 
-def test_cifar10_mlp_matches_the_seeds_figures():
-    est = bf.estimate_memory(bf.zoo.cifar10_mlp(), (torch.zeros(3, 32, 32), 7), [64, 256])
+def test_cifar10_mlp_figures():
+    est = estimate_memory_curve(zoo.cifar10_mlp(), (torch.zeros(3, 32, 32), 7), [64, 256])
     first, second = est
     assert first.parameter_count == 394_634
     assert first.exact["parameters"] == 394_634 * 4
@@ -56,7 +60,7 @@ def test_cifar10_mlp_matches_the_seeds_figures():
 
 
 def test_shape_and_dataset_item_give_the_same_estimate():
-    model = bf.zoo.mnist_mlp()
+    model = zoo.mnist_mlp()
     by_shape = bf.estimate_memory(model, (1, 28, 28), 300)
     by_string = bf.estimate_memory(model, "1x28x28", 300)
     by_item = bf.estimate_memory(model, (torch.randn(1, 28, 28), 3), 300)
@@ -65,7 +69,7 @@ def test_shape_and_dataset_item_give_the_same_estimate():
 
 
 def test_breakdown_adds_up_to_the_peak():
-    for est in bf.estimate_memory(SmallCNN(), torch.zeros(3, 16, 16), [1, 50]):
+    for est in estimate_memory_curve(SmallCNN(), torch.zeros(3, 16, 16), [1, 50]):
         assert sum(est.at_peak.values()) == est.peak
         assert est.activations == est.at_peak["activations"] > 0
         assert est.buffers > 0 and est.at_peak["buffers"] == est.buffers  # BatchNorm running statistics
@@ -76,12 +80,12 @@ def test_breakdown_adds_up_to_the_peak():
 
 
 def test_printing_gives_tables_in_human_units():
-    est = bf.estimate_memory(bf.zoo.mnist_mlp(), (1, 28, 28), 1024, optimizer=torch.optim.SGD)
+    est = bf.estimate_memory(zoo.mnist_mlp(), (1, 28, 28), 1024, optimizer=torch.optim.SGD)
     text = str(est)
     for word in ("parameters", "gradients", "optimizer state", "batch", "activations", "peak", "KiB", "MiB", "3,136 B"):
         assert word in text
-    assert bf.format_bytes(est.peak) in text
-    table = str(bf.estimate_memory(bf.zoo.mnist_mlp(), (1, 28, 28), [64, 256, 1024, 4096], optimizer=torch.optim.SGD))
+    assert format_bytes(est.peak) in text
+    table = str(estimate_memory_curve(zoo.mnist_mlp(), (1, 28, 28), [64, 256, 1024, 4096], optimizer=torch.optim.SGD))
     rows = [line for line in table.splitlines() if line.strip()[:1].isdigit()]
     assert [int(r.split()[0].replace(",", "")) for r in rows] == [64, 256, 1024, 4096]
 
@@ -119,7 +123,7 @@ def _case(name: str) -> tuple[nn.Module, object]:
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     if name == "mlp":
-        return bf.zoo.mnist_mlp(), TensorDataset(torch.randn(80, 1, 28, 28, generator=g), torch.randint(0, 10, (80,), generator=g))
+        return zoo.mnist_mlp(), TensorDataset(torch.randn(80, 1, 28, 28, generator=g), torch.randint(0, 10, (80,), generator=g))
     if name == "cnn-batchnorm":
         return SmallCNN(), TensorDataset(torch.randn(80, 3, 16, 16, generator=g), torch.randint(0, 5, (80,), generator=g))
     if name == "transformer":
@@ -139,7 +143,7 @@ def test_peak_equals_the_simulated_gpu_to_the_byte(name, optimizer):
     model, dataset = _case(name)
     before = snapshot(model)
     sizes = [1, 24]
-    estimates = bf.estimate_memory(model, dataset[0], sizes, optimizer=optimizer)
+    estimates = estimate_memory_curve(model, dataset[0], sizes, optimizer=optimizer)
     assert_unchanged(before, model)  # the estimate leaves the model bit-identical
     for est in estimates:
         trial = bf.try_batch_size(model, dataset, est.batch_size, optimizer=optimizer, device=bf.SimulatedGPU("1GiB"))
@@ -163,14 +167,14 @@ def test_bound_optimizer_with_state_matches_and_is_untouched():
 
 def test_model_on_the_meta_device_is_estimated_without_weights():
     with torch.device("meta"):
-        meta = bf.zoo.cifar10_mlp()
-    real = bf.zoo.cifar10_mlp()
+        meta = zoo.cifar10_mlp()
+    real = zoo.cifar10_mlp()
     assert bf.estimate_memory(meta, (3, 32, 32), 128).peak == bf.estimate_memory(real, (3, 32, 32), 128).peak
     assert all(p.is_meta for p in meta.parameters())
 
 
 def test_loss_fn_and_step_fn_are_used():
-    model = bf.zoo.mnist_mlp()
+    model = zoo.mnist_mlp()
     sgd = torch.optim.SGD
     default = bf.estimate_memory(model, (1, 28, 28), 256, optimizer=sgd)
 
@@ -185,7 +189,7 @@ def test_loss_fn_and_step_fn_are_used():
 
 # -- bad input ----------------------------------------------------------------------------------------------------------
 def test_sample_the_model_rejects_is_a_clear_error_and_changes_nothing():
-    model = bf.zoo.mnist_mlp()
+    model = zoo.mnist_mlp()
     before = snapshot(model)
     with pytest.raises(ValueError, match=r"sample.*\(3, 28, 28\).*\(1, 28, 28\)"):
         bf.estimate_memory(model, (3, 28, 28), 16)
@@ -195,7 +199,7 @@ def test_sample_the_model_rejects_is_a_clear_error_and_changes_nothing():
 
 
 def test_bad_arguments_name_the_argument():
-    model = bf.zoo.mnist_mlp()
+    model = zoo.mnist_mlp()
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         bf.estimate_memory("mlp", (1, 28, 28), 16)
     with pytest.raises(ValueError, match="batch_size=0"):
@@ -203,14 +207,14 @@ def test_bad_arguments_name_the_argument():
     with pytest.raises(TypeError, match="batch_size"):
         bf.estimate_memory(model, (1, 28, 28), 2.5)
     with pytest.raises(ValueError, match="empty"):
-        bf.estimate_memory(model, (1, 28, 28), [])
+        estimate_memory_curve(model, (1, 28, 28), [])
     with pytest.raises(ValueError, match="sample=.*dimension below 1"):
         bf.estimate_memory(model, (1, 0, 28), 16)
     with pytest.raises(TypeError, match="sample must be one dataset item"):
         bf.estimate_memory(model, {"x": "text"}, 16)
     with pytest.raises(ValueError, match="steps_per_trial"):
         bf.estimate_memory(model, (1, 28, 28), 16, steps_per_trial=1)
-    frozen = bf.zoo.mnist_mlp().requires_grad_(False)
+    frozen = zoo.mnist_mlp().requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         bf.estimate_memory(frozen, (1, 28, 28), 16)
 
@@ -237,3 +241,34 @@ def test_model_that_cannot_run_under_fake_tensors_says_so():
     assert_unchanged(before, model)
     with pytest.raises(ValueError, match="fake tensors"):
         bf.estimate_memory(model, (8,), 16)
+
+
+# -- one return type per function ---------------------------------------------------------------------------------------
+def test_estimate_memory_takes_one_batch_size_and_the_curve_takes_several(monkeypatch):
+    model = zoo.mnist_mlp()
+    one = bf.estimate_memory(model, (1, 28, 28), 256, optimizer=torch.optim.SGD)
+    assert type(one) is MemoryEstimate
+    for several in ([64, 256], (64, 256), range(64, 257, 192)):
+        with pytest.raises(TypeError, match=r"batchfinder\.estimate\.estimate_memory_curve"):
+            bf.estimate_memory(model, (1, 28, 28), several)
+    created: list[object] = []
+    real_create = Estimator.create.__func__
+
+    def counting_create(cls, *args, **kwargs):
+        created.append(cls)
+        return real_create(cls, *args, **kwargs)
+
+    monkeypatch.setattr(Estimator, "create", classmethod(counting_create))
+    curve = estimate_memory_curve(model, (1, 28, 28), [1024, 64, 256], optimizer=torch.optim.SGD)
+    assert len(created) == 1  # one estimator (the sample and arguments checked once) for every size
+    assert type(curve) is MemoryEstimates and all(type(e) is MemoryEstimate for e in curve)
+    assert [e.batch_size for e in curve] == [1024, 64, 256]  # one estimate per size, in the order asked
+    assert curve[2].as_dict() == one.as_dict()  # the same figures, to the byte
+    assert [e.batch_size for e in estimate_memory_curve(model, (1, 28, 28), range(1, 4))] == [1, 2, 3]
+    with pytest.raises(TypeError, match="estimate_memory"):
+        estimate_memory_curve(model, (1, 28, 28), 64)
+    with pytest.raises(ValueError, match="empty"):
+        estimate_memory_curve(model, (1, 28, 28), ())
+    with pytest.raises(ValueError, match=r"batch_sizes\[1\]=0"):
+        estimate_memory_curve(model, (1, 28, 28), [64, 0])
+    assert "__iter__" not in vars(MemoryEstimates)  # a plain list of MemoryEstimate: no override of its own

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import batchfinder as bf
-from batchfinder import StopReason
+from batchfinder.search import recommend_batch_size
+from batchfinder.device_choice import resolve_device
+from batchfinder.search import StopReason
+from batchfinder.steps import make_step
 from conftest import MLP, Case, assert_unchanged, make_case, snapshot
 
 # Capacities named nowhere else in the repository, one per model shape.
@@ -44,10 +49,10 @@ def test_reported_max_fits_max_plus_one_does_not_and_nothing_changed(case: Case)
         assert trial.leaked_bytes == 0
         assert trial.baseline_bytes > 0  # the model is resident during trials
         if trial.fits:
-            assert trial.steps == 2 and trial.seconds and trial.seconds > 0
+            assert trial.steps == 2 and trial.seconds_per_step and trial.seconds_per_step > 0
             assert trial.peak_bytes <= gpu.capacity_bytes
         else:
-            assert trial.seconds is None and trial.requested_bytes
+            assert trial.seconds_per_step is None and trial.requested_bytes
             assert trial.peak_bytes + trial.requested_bytes > gpu.capacity_bytes
     fits = [t.peak_bytes for t in sorted(result.trials, key=lambda t: t.batch_size) if t.fits]
     assert fits == sorted(fits), "peak memory grows with the batch size"
@@ -104,10 +109,10 @@ def test_safety_and_multiple_of_shape_the_recommendation():
     result = bf.find_batch_size(case.model, case.dataset, device=gpu, safety=0.5, multiple_of=32)
     assert result.batch_size == (result.max_batch_size // 2) // 32 * 32
     assert "multiple of 32" in result.explain()
-    assert bf.recommend_batch_size(14076) == 11260
-    assert bf.recommend_batch_size(1) == 1
-    assert bf.recommend_batch_size(20, multiple_of=32) == 1
-    assert bf.recommend_batch_size(100, safety=1.0) == 100
+    assert recommend_batch_size(14076) == 11260
+    assert recommend_batch_size(1) == 1
+    assert recommend_batch_size(20, multiple_of=32) == 1
+    assert recommend_batch_size(100, safety=1.0) == 100
 
 
 def test_report_text():
@@ -173,27 +178,123 @@ def test_dataloader_with_its_collate_fn_and_custom_step():
     assert calls["collate"] >= 5
     assert result.max_batch_size >= 16
 
+    # step_fn replaces the default step: it is called with every trial's batch, steps_per_trial times each (and
+    # once by the set-up's probe, with a batch of 2).
+    sizes: list[int] = []
+
     def step_fn(model, batch):
+        sizes.append(batch["input_ids"].shape[0])
         return model(batch["input_ids"], batch["labels"])["loss"] * 2
 
     stepped = bf.find_batch_size(case.model, loader, device=bf.SimulatedGPU(CAPACITIES["dict"]), step_fn=step_fn, max_trials=5)
     assert stepped.max_batch_size == result.max_batch_size
+    called = Counter(sizes)
+    assert called[2] == 1 and set(called) == {2} | {t.batch_size for t in stepped.trials}
+    for trial in stepped.trials:
+        assert trial.steps <= called[trial.batch_size] <= trial.steps + (not trial.fits), trial
+
+    # What step_fn allocates is measured: a scratch buffer far larger than a whole step at this size, freed at
+    # once, puts the trial's peak exactly at (memory held when the step began) + (the buffer).
+    gpu = bf.SimulatedGPU("64MiB")
+    scratch = 4 * 1024 * 1024  # a multiple of 512 bytes: charged exactly
+    held: list[tuple[int, int]] = []
+
+    def scratch_step(model, batch):
+        held.append((batch["input_ids"].shape[0], gpu.memory_allocated()))
+        buffer = torch.empty(scratch // 4)
+        del buffer
+        return model(batch["input_ids"], batch["labels"])["loss"]
+
+    plain = bf.try_batch_size(case.model, loader, 16, device=gpu)
+    trial = bf.try_batch_size(case.model, loader, 16, device=gpu, step_fn=scratch_step)
+    assert plain.fits and trial.fits and plain.peak_bytes < scratch
+    in_trial = [level for size, level in held if size == 16]
+    assert len(in_trial) == trial.steps == 2
+    assert trial.peak_bytes == max(in_trial) + scratch
+
+
+def _record_output_gradients(model: nn.Module, expected) -> tuple[list[tuple[int, bool]], object]:
+    """Hook the model so that every backward pass records (batch size, whether the gradient of the loss with respect
+    to the model's output equals ``expected(inputs, output)``). The gradient shows which loss was backpropagated."""
+    seen: list[tuple[int, bool]] = []
+
+    def forward_hook(module, args, output):
+        inputs, out = args[0], output.detach()  # detached: the hook must not keep the graph alive in a cycle
+
+        def gradient_hook(grad):
+            with torch.no_grad():
+                seen.append((out.shape[0], torch.allclose(grad, expected(inputs, out), rtol=1e-4, atol=1e-10)))
+
+        output.register_hook(gradient_hook)
+
+    return seen, model.register_forward_hook(forward_hook)
+
+
+def _assert_every_step_backpropagated(seen: list[tuple[int, bool]], result) -> None:
+    assert seen and all(ok for _, ok in seen), "the gradient reaching the output is not the expected loss's"
+    counts = Counter(size for size, _ in seen)
+    for trial in result.trials:
+        if trial.fits:
+            assert counts[trial.batch_size] == trial.steps, f"batch size {trial.batch_size}"
 
 
 def test_loss_fn_and_tensor_only_samples():
     model = MLP(inputs=32, classes=32)
     data = TensorDataset(torch.randn(2000, 32))
     gpu = bf.SimulatedGPU("2MiB")
-    default = bf.find_batch_size(model, data, device=gpu)  # no target: mean of the output
-    custom = bf.find_batch_size(model, data, device=gpu, loss_fn=lambda out: (out**2).mean())
-    assert default.max_batch_size > 16 and custom.max_batch_size > 16
+
+    # No target: the default loss is the mean of the output, whose gradient is 1/numel everywhere.
+    seen, handle = _record_output_gradients(model, lambda x, out: torch.full_like(out, 1 / out.numel()))
+    try:
+        default = bf.find_batch_size(model, data, device=gpu)
+    finally:
+        handle.remove()
+    assert default.max_batch_size > 16
+    _assert_every_step_backpropagated(seen, default)
+
+    # A custom loss is called with the output alone (the samples have no target), and it is what is backpropagated:
+    # the gradient of mean(out**2) is 2 * out / numel, not the default's constant.
+    calls: list[tuple[int, ...]] = []
+
+    def loss_fn(*args):
+        calls.append(tuple(a.shape for a in args))
+        return (args[0] ** 2).mean()
+
+    seen, handle = _record_output_gradients(model, lambda x, out: 2 * out / out.numel())
+    try:
+        custom = bf.find_batch_size(model, data, device=gpu, loss_fn=loss_fn)
+    finally:
+        handle.remove()
+    assert custom.max_batch_size > 16
+    sizes = {2} | {t.batch_size for t in custom.trials}  # the set-up probes with a batch of 2
+    assert calls and all(len(c) == 1 and c[0][1:] == (32,) and c[0][0] in sizes for c in calls), calls
+    called = Counter(c[0][0] for c in calls)
+    assert all(called[t.batch_size] == t.steps for t in custom.trials if t.fits)
+    _assert_every_step_backpropagated(seen, custom)
 
 
 def test_regression_targets_use_mse():
+    # Floating targets of the output's shape get mean squared error. Cross-entropy also accepts floating targets
+    # (as class probabilities), so a search merely running proves nothing: check the loss and its gradient.
+    torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 3))
-    data = TensorDataset(torch.randn(1000, 20), torch.randn(1000, 3))
-    result = bf.find_batch_size(model, data, device=bf.SimulatedGPU("1MiB"))
+    x, y = torch.randn(8, 20), torch.randn(8, 3)
+    out = model(x)
+    loss = make_step()(model, (x, y))
+    assert torch.allclose(loss, F.mse_loss(out, y))
+    assert not torch.allclose(loss, F.cross_entropy(out, y))
+
+    # In a real search the gradient reaching the output is MSE's, 2 * (out - y) / numel (cross-entropy's would be
+    # (softmax(out) - y) / batch). The target is a function of the input so that the hook can rebuild it.
+    inputs = torch.randn(1000, 20)
+    data = TensorDataset(inputs, 2 * inputs[:, :3] + 1)
+    seen, handle = _record_output_gradients(model, lambda x, out: 2 * (out - (2 * x[:, :3] + 1)) / out.numel())
+    try:
+        result = bf.find_batch_size(model, data, device=bf.SimulatedGPU("1MiB"))
+    finally:
+        handle.remove()
     assert result.max_batch_size > 16
+    _assert_every_step_backpropagated(seen, result)
 
 
 def test_eval_mode_and_existing_gradients_are_preserved():
@@ -223,6 +324,19 @@ def test_a_user_simulated_gpu_keeps_what_it_held():
 
 
 def test_sim_device_string():
+    # "sim:CAPACITY" is a SimulatedGPU of that capacity: the same trials, the same memory, the same answer.
+    capacity = 1_782_579  # 1.7 MiB = 1,782,579.2 bytes
+    backend = resolve_device(f"sim:{CAPACITIES['frozen']}")
+    assert isinstance(backend, bf.SimulatedGPU) and backend.capacity_bytes == capacity
     case = make_case("frozen")
-    result = bf.find_batch_size(case.model, case.dataset, device=f"sim:{CAPACITIES['frozen']}", max_trials=2)
-    assert result.device == "SimulatedGPU(1.70 MiB)"
+    result = bf.find_batch_size(case.model, case.dataset, device=f"sim:{CAPACITIES['frozen']}")
+    reference = bf.find_batch_size(case.model, case.dataset, device=bf.SimulatedGPU(capacity))
+    assert result.device == "SimulatedGPU(1.70 MiB)" and result.capacity_bytes == capacity
+    assert result.max_batch_size == reference.max_batch_size
+    assert [(t.batch_size, t.fits, t.peak_bytes) for t in result.trials] == [
+        (t.batch_size, t.fits, t.peak_bytes) for t in reference.trials
+    ]
+    # the capacity is enforced: the largest size fits within it, the next one does not
+    assert result.trial_for(result.max_batch_size).peak_bytes <= capacity
+    assert not result.trial_for(result.max_batch_size + 1).fits
+    assert all(t.peak_bytes > t.baseline_bytes > 0 for t in result.trials if t.fits)  # memory was charged

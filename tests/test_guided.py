@@ -16,7 +16,7 @@ from torch.utils.data import TensorDataset
 
 import batchfinder as bf
 from batchfinder.guided import GuidedSearch, largest_within
-from batchfinder.predict import _guided_limit
+from batchfinder.modes import _guided_limit
 from batchfinder.search import BisectingSearch, SearchBounds, StopReason
 from conftest import make_case
 
@@ -129,7 +129,7 @@ def test_a_failing_prediction_is_dropped():
     strategy = GuidedSearch(_bounds(), limit=500_000, predict=broken)
     _search(strategy, peak, 500_000, random.Random(4))
     assert strategy.largest_fit == largest_within(peak, 500_000, 1, 10**6)
-    assert strategy.extra["prediction"] == "unavailable"
+    assert strategy.prediction_status == "unavailable"
 
 
 def test_largest_within_needs_few_evaluations():
@@ -160,6 +160,7 @@ def test_limits_per_device():
     class FakeCuda:
         capacity_bytes = 80 * 2**30
         memory_limit = None
+        accounting_is_exact = False
 
     class Limited(FakeCuda):
         memory_limit = 8 * 2**30
@@ -212,8 +213,8 @@ def test_guided_finds_the_binsearch_max_in_few_trials():
             assert not result.trial_for(result.max_batch_size + 1).fits
         else:
             assert result.stop_reason == StopReason.DATASET_LENGTH and result.max_batch_size == len(dataset)
-        assert result.extra["predicted_max"] == result.max_batch_size
-        assert result.extra["prediction"] == "exact" and result.extra["predicted_peaks"]
+        assert result.predicted_max_batch_size == result.max_batch_size
+        assert result.prediction_status == "exact" and result.predicted_peaks
         if compare:
             reference = bf.find_batch_size(model, dataset, optimizer=optimizer, device=bf.SimulatedGPU(capacity), mode="binsearch")
             assert result.max_batch_size == reference.max_batch_size
@@ -244,12 +245,13 @@ def test_guided_without_an_estimate_uses_measured_peaks(caplog):
     reference = bf.find_batch_size(model, dataset, optimizer=torch.optim.SGD, device=bf.SimulatedGPU("4MiB"), mode="binsearch")
     assert guided.max_batch_size == reference.max_batch_size
     assert guided.num_trials < reference.num_trials
-    assert guided.extra["prediction"] == "unavailable"
+    assert guided.prediction_status == "unavailable"
 
 
-def test_importing_batchfinder_registers_guided():
-    code = "import batchfinder.engine as e, batchfinder; print('guided' in e.STRATEGIES)"
+def test_guided_is_registered_without_import_side_effects():
+    # One registry, complete as soon as it is imported (nothing registers a mode as a side effect elsewhere).
+    code = "import batchfinder.modes as m; print(sorted(m.MODES))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
-    assert out.stdout.strip() == "True"
+    assert out.stdout.strip() == "['binsearch', 'guided', 'power']"
     with pytest.raises(ValueError, match="guided"):
         bf.find_batch_size(nn.Linear(2, 2), TensorDataset(torch.randn(4, 2)), device=bf.SimulatedGPU("1MiB"), mode="guidd")

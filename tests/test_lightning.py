@@ -20,7 +20,8 @@ torchmetrics = pytest.importorskip("torchmetrics")
 
 import batchfinder as bf  # noqa: E402
 from batchfinder.lightning import BatchFinder  # noqa: E402
-from batchfinder.loaders import rebuild_dataloader  # noqa: E402
+from batchfinder.search import recommend_batch_size  # noqa: E402
+from batchfinder.lightning.loaders import rebuild_dataloader  # noqa: E402
 from pytorch_lightning.loggers.logger import Logger  # noqa: E402
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -163,7 +164,7 @@ def finder(**kwargs: Any) -> BatchFinder:
 def check_result(result: bf.SearchResult) -> None:
     assert isinstance(result, bf.SearchResult)
     assert result.max_batch_size > 16
-    assert result.batch_size == bf.recommend_batch_size(result.max_batch_size, 0.8)
+    assert result.batch_size == recommend_batch_size(result.max_batch_size, 0.8)
     assert result.trial_for(result.max_batch_size).fits
     if result.mode == "binsearch":  # the bracket closes on this device
         assert result.smallest_failure == result.max_batch_size + 1
@@ -358,10 +359,10 @@ def test_separate_evaluation_batch_size(tmp_path: Path) -> None:
     trainer(tmp_path, [callback]).fit(model)
     result = callback.result
     check_result(result)
-    assert result.eval_batch_size is not None and result.eval_trials
-    assert all(t.batch_size >= result.max_batch_size or not t.fits for t in result.eval_trials[:1])
+    assert result.evaluation is not None and result.eval_batch_size == result.evaluation.batch_size and result.evaluation.trials
+    assert all(t.batch_size >= result.max_batch_size or not t.fits for t in result.evaluation.trials[:1])
     assert result.eval_max_batch_size > result.max_batch_size  # no gradients or activations kept for backward
-    assert model.eval_batch_size == result.eval_batch_size == bf.recommend_batch_size(result.eval_max_batch_size)
+    assert model.eval_batch_size == result.eval_batch_size == recommend_batch_size(result.eval_max_batch_size)
     assert model.batch_size == result.batch_size
     assert model.val_batch_sizes == [result.eval_batch_size] * 2
     assert "evaluation batch size" in str(result)
@@ -586,9 +587,11 @@ def test_test_stage_search(tmp_path: Path) -> None:
 def test_only_the_lightning_module_imports_lightning() -> None:
     root = Path(bf.__file__).parent
     importers = sorted(
-        p.name for p in root.rglob("*.py") if re.search(r"^\s*(import|from) (pytorch_)?lightning", p.read_text(), re.M)
+        str(p.relative_to(root))
+        for p in root.rglob("*.py")
+        if re.search(r"^\s*(import|from) (pytorch_)?lightning", p.read_text(), re.M)
     )
-    assert importers == ["lightning.py"]
+    assert importers == ["lightning/framework.py"]  # the one place the subpackage takes Lightning's names from
     assert "batchfinder.lightning" not in sys.modules or "pytorch_lightning" in sys.modules
 
 
@@ -598,7 +601,7 @@ def test_callback_result_is_a_copy_free_search_result(tmp_path: Path) -> None:
     trainer(tmp_path, [callback]).fit(LitMLP())
     result = callback.result
     assert result.mode == "power" and result.batch_size % 8 == 0
-    assert result.batch_size == bf.recommend_batch_size(result.max_batch_size, 0.8, 8)
+    assert result.batch_size == recommend_batch_size(result.max_batch_size, 0.8, 8)
     assert str(result).startswith("batch size search on SimulatedGPU(1.00 MiB)")
     assert copy.copy(result).trials == result.trials
 

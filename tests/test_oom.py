@@ -58,18 +58,21 @@ def test_class_is_checked_first():
 def test_follows_cause_and_context():
     try:
         try:
-            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 MiB")
+            raise RuntimeError(REAL_OOM_MESSAGES[0])
         except RuntimeError as inner:
             raise ValueError("step failed") from inner
     except ValueError as outer:
         assert is_oom_error(outer)
+        assert not is_oom_error(ValueError("step failed"))  # it is the cause that makes it one
     try:
         try:
-            raise torch.OutOfMemoryError("x")
-        except torch.OutOfMemoryError:
+            torch.empty(1 << 62, dtype=torch.uint8)  # a real allocation failure (2**62 bytes: no host has that)
+        except RuntimeError:
             raise KeyError("cleanup failed")  # implicit __context__
     except KeyError as outer:
+        assert isinstance(outer.__context__, RuntimeError)
         assert is_oom_error(outer)
+        assert not is_oom_error(KeyError("cleanup failed"))
 
 
 def test_cyclic_chains_terminate():

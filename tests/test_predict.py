@@ -11,6 +11,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import batchfinder as bf
+from batchfinder import zoo
+from batchfinder.units import format_bytes
 from batchfinder.gpus import CUBLAS_WORKSPACE_BYTES, CUBLAS_WORKSPACE_BYTES_HOPPER, CUDA_CONTEXT_BYTES, GPUS, lookup_gpu
 from conftest import assert_unchanged, make_case, snapshot
 
@@ -21,7 +23,7 @@ def _mnist_data(n: int) -> TensorDataset:
 
 
 def test_prediction_equals_the_binsearch_result_on_the_simulated_gpu():
-    model = bf.zoo.mnist_mlp()
+    model = zoo.mnist_mlp()
     prediction = bf.predict_max_batch_size(model, (1, 28, 28), capacity="6MiB", optimizer=torch.optim.Adam)
     result = bf.find_batch_size(model, _mnist_data(4000), optimizer=torch.optim.Adam, device=bf.SimulatedGPU("6MiB"))
     assert prediction.max_batch_size == result.max_batch_size
@@ -58,7 +60,7 @@ def test_gpu_names_are_tolerant_and_the_allowance_is_subtracted():
     assert lookup_gpu("H100").allowance_bytes == CUDA_CONTEXT_BYTES + CUBLAS_WORKSPACE_BYTES_HOPPER
     assert len({g.name for g in GPUS}) == len(GPUS)
 
-    model = bf.zoo.cifar10_mlp()
+    model = zoo.cifar10_mlp()
     on_t4 = bf.predict_max_batch_size(model, (3, 32, 32), gpu="tesla-t4", optimizer=torch.optim.SGD)
     t4 = lookup_gpu("T4")
     assert on_t4.gpu == t4 and on_t4.capacity_bytes == t4.memory_bytes - t4.allowance_bytes
@@ -68,7 +70,7 @@ def test_gpu_names_are_tolerant_and_the_allowance_is_subtracted():
 
 
 def test_unknown_or_ambiguous_gpu_lists_the_known_ones():
-    model = bf.zoo.mnist_mlp()
+    model = zoo.mnist_mlp()
     with pytest.raises(ValueError, match=r"gpu='B9000'.*known GPUs: T4, .*A100-40GB.*H200"):
         bf.predict_max_batch_size(model, (1, 28, 28), gpu="B9000")
     with pytest.raises(ValueError, match="ambiguous.*A100-40GB, A100-80GB"):
@@ -80,10 +82,10 @@ def test_unknown_or_ambiguous_gpu_lists_the_known_ones():
 
 
 def test_capacity_too_small_for_batch_size_one_says_what_it_needs():
-    model = bf.zoo.mnist_mlp()
+    model = zoo.mnist_mlp()
     before = snapshot(model)
     need = bf.estimate_memory(model, (1, 28, 28), 1).peak
-    with pytest.raises(ValueError, match=r"capacity='1MiB'.*too small for batch size 1: training needs " + bf.format_bytes(need)):
+    with pytest.raises(ValueError, match=r"capacity='1MiB'.*too small for batch size 1: training needs " + format_bytes(need)):
         bf.predict_max_batch_size(model, (1, 28, 28), capacity="1MiB")
     assert_unchanged(before, model)
     # just enough for batch size 1
@@ -91,7 +93,7 @@ def test_capacity_too_small_for_batch_size_one_says_what_it_needs():
 
 
 def test_safety_multiple_of_and_cap():
-    model = bf.zoo.mnist_mlp()
+    model = zoo.mnist_mlp()
     p = bf.predict_max_batch_size(model, (1, 28, 28), capacity="64MiB", safety=0.5, multiple_of=64)
     assert p.max_batch_size == 14076  # the field notes' largest size for this model, Adam and 64 MiB
     assert p.batch_size == 7038 // 64 * 64
@@ -102,7 +104,7 @@ def test_safety_multiple_of_and_cap():
 
 
 def test_report_and_json():
-    p = bf.predict_max_batch_size(bf.zoo.mnist_mlp(), (1, 28, 28), gpu="A100-40GB", optimizer=torch.optim.SGD)
+    p = bf.predict_max_batch_size(zoo.mnist_mlp(), (1, 28, 28), gpu="A100-40GB", optimizer=torch.optim.SGD)
     text = str(p)
     assert f"largest batch size that fits: {p.max_batch_size:,}" in text
     assert f"recommended batch size: {p.batch_size:,}" in text

@@ -7,6 +7,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import batchfinder as bf
+from batchfinder.devices import DeviceBackend
 from batchfinder import is_oom_error
 
 
@@ -128,4 +129,14 @@ def test_capacity_must_parse():
     with pytest.raises(ValueError, match="does not parse"):
         bf.SimulatedGPU("a lot")
     assert bf.SimulatedGPU("16GiB").capacity_bytes == 16 * 1024**3
-    assert bf.SimulatedGPU(1000).name == "SimulatedGPU(1000 B)"
+    gpu = bf.SimulatedGPU(1000)
+    assert gpu.name == "SimulatedGPU(1000 B)" and gpu.capacity_bytes == 1000
+    assert isinstance(gpu, DeviceBackend) and gpu.torch_device == torch.device("cpu")  # runs on the CPU
+    # ... and the capacity is the integer given, enforced: one 512-byte block fits, a second does not
+    with gpu:
+        first = torch.zeros(100)  # 400 B -> 512 B
+        assert gpu.memory_allocated() == 512
+        with pytest.raises(torch.OutOfMemoryError, match="total capacity of 1000 B"):
+            torch.zeros(100)
+        assert gpu.memory_allocated() == 512
+    del first

@@ -9,7 +9,7 @@ from batchfinder.units import format_bytes, parse_bytes
         ("64MiB", 64 * 1024**2),
         ("16GB", 16 * 10**9),
         ("16GiB", 16 * 1024**3),
-        ("1.5 GiB", int(1.5 * 1024**3)),
+        ("1.5 GiB", 1_610_612_736),
         ("512", 512),
         ("7kb", 7000),
         (4096, 4096),

@@ -22,7 +22,7 @@ from typing import Any
 
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset
 
-__all__ = ["rebuild_dataloader", "rebuild_dataloaders", "dataloader_batch_size"]
+__all__ = ["rebuild_dataloader", "rebuild_dataloaders"]
 
 _COPIED = (
     "num_workers",
@@ -37,14 +37,6 @@ _COPIED = (
     "pin_memory_device",
     "in_order",
 )
-
-
-def dataloader_batch_size(loader: DataLoader) -> int | None:
-    """The batch size a loader yields (from its ``BatchSampler`` when it was given one), or None."""
-    if loader.batch_size is not None:
-        return loader.batch_size
-    batch_sampler = getattr(loader, "batch_sampler", None)
-    return getattr(batch_sampler, "batch_size", None) if type(batch_sampler) is BatchSampler else None
 
 
 def _accepted(cls: type) -> set[str] | None:

@@ -1,0 +1,145 @@
+"""The search modes, registered in one place: ``"binsearch"``, ``"power"`` and ``"guided"``.
+
+A mode is a factory ``(bounds, context) -> SearchStrategy``. :class:`SearchContext` is what a factory may use
+besides the bounds: the model, the batch source, the device, the optimizer and the step (``"guided"`` traces the
+step under fake tensors to predict memory). The engine looks modes up in :data:`MODES`; nothing registers a mode as
+a side effect of an import.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from .devices import DeviceBackend
+from .estimate import Estimator
+from .gpus import CUDA_CONTEXT_BYTES
+from .guided import GuidedSearch
+from .oom import exception_first_line
+from .optimizers import OptimizerSpec
+from .search import BisectingSearch, SearchBounds, SearchStrategy
+from .steps import StepFn
+from .validation import MIN_STEPS_PER_TRIAL
+
+__all__ = ["MODES", "SearchContext", "StrategyFactory", "check_mode", "guided_strategy"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SearchContext:
+    """What a strategy factory may use besides the bounds (model, data, device, how a trial steps)."""
+
+    model: nn.Module
+    source: Any
+    """The training batch source (:class:`~batchfinder.batching.BatchSource` or an adapter with ``sample``)."""
+    device: DeviceBackend
+    optimizer: OptimizerSpec | None
+    step: StepFn | None
+    """The loss step, ``step(model, batch) -> loss`` (None when the front end has no separate loss step)."""
+    steps_per_trial: int = MIN_STEPS_PER_TRIAL
+
+
+StrategyFactory = Callable[[SearchBounds, SearchContext], SearchStrategy]
+
+
+# -- the engine side of mode="guided" ---------------------------------------------------------------------------------
+class _SearchPrediction:
+    """The estimator for a search's context, built on first use; ``None`` (with a warning) when it cannot predict."""
+
+    def __init__(self, context: SearchContext) -> None:
+        self.context = context
+        self.estimator: Estimator | None = None
+        self.failed = False
+
+    def _get(self) -> Estimator | None:
+        if self.failed:
+            return None
+        if self.estimator is None:
+            try:
+                self.estimator = Estimator.for_search(self.context)
+            except Exception as exc:
+                return self._fail(exc)
+        return self.estimator
+
+    def _fail(self, exc: BaseException) -> None:
+        self.failed = True
+        self.estimator = None  # drop the fake-tensor trainer and its traces now, not when the search result goes
+        logger.warning(
+            "guided search: the memory estimator cannot trace this model (%s: %s); searching with measured peaks only",
+            type(exc).__name__,
+            exception_first_line(exc),
+        )
+        return None
+
+    def peak(self, batch_size: int) -> int | None:
+        estimator = self._get()
+        if estimator is None:
+            return None
+        try:
+            return estimator.peak(batch_size)
+        except Exception as exc:
+            return self._fail(exc)
+
+    def known_peaks(self) -> dict[int, int]:
+        return {} if self.estimator is None else self.estimator.known_peaks
+
+    def solve(self, level: int, lo: int, hi: int) -> int:
+        estimator = self._get()
+        if estimator is None:
+            raise RuntimeError("no prediction")
+        try:
+            return estimator.largest_fitting(level, lo, hi)
+        except Exception as exc:
+            self._fail(exc)
+            raise
+
+
+def _guided_limit(device: DeviceBackend) -> tuple[int | None, bool]:
+    """(peak bytes a trial may reach, whether the prediction is exact by construction) for a device backend."""
+    capacity = device.capacity_bytes
+    if capacity is None:
+        return None, False
+    if device.accounting_is_exact:
+        return capacity, True  # the same accounting as the estimator: exact
+    if getattr(device, "memory_limit", None) is not None:
+        return capacity, False  # a per-process fraction limits the allocator alone; the context is outside it
+    return max(capacity - CUDA_CONTEXT_BYTES, 1), False
+
+
+def guided_strategy(bounds: SearchBounds, context: SearchContext) -> GuidedSearch:
+    """The ``"guided"`` strategy for a search: :class:`~batchfinder.guided.GuidedSearch` with the estimator's
+    prediction, the device's limit, and (off the simulated GPU) a first trial at 90% of the predicted size."""
+    limit, exact = _guided_limit(context.device)
+    prediction = _SearchPrediction(context)
+    return GuidedSearch(
+        bounds,
+        limit=limit,
+        capacity=context.device.capacity_bytes,
+        predict=prediction.peak,
+        solve=prediction.solve,
+        first_fraction=1.0 if exact else 0.9,
+        known=prediction.known_peaks,
+    )
+
+
+MODES: dict[str, StrategyFactory] = {
+    "binsearch": lambda bounds, _context: BisectingSearch(bounds, "binsearch"),
+    "power": lambda bounds, _context: BisectingSearch(bounds, "power"),
+    "guided": guided_strategy,
+}
+"""Search modes by name: ``"binsearch"`` (double, then bisect to a resolution of 1), ``"power"`` (the last doubling
+that fits) and ``"guided"`` (jump to the predicted largest size, then verify and close the bracket)."""
+
+EVALUATION_MODES = ("binsearch", "power")
+"""Modes an evaluation batch size can be searched with (``"guided"`` models training memory)."""
+
+
+def check_mode(mode: Any) -> None:
+    """Raise a ValueError unless ``mode`` names a registered search mode."""
+    if not isinstance(mode, str) or mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not a search mode; choose one of {sorted(MODES)}")

@@ -1,0 +1,235 @@
+"""What a search returns: :class:`Trial` (one batch size, measured) and :class:`SearchResult` (the whole search).
+
+Plain, typed data: nothing here runs a trial. :meth:`SearchResult.as_dict` is the one place that turns a result
+into JSON-ready values (the command line and the benchmarks use it).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .report import trial_table
+from .search import StopReason, scaled_batch_size
+from .units import format_bytes
+
+__all__ = ["Trial", "SearchResult"]
+
+_REQUEST = re.compile(r"Tried to allocate ([\d.]+) (B|KiB|MiB|GiB|TiB|bytes)")
+_UNIT = {"B": 1, "bytes": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "TiB": 1024**4}
+
+
+@dataclass(frozen=True)
+class Trial:
+    """The outcome of training steps at one batch size."""
+
+    batch_size: int
+    fits: bool
+    """True when every step ran without running out of memory."""
+    peak_bytes: int
+    """Peak device memory during the trial (for a failed trial, the peak reached before the failure)."""
+    seconds_per_step: float | None
+    """Wall time per step (mean over the steps after the first, which allocates optimizer state); None if it failed."""
+    steps: int
+    """Steps completed."""
+    baseline_bytes: int = 0
+    """Device memory held before the trial (model, buffers, existing optimizer state)."""
+    leaked_bytes: int = 0
+    """Memory still held after recovery beyond the baseline (0 when recovery was complete)."""
+    error: str | None = None
+    """The first line of the out-of-memory message when the trial did not fit."""
+
+    @property
+    def samples_per_second(self) -> float | None:
+        """Training throughput of the trial, when it fitted."""
+        if not self.fits or not self.seconds_per_step:
+            return None
+        return self.batch_size / self.seconds_per_step
+
+    @property
+    def requested_bytes(self) -> int | None:
+        """Size of the allocation that failed, read from the out-of-memory message when it says."""
+        match = _REQUEST.search(self.error or "")
+        return None if match is None else int(float(match.group(1)) * _UNIT[match.group(2)])
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every field as plain JSON-ready values."""
+        return {
+            "batch_size": self.batch_size,
+            "fits": self.fits,
+            "peak_bytes": self.peak_bytes,
+            "seconds_per_step": self.seconds_per_step,
+            "steps": self.steps,
+            "baseline_bytes": self.baseline_bytes,
+            "leaked_bytes": self.leaked_bytes,
+            "error": self.error,
+        }
+
+
+@dataclass
+class SearchResult:
+    """What a search found, how, and why it stopped."""
+
+    max_batch_size: int
+    """Largest batch size whose trial ran without running out of memory."""
+    batch_size: int
+    """Recommended batch size: ``floor(safety * max_batch_size)``, rounded down to ``multiple_of``, at least 1."""
+    trials: list[Trial]
+    """Every trial, in the order it ran."""
+    stop_reason: StopReason
+    """Why the search ended (bracket closed, dataset length, ``max_batch_size``, a budget, ...)."""
+    safety: float = 0.8
+    multiple_of: int = 1
+    mode: str = "binsearch"
+    device: str = ""
+    """The device searched on, as reports name it."""
+    capacity_bytes: int | None = None
+    """Memory the device offers (None when unknown)."""
+    seconds: float = 0.0
+    """Wall time of the whole search."""
+    smallest_failure: int | None = None
+    """Smallest batch size that ran out of memory (None when none did)."""
+    predicted_peaks: dict[int, int] = field(default_factory=dict)
+    """``mode="guided"``: every predicted peak the search computed, by batch size (empty in other modes)."""
+    predicted_max_batch_size: int | None = None
+    """``mode="guided"``: the largest size the prediction alone put within the limit (None in other modes)."""
+    prediction_status: str | None = None
+    """``mode="guided"``: ``"exact"``, ``"recalibrated"`` (a trial surprised the model) or ``"unavailable"`` (the
+    model could not be traced); None in other modes."""
+    target_batch_size: int | None = None
+    """The effective batch size asked for with ``target_batch_size`` (None when none was)."""
+    micro_batch_size: int = 0
+    """Batch size of each forward/backward pass: ``batch_size``, or with a target the planned micro-batch (<= it)."""
+    accumulation_steps: int = 1
+    """Micro-batches to accumulate per optimizer step (Lightning's ``accumulate_grad_batches``)."""
+    world_size: int = 1
+    """Ranks that ran every trial and agreed on each outcome (1 without ``torch.distributed``)."""
+    evaluation: SearchResult | None = None
+    """The search of a separate evaluation batch size (evaluation-only trials), when one ran."""
+
+    def __post_init__(self) -> None:
+        if not self.micro_batch_size:
+            self.micro_batch_size = self.batch_size
+
+    @property
+    def effective_batch_size(self) -> int:
+        """Samples per optimizer step over all ranks: ``micro_batch_size * accumulation_steps * world_size``."""
+        return self.micro_batch_size * self.accumulation_steps * self.world_size
+
+    @property
+    def eval_batch_size(self) -> int | None:
+        """Recommended evaluation batch size, when an evaluation batch size was searched."""
+        return None if self.evaluation is None else self.evaluation.batch_size
+
+    @property
+    def eval_max_batch_size(self) -> int | None:
+        """Largest evaluation batch size that fitted, when an evaluation batch size was searched."""
+        return None if self.evaluation is None else self.evaluation.max_batch_size
+
+    @property
+    def num_trials(self) -> int:
+        """Trials run by this search (the evaluation search's are in :attr:`evaluation`)."""
+        return len(self.trials)
+
+    @property
+    def num_steps(self) -> int:
+        """Steps executed across all trials."""
+        return sum(t.steps for t in self.trials)
+
+    @property
+    def num_ooms(self) -> int:
+        """Trials that ran out of memory."""
+        return sum(not t.fits for t in self.trials)
+
+    def trial_for(self, batch_size: int) -> Trial | None:
+        """The (last) trial at ``batch_size``, if one ran."""
+        for trial in reversed(self.trials):
+            if trial.batch_size == batch_size:
+                return trial
+        return None
+
+    def explain(self) -> str:
+        """The recommendation's arithmetic, e.g. ``largest that fits: 14076; x0.8 = 11260``."""
+        scaled = scaled_batch_size(self.max_batch_size, self.safety)
+        text = f"largest that fits: {self.max_batch_size}; x{self.safety:g} = {scaled}"
+        if self.multiple_of > 1:
+            text += f"; rounded down to a multiple of {self.multiple_of} = {self.batch_size}"
+        elif scaled != self.batch_size:
+            text += f"; at least 1 = {self.batch_size}"
+        return text
+
+    def why_stopped(self) -> str:
+        """Why the search ended, with the smallest size that ran out of memory when there is one."""
+        text = f"stopped: {self.stop_reason.value}"
+        if self.smallest_failure is not None:
+            text += f"; smallest that ran out of memory: {self.smallest_failure}"
+        return text
+
+    def table(self) -> str:
+        """The trial table as text."""
+        return trial_table(self.trials)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every figure as plain JSON-ready values (nested for the evaluation search)."""
+        return {
+            "max_batch_size": self.max_batch_size,
+            "batch_size": self.batch_size,
+            "safety": self.safety,
+            "multiple_of": self.multiple_of,
+            "mode": self.mode,
+            "device": self.device,
+            "capacity_bytes": self.capacity_bytes,
+            "stop_reason": self.stop_reason.value,
+            "smallest_failure": self.smallest_failure,
+            "seconds": round(self.seconds, 3),
+            "num_trials": self.num_trials,
+            "num_steps": self.num_steps,
+            "num_ooms": self.num_ooms,
+            "target_batch_size": self.target_batch_size,
+            "micro_batch_size": self.micro_batch_size,
+            "accumulation_steps": self.accumulation_steps,
+            "world_size": self.world_size,
+            "effective_batch_size": self.effective_batch_size,
+            "predicted_peaks": {str(size): peak for size, peak in sorted(self.predicted_peaks.items())},
+            "predicted_max_batch_size": self.predicted_max_batch_size,
+            "prediction_status": self.prediction_status,
+            "trials": [trial.as_dict() for trial in self.trials],
+            "evaluation": None if self.evaluation is None else self.evaluation.as_dict(),
+        }
+
+    def plot(self, path: Any) -> Any:
+        """Write a PNG of the search to ``path``: each trial's peak against batch size (out-of-memory trials
+        marked), the predicted curve when the search had one, the capacity, the largest and the recommended size.
+        Needs matplotlib (``pip install batchfinder[plot]``); see :func:`batchfinder.plot.plot_search`."""
+        from .plot import plot_search
+
+        return plot_search(self, path)
+
+    def __str__(self) -> str:
+        capacity = f", capacity {format_bytes(self.capacity_bytes)}" if self.capacity_bytes else ""
+        lines = [
+            f"batch size search on {self.device}{capacity}, mode {self.mode}: {self.num_trials} trials, "
+            f"{self.num_steps} steps, {self.num_ooms} out of memory, {self.seconds:.1f} s",
+            self.table(),
+            f"recommended batch size: {self.batch_size}",
+            f"  {self.explain()}",
+            f"  {self.why_stopped()}",
+        ]
+        if self.world_size > 1:
+            lines.append(f"  agreed by {self.world_size} ranks: a size fits only if it fitted on every rank")
+        if self.target_batch_size is not None:
+            waste = self.effective_batch_size - self.target_batch_size
+            lines.append(
+                f"gradient accumulation for target batch size {self.target_batch_size}: micro-batch "
+                f"{self.micro_batch_size} x {self.accumulation_steps}"
+                + (f" x {self.world_size} ranks" if self.world_size > 1 else "")
+                + f" = {self.effective_batch_size}"
+                + (f" ({waste} over the target)" if waste else "")
+            )
+        if self.evaluation is not None:
+            lines.append(
+                f"evaluation batch size: {self.evaluation.batch_size} (largest that fits: "
+                f"{self.evaluation.max_batch_size}, {self.evaluation.num_trials} evaluation trials)"
+            )
+        return "\n".join(lines)
