@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .validation import check_positive_int
+
 __all__ = ["AccumulationPlan", "plan_accumulation", "validate_target_batch_size"]
 
 
@@ -61,15 +63,7 @@ class AccumulationPlan:
 
 def validate_target_batch_size(target_batch_size: object) -> None:
     """Raise ``TypeError``/``ValueError`` unless ``target_batch_size`` is None or a whole number of at least 1."""
-    if target_batch_size is None:
-        return
-    if isinstance(target_batch_size, bool) or not isinstance(target_batch_size, int):
-        raise TypeError(f"target_batch_size must be a whole number, not {type(target_batch_size).__name__}")
-    if target_batch_size < 1:
-        raise ValueError(
-            f"target_batch_size={target_batch_size} must be at least 1: it is the effective batch size (micro-batch "
-            "x accumulation steps) to reach"
-        )
+    check_positive_int("target_batch_size", target_batch_size, allow_none=True)
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -89,9 +83,8 @@ def plan_accumulation(target_batch_size: int, max_micro_batch_size: int, multipl
         fewer accumulation steps.
     """
     validate_target_batch_size(target_batch_size)
-    for name, value in (("max_micro_batch_size", max_micro_batch_size), ("multiple_of", multiple_of)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r} must be a whole number of at least 1")
+    check_positive_int("max_micro_batch_size", max_micro_batch_size)
+    check_positive_int("multiple_of", multiple_of)
     if max_micro_batch_size < multiple_of:
         multiple_of = 1
     if target_batch_size <= max_micro_batch_size:

@@ -37,37 +37,39 @@ def _is_array_like(value: Any) -> bool:
     return isinstance(value, torch.Tensor) or type(value).__module__.split(".")[0] == "numpy"
 
 
-def is_supported_sample(sample: Any) -> bool:
-    """True for a tensor, a dict with tensors, or a tuple/list whose first element is a tensor (or NumPy array)."""
+def _sample_problem(sample: Any) -> str | None:
+    """Why ``sample`` cannot be batched (None when it can): a tensor, a dict with tensors, or a tuple/list whose
+    first element is a tensor (or NumPy array)."""
     if _is_array_like(sample):
-        return True
-    if isinstance(sample, Mapping):
-        return any(_is_array_like(v) for v in sample.values())
-    return isinstance(sample, (tuple, list)) and bool(sample) and _is_array_like(sample[0])
-
-
-def _check_sample(sample: Any) -> None:
-    if _is_array_like(sample):
-        return
+        return None
     if isinstance(sample, Mapping):
         if sample and any(_is_array_like(v) for v in sample.values()):
-            return
-        raise TypeError(
-            "dataset[0] is a dict without tensors; dict samples must map argument names of model.forward to tensors"
-        )
+            return None
+        return "dataset[0] is a dict without tensors; dict samples must map argument names of model.forward to tensors"
     if isinstance(sample, (tuple, list)):
         if sample and _is_array_like(sample[0]):
-            return
+            return None
         first = type(sample[0]).__name__ if sample else "nothing"
-        raise TypeError(
+        return (
             f"dataset[0] is a {type(sample).__name__} whose first element is {first}, not a tensor: samples must be "
             "(input_tensor, target, ...). For image datasets add transforms.ToTensor() to the dataset's transform."
         )
-    raise TypeError(
+    return (
         f"unsupported sample type {type(sample).__name__} (dataset[0]): samples must be a tensor, a tuple/list "
         "(input, target, ...) or a dict of tensors. For PIL images add transforms.ToTensor(); for anything else "
         "pass a DataLoader with a collate_fn that returns tensors."
     )
+
+
+def is_supported_sample(sample: Any) -> bool:
+    """True for a tensor, a dict with tensors, or a tuple/list whose first element is a tensor (or NumPy array)."""
+    return _sample_problem(sample) is None
+
+
+def _check_sample(sample: Any) -> None:
+    problem = _sample_problem(sample)
+    if problem is not None:
+        raise TypeError(problem)
 
 
 class BatchSource:
@@ -120,12 +122,17 @@ class BatchSource:
             return self.collate([self.sample(i) for i in range(batch_size)])
 
 
-def describe_batch(batch: Any) -> str:
-    """A one-line description of a batch's structure, e.g. ``(Tensor[2, 1, 28, 28] float32, Tensor[2] int64)``."""
+def describe_batch(batch: Any, batch_size: int | str | None = None) -> str:
+    """A one-line description of a batch's (or a sample's) structure, e.g.
+    ``(Tensor[2, 1, 28, 28] float32, Tensor[2] int64)``; with ``batch_size`` the first dimension of every tensor is
+    shown as that (``describe_batch(template, "B")`` gives ``Tensor[B, 1, 28, 28]``)."""
     if isinstance(batch, torch.Tensor):
-        return f"Tensor{list(batch.shape)} {str(batch.dtype).replace('torch.', '')}"
+        shape: list[Any] = list(batch.shape)
+        if batch_size is not None and shape:
+            shape[0] = batch_size
+        return f"Tensor[{', '.join(map(str, shape))}] {str(batch.dtype).replace('torch.', '')}"
     if isinstance(batch, Mapping):
-        return "{" + ", ".join(f"{k!r}: {describe_batch(v)}" for k, v in batch.items()) + "}"
+        return "{" + ", ".join(f"{k!r}: {describe_batch(v, batch_size)}" for k, v in batch.items()) + "}"
     if isinstance(batch, Sequence) and not isinstance(batch, str):
-        return "(" + ", ".join(describe_batch(v) for v in batch) + ")"
+        return "(" + ", ".join(describe_batch(v, batch_size) for v in batch) + ")"
     return type(batch).__name__

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 from torch.utils.data._utils.collate import default_collate
 
-from .batching import is_supported_sample, sample_bytes
+from .batching import describe_batch, is_supported_sample, sample_bytes
 from .oom import exception_first_line
 from .optimizers import OptimizerLike, OptimizerSpec, resolve_optimizer
 from .steps import LossFn, StepFn, make_step
@@ -238,16 +238,6 @@ class MemoryEstimates(list[MemoryEstimate]):
 
 
 # -- the estimator ------------------------------------------------------------------------------------------------
-def _describe_sample(sample: Any) -> str:
-    if isinstance(sample, torch.Tensor):
-        return f"Tensor{list(sample.shape)} {str(sample.dtype).replace('torch.', '')}"
-    if isinstance(sample, dict):
-        return "{" + ", ".join(f"{k!r}: {_describe_sample(v)}" for k, v in sample.items()) + "}"
-    if isinstance(sample, (tuple, list)):
-        return "(" + ", ".join(_describe_sample(v) for v in sample) + ")"
-    return type(sample).__name__
-
-
 def _sample_parts(template: Any) -> dict[str, int]:
     """Unrounded bytes of one sample by part (``input``, ``target``, further elements or dict keys)."""
 
@@ -265,7 +255,7 @@ def _check_sample(sample: Any) -> None:
     raise TypeError(
         f"sample must be one dataset item as dataset[0] returns it (a tensor, an (input, target, ...) tuple or a dict "
         f"of tensors, without the batch dimension) or an input shape such as (1, 28, 28) or '1x28x28', not "
-        f"{_describe_sample(sample)}"
+        f"{describe_batch(sample)}"
     )
 
 
@@ -334,7 +324,7 @@ class Estimator:
             try:
                 template = default_collate([sample])
             except (TypeError, RuntimeError) as exc:
-                raise TypeError(f"sample {_describe_sample(sample)} cannot be collated into a batch: {exc}") from exc
+                raise TypeError(f"sample {describe_batch(sample)} cannot be collated into a batch: {exc}") from exc
             label = describe_template(template)
         return cls(model, template, spec, step, steps=steps_per_trial, sample_label=label)
 

@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from .accounting import ChargingMode, MemoryLedger, round_allocation, tensor_storages
+from .batching import describe_batch
 from .oom import exception_first_line, exception_text
 from .optimizers import OptimizerSpec
 from .state import TrainingState
@@ -311,14 +312,7 @@ def _grow(value: Any, batch_size: int) -> Any:
 
 def describe_template(template: Any, batch_size: int | str = "B") -> str:
     """The structure of a batch built from ``template``, e.g. ``(Tensor[B, 1, 28, 28] float32, Tensor[B] int64)``."""
-    if isinstance(template, torch.Tensor):
-        shape = [batch_size, *template.shape[1:]] if template.dim() else []
-        return f"Tensor[{', '.join(map(str, shape))}] {str(template.dtype).replace('torch.', '')}"
-    if isinstance(template, Mapping):
-        return "{" + ", ".join(f"{k!r}: {describe_template(v, batch_size)}" for k, v in template.items()) + "}"
-    if isinstance(template, (tuple, list)):
-        return "(" + ", ".join(describe_template(v, batch_size) for v in template) + ")"
-    return type(template).__name__
+    return describe_batch(template, batch_size)
 
 
 def _tensor_bytes(tensors: Sequence[torch.Tensor]) -> tuple[int, int]:

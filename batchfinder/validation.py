@@ -1,10 +1,15 @@
-"""Argument checks shared by every front end: each raises a ValueError/TypeError naming the argument."""
+"""Argument checks shared by every front end: each raises a ValueError/TypeError naming the argument.
+
+Pure Python where it can be (torch is imported only by the checks of a model), so that the pure modules
+(:mod:`batchfinder.accumulation`) can use the same checks.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = [
     "MIN_STEPS_PER_TRIAL",
@@ -54,15 +59,17 @@ def check_steps_per_trial(value: Any) -> None:
 
 def check_model(model: Any) -> None:
     """Raise unless ``model`` is an ``nn.Module`` whose parameters are all initialised."""
+    from torch import nn
+    from torch.nn.parameter import UninitializedParameter
+
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
-    from torch.nn.parameter import UninitializedParameter
 
     if any(isinstance(p, UninitializedParameter) for p in model.parameters()):
         raise ValueError("the model has uninitialised (lazy) parameters: run one forward pass before the search")
 
 
-def check_materialised(model: nn.Module) -> None:
+def check_materialised(model: "nn.Module") -> None:
     """Raise unless every parameter and buffer holds real data: a search runs real steps, and a model built on the
     ``meta`` device (e.g. under ``torch.device("meta")`` or with ``init_empty_weights``) has shapes but no values."""
     meta = [name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta]

@@ -132,8 +132,39 @@ def test_batch_size_one_not_fitting_says_what_is_needed(mlp):
 
 def test_model_alone_not_fitting(mlp):
     model, data = mlp
-    with pytest.raises(bf.NoBatchSizeFitsError, match="the model alone does not fit"):
-        bf.find_batch_size(model, data, device=bf.SimulatedGPU("10KiB"))
+    before = snapshot(model)
+    gpu = bf.SimulatedGPU("10KiB")
+    with pytest.raises(bf.NoBatchSizeFitsError, match="the model alone does not fit") as info:
+        bf.find_batch_size(model, data, device=gpu)
+    error = info.value
+    # What the parameters and buffers take on the device: each storage rounded up to 512 B, as the allocator does.
+    expected = sum(-(-t.untyped_storage().nbytes() // 512) * 512 for t in (*model.parameters(), *model.buffers()))
+    assert error.needed_bytes == expected > error.capacity_bytes == 10 * 1024
+    text = str(error)
+    assert text.count("out of memory") + text.count("OutOfMemoryError") == 0  # one clear message, no OOM dump
+    assert len(text.splitlines()) == 1 and "10.00 KiB" in text
+    assert gpu.memory_allocated() == 0
+    assert_unchanged(before, model)
+
+
+def test_meta_device_model_is_refused_before_any_work(mlp):
+    _, data = mlp
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.Linear(16, 10))
+    gpu = bf.SimulatedGPU(CAPACITY)
+    for call in (
+        lambda: bf.find_batch_size(model, data, device=gpu),
+        lambda: bf.try_batch_size(model, data, 4, device=gpu),
+    ):
+        with pytest.raises(ValueError, match=r"meta device .*to_empty.*estimate_memory") as info:
+            call()
+        assert "Cannot copy out of meta tensor" not in str(info.value)
+    assert gpu.memory_allocated() == 0 and all(p.is_meta for p in model.parameters())
+    # Materialised as the message says, the same model searches.
+    model.to_empty(device="cpu")
+    for p in model.parameters():
+        nn.init.normal_(p)
+    assert bf.find_batch_size(model, data, device=gpu, max_trials=3).max_batch_size >= 1
 
 
 def test_initial_size_too_large_walks_down(mlp):
