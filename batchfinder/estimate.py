@@ -57,7 +57,7 @@ from .tracing import (
     fake_output,
     is_fake_unsupported,
 )
-from .validation import MIN_STEPS_PER_TRIAL, check_model, check_steps_per_trial
+from .validation import MIN_STEPS_PER_TRIAL, check_model, check_positive_int, check_steps_per_trial
 from .units import format_bytes
 
 __all__ = [
@@ -257,14 +257,6 @@ def _check_sample(sample: Any) -> None:
         f"of tensors, without the batch dimension) or an input shape such as (1, 28, 28) or '1x28x28', not "
         f"{describe_batch(sample)}"
     )
-
-
-def _validate_batch_size(value: Any, argument: str = "batch_size") -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{argument} must be a whole number, not {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{argument}={value} must be at least 1")
-    return value
 
 
 class Estimator:
@@ -520,13 +512,12 @@ def estimate_memory(
             f"batch_size must be one whole number, not a {type(batch_size).__name__}; for estimates at several batch "
             "sizes use batchfinder.estimate.estimate_memory_curve(model, sample, [64, 256, 1024], ...)"
         )
-    size = _validate_batch_size(batch_size)
-    estimator = Estimator.create(
-        model, sample, optimizer=optimizer, loss_fn=loss_fn, step_fn=step_fn, steps_per_trial=steps_per_trial, input_dtype=input_dtype
+    check_positive_int("batch_size", batch_size)
+    curve = estimate_memory_curve(
+        model, sample, [batch_size], optimizer=optimizer, loss_fn=loss_fn, step_fn=step_fn,
+        steps_per_trial=steps_per_trial, input_dtype=input_dtype,
     )
-    estimate = estimator.estimate(size)
-    logger.debug("estimated batch size %d with %d fake-tensor trace(s)", size, estimator.calls)
-    return estimate
+    return curve[0]
 
 
 def estimate_memory_curve(
@@ -562,7 +553,9 @@ def estimate_memory_curve(
             f"batch_sizes must be a list of batch sizes, e.g. [64, 256, 1024], not {type(batch_sizes).__name__}; for "
             "one batch size use batchfinder.estimate_memory(model, sample, batch_size, ...)"
         )
-    sizes = [_validate_batch_size(size, f"batch_sizes[{index}]") for index, size in enumerate(batch_sizes)]
+    for index, size in enumerate(batch_sizes):
+        check_positive_int(f"batch_sizes[{index}]", size)
+    sizes = list(batch_sizes)
     if not sizes:
         raise ValueError("batch_sizes is empty; give at least one batch size, e.g. [64, 256, 1024]")
     estimator = Estimator.create(

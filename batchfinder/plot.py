@@ -25,7 +25,7 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .units import format_bytes, parse_bytes
+from .units import binary_unit, format_bytes, parse_bytes
 
 if TYPE_CHECKING:  # pragma: no cover - types only: plotting never imports the search engine at run time
     from matplotlib.figure import Figure
@@ -81,10 +81,8 @@ def _figure() -> tuple[Any, Any]:
 
 
 def _unit(largest: float) -> tuple[float, str]:
-    for scale, name in ((1024**3, "GiB"), (1024**2, "MiB"), (1024, "KiB")):
-        if largest >= scale:
-            return float(scale), name
-    return 1.0, "B"
+    scale, name = binary_unit(largest)
+    return float(scale), name
 
 
 def _save(figure: Any, path: Any) -> str:

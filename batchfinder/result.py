@@ -12,12 +12,11 @@ from typing import Any
 
 from .report import trial_table
 from .search import StopReason, scaled_batch_size
-from .units import format_bytes
+from .units import format_bytes, parse_bytes
 
 __all__ = ["Trial", "SearchResult"]
 
 _REQUEST = re.compile(r"Tried to allocate ([\d.]+) (B|KiB|MiB|GiB|TiB|bytes)")
-_UNIT = {"B": 1, "bytes": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "TiB": 1024**4}
 
 
 @dataclass(frozen=True)
@@ -51,7 +50,11 @@ class Trial:
     def requested_bytes(self) -> int | None:
         """Size of the allocation that failed, read from the out-of-memory message when it says."""
         match = _REQUEST.search(self.error or "")
-        return None if match is None else int(float(match.group(1)) * _UNIT[match.group(2)])
+        if match is None:
+            return None
+        if float(match.group(1)) == 0:
+            return 0
+        return parse_bytes(f"{match.group(1)} {'B' if match.group(2) == 'bytes' else match.group(2)}", argument="error")
 
     def as_dict(self) -> dict[str, Any]:
         """Every field as plain JSON-ready values."""

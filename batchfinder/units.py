@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["parse_bytes", "format_bytes"]
+__all__ = ["parse_bytes", "format_bytes", "binary_unit"]
 
 _UNIT_FACTORS: dict[str, int] = {
     "": 1,
@@ -52,18 +52,22 @@ def parse_bytes(value: int | str, *, argument: str = "capacity") -> int:
     return count
 
 
+_BINARY_UNITS: tuple[tuple[str, int], ...] = (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024))
+
+
+def binary_unit(count: int | float) -> tuple[int, str]:
+    """The largest binary unit that ``count`` bytes reach, as ``(bytes per unit, name)``; ``(1, "B")`` below 1 KiB."""
+    for name, scale in _BINARY_UNITS:
+        if abs(count) >= scale:
+            return scale, name
+    return 1, "B"
+
+
 def format_bytes(count: int | float | None) -> str:
     """Format a byte count in binary units with two decimals, e.g. ``format_bytes(3136) == '3.06 KiB'``."""
     if count is None:
         return "-"
-    sign = "-" if count < 0 else ""
-    size = float(abs(count))
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            break
-        size /= 1024
+    scale, unit = binary_unit(count)
     if unit == "B":
-        return f"{sign}{int(size)} B"
-    if unit == "GiB" and size >= 1024:
-        return f"{sign}{size / 1024:.2f} TiB"
-    return f"{sign}{size:.2f} {unit}"
+        return f"{'-' if count < 0 else ''}{int(abs(count))} B"
+    return f"{count / scale:.2f} {unit}"
