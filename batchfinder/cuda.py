@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from .devices import DeviceBackend
+from .devices import DeviceBackend, moved_to
 from .units import format_bytes, parse_bytes
 
 __all__ = ["CudaDevice"]
@@ -46,10 +46,13 @@ class CudaDevice(DeviceBackend):
 
     @property
     def name(self) -> str:
+        """The GPU's name, with the limit set on the search and, when it is on, ``cudnn.benchmark`` (cuDNN then
+        picks algorithms by timing them, with workspaces sized to the memory free at that moment)."""
         label = torch.cuda.get_device_name(self.torch_device)
-        if self.memory_limit is not None:
-            return f"{label} (limited to {format_bytes(self.memory_limit)})"
-        return label
+        notes = [f"limited to {format_bytes(self.memory_limit)}"] if self.memory_limit is not None else []
+        if torch.backends.cudnn.benchmark:
+            notes.append("cudnn.benchmark on")
+        return f"{label} ({', '.join(notes)})" if notes else label
 
     @property
     def capacity_bytes(self) -> int:
@@ -60,6 +63,29 @@ class CudaDevice(DeviceBackend):
 
     def max_memory_allocated(self) -> int:
         return torch.cuda.max_memory_allocated(self.torch_device)
+
+    def memory_reserved(self) -> int:
+        return torch.cuda.memory_reserved(self.torch_device)
+
+    def max_memory_reserved(self) -> int:
+        return torch.cuda.max_memory_reserved(self.torch_device)
+
+    def memory_budget(self) -> int:
+        """What this process's tensors can hold: what PyTorch reserves now plus what the driver reports free (so
+        other processes and the CUDA context are left out), within ``memory_limit``."""
+        free, _total = torch.cuda.mem_get_info(self.torch_device)
+        budget = self.memory_reserved() + free
+        return budget if self.memory_limit is None else min(budget, self.memory_limit)
+
+    def memory_report(self) -> str:
+        free, total = torch.cuda.mem_get_info(self.torch_device)
+        reserved = self.memory_reserved()
+        others = max(total - free - reserved, 0)
+        return (
+            f"of the GPU's {format_bytes(total)}, {format_bytes(others)} are held outside this search's tensors (the "
+            f"CUDA context, other processes), PyTorch here reserves {format_bytes(reserved)} and "
+            f"{format_bytes(free)} are free"
+        )
 
     def reset_peak_memory_stats(self) -> None:
         torch.cuda.reset_peak_memory_stats(self.torch_device)
@@ -72,6 +98,11 @@ class CudaDevice(DeviceBackend):
 
     @contextlib.contextmanager
     def measuring(self) -> Iterator[None]:
+        """Apply ``memory_limit`` for the trial's steps, never loosening a stricter fraction the user had set.
+
+        The allocator checks the fraction only when it asks the driver for a new segment, so blocks it already
+        caches would let a trial pass the limit: the cache is emptied first.
+        """
         if self.memory_limit is None:
             yield
             return
@@ -79,7 +110,8 @@ class CudaDevice(DeviceBackend):
         previous = torch.cuda.get_per_process_memory_fraction(index) if hasattr(
             torch.cuda, "get_per_process_memory_fraction"
         ) else 1.0
-        torch.cuda.set_per_process_memory_fraction(self.memory_limit / self._total, index)
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(min(previous, self.memory_limit / self._total), index)
         try:
             yield
         finally:
@@ -95,34 +127,29 @@ class CudaDevice(DeviceBackend):
 
     @contextlib.contextmanager
     def resident(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> Iterator[None]:
-        """Move a CPU model to the GPU for the search and put the very same CPU tensors back afterwards."""
+        """Keep the model on the GPU for the search: a CPU model is moved there (the very same tensor objects, so
+        restores between trials write into what the trials use) and gets its CPU data back afterwards. cuBLAS's
+        workspaces are created first, so that they are part of every trial's baseline rather than a leak of the
+        first one."""
         devices = {t.device for t in (*model.parameters(), *model.buffers())}
-        if not devices or devices == {self.torch_device}:
-            yield
-            return
-        if devices != {torch.device("cpu")}:
+        if devices and devices not in ({self.torch_device}, {torch.device("cpu")}):
             raise ValueError(f"the model is on {sorted(map(str, devices))}; move it to {self.torch_device} or the CPU")
-        if optimizer is not None and optimizer.state:
-            raise ValueError(
-                "the optimizer already has state on the CPU: move the model to the GPU before creating the optimizer"
-            )
-        if any(param.grad is not None for param in model.parameters()):
-            raise ValueError("the CPU model has gradients: clear them (optimizer.zero_grad()) or move it to the GPU")
-        moved_params: list[tuple[nn.Parameter, torch.Tensor]] = []
-        moved_buffers: list[tuple[nn.Module, str, torch.Tensor]] = []
-        try:
-            for param in model.parameters():
-                moved_params.append((param, param.data))
-                param.data = param.data.to(self.torch_device)
-            for module in model.modules():
-                for key, buffer in list(module._buffers.items()):
-                    if buffer is not None:
-                        moved_buffers.append((module, key, buffer))
-                        module._buffers[key] = buffer.to(self.torch_device)
+        if devices == {torch.device("cpu")}:
+            if optimizer is not None and optimizer.state:
+                raise ValueError(
+                    "the optimizer already has state on the CPU: move the model to the GPU before creating the optimizer"
+                )
+            if any(param.grad is not None for param in model.parameters()):
+                raise ValueError("the CPU model has gradients: clear them (optimizer.zero_grad()) or move it to the GPU")
+        self.warm_up()
+        with moved_to(model, self.torch_device):
             yield
-        finally:
-            for param, data in moved_params:
-                param.grad = None
-                param.data = data
-            for module, key, buffer in moved_buffers:
-                module._buffers[key] = buffer
+
+    def warm_up(self) -> None:
+        """Run one small matrix multiply forward and backward on the GPU, so that cuBLAS has created its workspaces
+        (one per handle and stream; the backward runs on autograd's own thread) before anything is measured."""
+        with torch.enable_grad():
+            weight = torch.ones(8, 8, device=self.torch_device, requires_grad=True)
+            (weight @ weight).sum().backward()
+        del weight
+        torch.cuda.synchronize(self.torch_device)

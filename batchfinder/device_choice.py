@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from .cuda import CudaDevice
 from .devices import DeviceBackend, DeviceLike
@@ -11,10 +12,12 @@ from .simulated import SimulatedGPU
 __all__ = ["resolve_device"]
 
 
-def resolve_device(device: DeviceLike, *, memory_limit: int | str | None = None) -> DeviceBackend:
+def resolve_device(
+    device: DeviceLike, *, memory_limit: int | str | None = None, model: nn.Module | None = None
+) -> DeviceBackend:
     """Turn the ``device`` argument of the public functions into a backend.
 
-    ``None`` means the current CUDA GPU when there is one. Strings and ``torch.device`` naming CUDA give a
+    ``None`` means the GPU ``model`` lives on when it lives on one, and the current CUDA GPU otherwise. Strings and ``torch.device`` naming CUDA give a
     :class:`~batchfinder.cuda.CudaDevice`; ``"sim:64MiB"`` gives a :class:`~batchfinder.simulated.SimulatedGPU`
     of that capacity; a backend instance is returned as it is.
     """
@@ -23,6 +26,10 @@ def resolve_device(device: DeviceLike, *, memory_limit: int | str | None = None)
             raise ValueError("memory_limit applies to CUDA devices only; give a SimulatedGPU its capacity instead")
         return device
     if device is None:
+        if model is not None:
+            gpus = {t.device for t in (*model.parameters(), *model.buffers()) if t.device.type == "cuda"}
+            if len(gpus) == 1:
+                return CudaDevice(gpus.pop(), memory_limit=memory_limit)
         if torch.cuda.is_available():
             return CudaDevice("cuda", memory_limit=memory_limit)
         raise ValueError(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -50,6 +50,23 @@ class DeviceBackend(ABC):
     def reset_peak_memory_stats(self) -> None:
         """Start a new peak measurement at the current level."""
 
+    def memory_reserved(self) -> int:
+        """Bytes the device's allocator holds (allocated plus cached); without a cache, :meth:`memory_allocated`."""
+        return self.memory_allocated()
+
+    def max_memory_reserved(self) -> int:
+        """Peak of :meth:`memory_reserved` since the last :meth:`reset_peak_memory_stats`."""
+        return self.max_memory_allocated()
+
+    def memory_budget(self) -> int | None:
+        """The most this process's tensors (model included) can hold now: what is reserved plus what is free on
+        the device, within any limit set on the search. ``None`` when unknown."""
+        return self.capacity_bytes
+
+    def memory_report(self) -> str:
+        """A short account of the device's memory for error messages (who holds what), or ``""``."""
+        return ""
+
     def synchronize(self) -> None:
         """Wait for queued device work (a no-op where work is synchronous)."""
 
@@ -78,3 +95,37 @@ class DeviceBackend(ABC):
 
 
 DeviceLike = DeviceBackend | torch.device | str | None
+
+
+@contextlib.contextmanager
+def moved_to(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """Move every parameter and buffer of ``model`` to ``device`` for the length of the block (see
+    :func:`swapped_data`)."""
+    with swapped_data(model, lambda data: data.to(device), only=lambda tensor: tensor.device != device):
+        yield
+
+
+@contextlib.contextmanager
+def swapped_data(
+    model: nn.Module,
+    convert: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    only: Callable[[torch.Tensor], bool] = lambda tensor: True,
+) -> Iterator[None]:
+    """Give every parameter and buffer of ``model`` (each once, also when shared) the data ``convert(data)`` for
+    the length of the block, keeping the very same tensor objects (their ``.data`` is swapped, as ``model.to`` does
+    for parameters), so that references held elsewhere (an optimizer, a snapshot of the user's state, a buffer two
+    modules share) follow. On exit every tensor gets its original data back; gradients made meanwhile are dropped."""
+    swapped: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    try:
+        for tensor in (*model.parameters(), *model.buffers()):
+            if id(tensor) not in swapped and only(tensor):
+                original = tensor.data
+                swapped[id(tensor)] = (tensor, original)
+                tensor.data = convert(original)
+        yield
+    finally:
+        for tensor, original in swapped.values():
+            if isinstance(tensor, nn.Parameter):
+                tensor.grad = None
+            tensor.data = original

@@ -76,14 +76,26 @@ class RankAgreement:
         if not _distributed_ready():
             raise RuntimeError("torch.distributed is not initialised: there are no ranks to agree with")
         dist = torch.distributed
-        self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
-        backend = str(dist.get_backend(group)).lower()
-        if "nccl" in backend and torch.cuda.is_available():
-            self._device = torch.device("cuda", torch.cuda.current_device())
+        # The ranks agree over the CPU, on a gloo group of their own when the given group is not one: a collective
+        # on a GPU would run on whichever device is current (not the searched one), and after an illegal memory
+        # access or a device-side assert the CUDA context of the failing rank is poisoned, so it could not report
+        # its failure there and the other ranks would wait until the watchdog fires.
+        self._owned_group: Any = None
+        if "gloo" in str(dist.get_backend(group)).lower():
+            self.group = group
         else:
-            self._device = torch.device("cpu")
+            ranks = None if group is None else dist.get_process_group_ranks(group)
+            self._owned_group = dist.new_group(ranks=ranks, backend="gloo")
+            self.group = self._owned_group
+        self._device = torch.device("cpu")
+
+    def close(self) -> None:
+        """Release the gloo group this agreement created (a collective: every rank calls it)."""
+        if self._owned_group is not None:
+            group, self._owned_group = self._owned_group, None
+            torch.distributed.destroy_process_group(group)
 
     # -- collectives ----------------------------------------------------------------------------------------------
     def _slots(self, values: Sequence[int]) -> list[list[int]]:

@@ -154,18 +154,22 @@ def search(workload: Workload, device: DeviceBackend, options: SearchOptions) ->
     options.validate()
     check_model(workload.model)
     check_materialised(workload.model)
-    agreement = resolve_agreement(options.distributed)
     session = _session(workload, device, options)
     training = workload.trains
     source = workload.source if training else workload.eval_source
     context = SearchContext(workload.model, source, device, workload.optimizer, workload.step, options.steps_per_trial)
-    with _open(session, agreement):
-        result = _run(session, context, options, agreement, phase="train" if training else "eval", length=source.length)
-        if training and workload.search_evaluation and workload.eval_source is not None:
-            eval_options = _evaluation_options(options, min(result.max_batch_size, workload.eval_source.length))
-            result.evaluation = _run(
-                session, context, eval_options, agreement, phase="eval", length=workload.eval_source.length
-            )
+    agreement = resolve_agreement(options.distributed)
+    try:
+        with _open(session, agreement):
+            result = _run(session, context, options, agreement, phase="train" if training else "eval", length=source.length)
+            if training and workload.search_evaluation and workload.eval_source is not None:
+                eval_options = _evaluation_options(options, min(result.max_batch_size, workload.eval_source.length))
+                result.evaluation = _run(
+                    session, context, eval_options, agreement, phase="eval", length=workload.eval_source.length
+                )
+    finally:
+        if agreement is not None:
+            agreement.close()
     if training and options.target_batch_size is not None:
         plan = plan_accumulation(
             math.ceil(options.target_batch_size / result.world_size), result.batch_size, options.multiple_of
@@ -321,12 +325,14 @@ def _nothing_fits(trials: list[Trial], device: DeviceBackend) -> NoBatchSizeFits
     request = smallest.requested_bytes or 0
     needed = smallest.peak_bytes + request
     capacity = device.capacity_bytes
+    report = device.memory_report()
     return NoBatchSizeFitsError(
         f"batch size {smallest.batch_size} does not fit on {device.name}: the trial needed at least "
         f"{format_bytes(needed)} (it reached {format_bytes(smallest.peak_bytes)}, of which "
         f"{format_bytes(smallest.baseline_bytes)} is the model and its existing state, then asked for "
-        f"{format_bytes(request)} more) but the device has {format_bytes(capacity)}. Use a larger GPU, "
-        "an optimizer with less state (SGD), mixed precision, or a smaller model.",
+        f"{format_bytes(request)} more) but the device has {format_bytes(capacity)}"
+        + (f" ({report})" if report else "")
+        + ". Use a larger GPU, an optimizer with less state (SGD), mixed precision, or a smaller model.",
         needed_bytes=needed,
         capacity_bytes=capacity,
     )
@@ -424,7 +430,7 @@ def find_batch_size(
     )
     options.validate()
     workload = _function_workload(model, dataset, optimizer, loss_fn, step_fn)
-    return search(workload, resolve_device(device, memory_limit=memory_limit), options)
+    return search(workload, resolve_device(device, memory_limit=memory_limit, model=workload.model), options)
 
 
 def try_batch_size(
@@ -451,6 +457,7 @@ def try_batch_size(
             f"batch_size={batch_size} is larger than the dataset ({workload.source.length} samples): "
             "a trial needs that many real samples"
         )
-    session = _session(workload, resolve_device(device, memory_limit=memory_limit), SearchOptions(steps_per_trial=steps_per_trial))
+    backend = resolve_device(device, memory_limit=memory_limit, model=workload.model)
+    session = _session(workload, backend, SearchOptions(steps_per_trial=steps_per_trial))
     with session:
         return session.run(batch_size)

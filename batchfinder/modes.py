@@ -106,6 +106,9 @@ def _guided_limit(device: DeviceBackend) -> tuple[int | None, bool]:
         return None, False
     if device.accounting_is_exact:
         return capacity, True  # the same accounting as the estimator: exact
+    budget = device.memory_budget()
+    if budget is not None and budget != capacity:
+        return budget, False  # what is reserved plus what is free: the context and other processes are left out
     if getattr(device, "memory_limit", None) is not None:
         return capacity, False  # a per-process fraction limits the allocator alone; the context is outside it
     return max(capacity - CUDA_CONTEXT_BYTES, 1), False

@@ -16,7 +16,14 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["OOM_MESSAGES", "is_oom_error", "is_fatal_device_error", "exception_text", "exception_first_line"]
+__all__ = [
+    "OOM_MESSAGES",
+    "is_oom_error",
+    "is_ambiguous_oom_error",
+    "is_fatal_device_error",
+    "exception_text",
+    "exception_first_line",
+]
 
 #: Message fragments that mean a device (or host) allocation failed, across CUDA, ROCm, XPU, MPS and cuDNN/cuBLAS.
 OOM_MESSAGES: tuple[str, ...] = (
@@ -115,3 +122,13 @@ def is_oom_error(exc: BaseException) -> bool:
 def is_fatal_device_error(exc: BaseException) -> bool:
     """Return True for CUDA errors that leave the CUDA context unusable (never "try a smaller batch")."""
     return any(_matches(current, _FATAL_MESSAGES) for current in _chain(exc))
+
+
+def is_ambiguous_oom_error(exc: BaseException) -> bool:
+    """Return True for errors that mean "out of memory" only when a smaller batch of the same model worked.
+
+    ``CUDNN_STATUS_NOT_SUPPORTED`` is what cuDNN raises when no algorithm fits in the memory left for its workspace,
+    and also when it supports the layer's configuration at no batch size at all. A trial counts it as out of
+    memory; the session's check at a batch of 2 does not, and reports it as an unsupported configuration.
+    """
+    return any(_matches(current, ("CUDNN_STATUS_NOT_SUPPORTED",)) for current in _chain(exc))

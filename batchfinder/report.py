@@ -37,14 +37,18 @@ class ProgressPrinter:
 
 
 def trial_table(trials: Sequence[Trial]) -> str:
-    """A table of trials: batch size, fits, peak memory, time per step, samples per second."""
-    header = f"{'#':>3}  {'batch size':>10}  {'fits':>4}  {'peak memory':>12}  {'time/step':>10}  {'samples/s':>10}"
+    """A table of trials: batch size, fits, peak allocated and reserved memory, time per step, samples per second."""
+    header = (
+        f"{'#':>3}  {'batch size':>10}  {'fits':>4}  {'peak memory':>12}  {'reserved':>12}  {'time/step':>10}  "
+        f"{'samples/s':>10}"
+    )
     lines = [header, "-" * len(header)]
     for index, trial in enumerate(trials, 1):
         seconds = f"{trial.seconds_per_step * 1000:.1f} ms" if trial.seconds_per_step is not None else "-"
         rate = f"{trial.samples_per_second:,.0f}" if trial.samples_per_second is not None else "-"
         lines.append(
             f"{index:>3}  {trial.batch_size:>10,}  {'yes' if trial.fits else 'OOM':>4}  "
-            f"{format_bytes(trial.peak_bytes):>12}  {seconds:>10}  {rate:>10}"
+            f"{format_bytes(trial.peak_bytes):>12}  {format_bytes(trial.peak_reserved_bytes):>12}  {seconds:>10}  "
+            f"{rate:>10}"
         )
     return "\n".join(lines)

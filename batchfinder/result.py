@@ -27,7 +27,8 @@ class Trial:
     fits: bool
     """True when every step ran without running out of memory."""
     peak_bytes: int
-    """Peak device memory during the trial (for a failed trial, the peak reached before the failure)."""
+    """Peak allocated device memory during the trial (for a failed trial, the peak reached before the failure), as
+    ``torch.cuda.max_memory_allocated`` counts it."""
     seconds_per_step: float | None
     """Wall time per step (mean over the steps after the first, which allocates optimizer state); None if it failed."""
     steps: int
@@ -38,6 +39,9 @@ class Trial:
     """Memory still held after recovery beyond the baseline (0 when recovery was complete)."""
     error: str | None = None
     """The first line of the out-of-memory message when the trial did not fit."""
+    peak_reserved_bytes: int = 0
+    """Peak memory the device's allocator held during the trial (allocated plus cached blocks and the unused parts
+    of its segments), as ``torch.cuda.max_memory_reserved`` counts it; a real GPU runs out of memory on this."""
 
     @property
     def samples_per_second(self) -> float | None:
@@ -62,6 +66,7 @@ class Trial:
             "batch_size": self.batch_size,
             "fits": self.fits,
             "peak_bytes": self.peak_bytes,
+            "peak_reserved_bytes": self.peak_reserved_bytes,
             "seconds_per_step": self.seconds_per_step,
             "steps": self.steps,
             "baseline_bytes": self.baseline_bytes,

@@ -40,7 +40,7 @@ from .accounting import host_side_loading, round_allocation, tensor_storages
 from .batching import BatchSource, describe_batch
 from .devices import DeviceBackend
 from .errors import NoBatchSizeFitsError
-from .oom import exception_first_line, is_fatal_device_error, is_oom_error
+from .oom import exception_first_line, is_ambiguous_oom_error, is_fatal_device_error, is_oom_error
 from .optimizers import OptimizerSpec
 from .result import Trial
 from .state import SnapshotFactory, TrainingState, deferred_interrupts
@@ -197,8 +197,14 @@ class TrialSession:
                 with torch.no_grad():
                     self.eval_step(self.model, batch)
         except (TypeError, ValueError, RuntimeError, IndexError, KeyError) as exc:
-            if is_oom_error(exc):
+            if is_oom_error(exc) and not is_ambiguous_oom_error(exc):
                 return  # even a tiny batch does not fit: the search reports it with figures
+            if is_ambiguous_oom_error(exc):
+                raise ValueError(
+                    f"cuDNN refused the model at a batch of {size} ({exception_first_line(exc)}): at so small a batch "
+                    "this means an unsupported layer configuration (dtype, layout, kernel size or padding), not a "
+                    "lack of memory. Check the layer's settings, or set torch.backends.cudnn.enabled = False."
+                ) from exc
             error_type = TypeError if isinstance(exc, TypeError) else ValueError
             raise error_type(
                 f"the model could not train on a batch built from the dataset, {describe_batch(host_batch)}: "
@@ -258,6 +264,7 @@ class TrialSession:
             durations = eval_durations
         self.device.synchronize()
         peak = self.device.max_memory_allocated()
+        peak_reserved = self.device.max_memory_reserved()
         leaked = self._release(baseline)
         if leaked:
             logger.warning("batch size %d left %s allocated after recovery", batch_size, format_bytes(leaked))
@@ -271,6 +278,7 @@ class TrialSession:
             baseline_bytes=baseline,
             leaked_bytes=leaked,
             error=error,
+            peak_reserved_bytes=peak_reserved,
         )
 
     def _release(self, baseline: int) -> int:

@@ -162,6 +162,9 @@ def test_limits_per_device():
         memory_limit = None
         accounting_is_exact = False
 
+        def memory_budget(self) -> int:
+            return self.capacity_bytes
+
     class Limited(FakeCuda):
         memory_limit = 8 * 2**30
         capacity_bytes = 8 * 2**30
