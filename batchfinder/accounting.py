@@ -15,6 +15,11 @@ when the storage is freed. With a capacity it refuses a charge that would pass i
 
 The same ledger and mode serve the simulated GPU (real CPU tensors) and the memory estimator (fake tensors), which
 is why the two agree to the byte.
+
+With an ``allocator`` (a :class:`~batchfinder.allocator.CachingAllocator`) every charge is also a ``malloc`` and every
+release a ``free`` in a model of PyTorch's CUDA caching allocator: the ledger then also knows the reserved bytes
+(segments obtained from the driver), and a charge fails where the real allocator would fail (on reserved memory,
+fragmentation included), not merely where allocated bytes pass the capacity.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .allocator import AllocatorOutOfMemory, CachingAllocator
 from .units import format_bytes
 
 __all__ = [
@@ -55,9 +61,13 @@ def round_allocation(nbytes: int) -> int:
 class MemoryLedger:
     """Charged bytes per live storage, the running total and its peak, against an optional capacity."""
 
-    def __init__(self, capacity: int | None = None, *, device_label: str = "GPU 0") -> None:
+    def __init__(
+        self, capacity: int | None = None, *, device_label: str = "GPU 0", allocator: CachingAllocator | None = None
+    ) -> None:
         self.capacity = capacity
         self.device_label = device_label
+        self.allocator = allocator
+        self._handles: dict[int, int] = {}  # token -> the allocator's block handle
         self._tokens: WeakIdKeyDictionary = WeakIdKeyDictionary()  # storage -> token
         self._sizes: dict[int, int] = {}  # token -> charged bytes
         self._finalizers: dict[int, weakref.finalize] = {}
@@ -76,10 +86,28 @@ class MemoryLedger:
         token = self._tokens.get(storage)
         return 0 if token is None else self._sizes.get(token, 0)
 
+    @property
+    def reserved(self) -> int:
+        """Bytes in the allocator's segments (the charged bytes when there is no allocator)."""
+        return self.allocator.reserved if self.allocator is not None else self.allocated
+
+    @property
+    def peak_reserved(self) -> int:
+        """Peak of :attr:`reserved` since the last :meth:`reset_peak`."""
+        return self.allocator.peak_reserved if self.allocator is not None else self.peak
+
     def reset_peak(self) -> None:
         """Start a new peak measurement at the current total."""
         with self._lock:
             self.peak = self.allocated
+            if self.allocator is not None:
+                self.allocator.reset_peak()
+
+    def empty_cache(self) -> None:
+        """Release the allocator's wholly free cached segments (nothing to do without an allocator)."""
+        with self._lock:
+            if self.allocator is not None:
+                self.allocator.empty_cache()
 
     # -- charging ------------------------------------------------------------------------------------------
     def charge(self, storages: Iterable[torch.UntypedStorage]) -> int:
@@ -100,10 +128,14 @@ class MemoryLedger:
             if not pending:
                 return 0
             extra = sum(delta for _, _, delta in pending.values())
-            if self.capacity is not None and self.allocated + extra > self.capacity:
+            if self.allocator is not None:
+                handles = self._malloc(self.allocator, [size for _, size, _ in pending.values()])
+            elif self.capacity is not None and self.allocated + extra > self.capacity:
                 raise torch.OutOfMemoryError(self._oom_message(extra))
-            for storage, size, _ in pending.values():
-                self._record(storage, size)
+            else:
+                handles = [None] * len(pending)
+            for (storage, size, _), handle in zip(pending.values(), handles):
+                self._record(storage, size, handle)
             self.allocated += extra
             self.peak = max(self.peak, self.allocated)
             return extra
@@ -117,24 +149,52 @@ class MemoryLedger:
             finalizer = self._finalizers.pop(token, None)
             if finalizer is not None:
                 finalizer.detach()
+            self._free(token)
             size = self._sizes.pop(token, 0)
             self.allocated -= size
             return size
 
-    def _record(self, storage: torch.UntypedStorage, size: int) -> None:
+    def _malloc(self, allocator: CachingAllocator, sizes: list[int]) -> list[int | None]:
+        """One block per size from the allocator, all or nothing (blocks of a failed call are freed again)."""
+        handles: list[int | None] = []
+        try:
+            for size in sizes:
+                handles.append(allocator.malloc(size))
+        except AllocatorOutOfMemory as exc:
+            for handle in handles:
+                if handle is not None:
+                    allocator.free(handle)
+            raise torch.OutOfMemoryError(
+                str(exc).replace("GPU 0", self.device_label, 1)
+                + " (simulated GPU: batchfinder.SimulatedGPU models PyTorch's caching allocator)"
+            ) from None
+        return handles
+
+    def _free(self, token: int) -> None:
+        handle = self._handles.pop(token, None)
+        if handle is not None and self.allocator is not None:
+            self.allocator.free(handle)
+
+    def _record(self, storage: torch.UntypedStorage, size: int, handle: int | None = None) -> None:
         token = self._tokens.get(storage)
         if token is not None:
+            self._free(token)  # a storage that grew: its new block replaces the old one, as a resize would
             self._sizes[token] = size
+            if handle is not None:
+                self._handles[token] = handle
             return
         token = self._next_token
         self._next_token += 1
         self._tokens[storage] = token
         self._sizes[token] = size
+        if handle is not None:
+            self._handles[token] = handle
         self._finalizers[token] = weakref.finalize(storage, self._freed, token)
 
     def _freed(self, token: int) -> None:
         with self._lock:
             self._finalizers.pop(token, None)
+            self._free(token)
             self.allocated -= self._sizes.pop(token, 0)
 
     def _oom_message(self, request: int) -> str:

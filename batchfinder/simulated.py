@@ -29,10 +29,15 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from .accounting import ChargingMode, MemoryLedger, host_side_loading, tensor_storages
+from .allocator import CachingAllocator
 from .devices import DeviceBackend
 from .units import format_bytes, parse_bytes
 
-__all__ = ["SimulatedGPU"]
+__all__ = ["SimulatedGPU", "ALLOCATORS"]
+
+ALLOCATORS = ("ideal", "caching")
+"""``allocator=`` values: ``"ideal"`` charges allocated bytes only (every storage rounded to 512 B); ``"caching"``
+models PyTorch's CUDA caching allocator (segments, cached blocks, fragmentation; see :mod:`batchfinder.allocator`)."""
 
 
 class SimulatedGPU(DeviceBackend):
@@ -41,14 +46,27 @@ class SimulatedGPU(DeviceBackend):
     Use it as the ``device`` of :func:`~batchfinder.find_batch_size`, or as a context manager around any code to
     measure it under the same accounting (``with SimulatedGPU("8GiB") as gpu: ...; gpu.max_memory_allocated()``).
     Allocations past the capacity raise ``torch.OutOfMemoryError`` with a CUDA-style message.
+
+    ``allocator="ideal"`` (the default) fails where the *allocated* bytes would pass the capacity.
+    ``allocator="caching"`` models PyTorch's CUDA caching allocator in its default configuration (512-byte rounding,
+    2 MiB and 20 MiB segments, cached blocks reused best-fit, split and merged, cached segments released and the
+    request retried once before failing): it fails where a real GPU's allocator would, on *reserved* bytes, so that
+    fragmentation can end a trial although allocated memory is below the capacity.
     """
 
     torch_device = torch.device("cpu")
     accounting_is_exact = True
 
-    def __init__(self, capacity: int | str, *, label: str = "GPU 0") -> None:
+    def __init__(self, capacity: int | str, *, label: str = "GPU 0", allocator: str = "ideal") -> None:
         self._capacity = parse_bytes(capacity, argument="capacity")
-        self.ledger = MemoryLedger(self._capacity, device_label=f"{label} (simulated)")
+        if allocator not in ALLOCATORS:
+            raise ValueError(f"allocator={allocator!r} is not a simulated allocator; choose one of {list(ALLOCATORS)}")
+        self.allocator = allocator
+        self.ledger = MemoryLedger(
+            self._capacity,
+            device_label=f"{label} (simulated)",
+            allocator=CachingAllocator(self._capacity) if allocator == "caching" else None,
+        )
         self._depth = 0
         self._mode: ChargingMode | None = None
         self._lock = threading.Lock()
@@ -56,7 +74,8 @@ class SimulatedGPU(DeviceBackend):
     # -- DeviceBackend ----------------------------------------------------------------------------------------
     @property
     def name(self) -> str:
-        return f"SimulatedGPU({format_bytes(self._capacity)})"
+        suffix = ", caching allocator" if self.allocator == "caching" else ""
+        return f"SimulatedGPU({format_bytes(self._capacity)}{suffix})"
 
     @property
     def capacity_bytes(self) -> int:
@@ -73,6 +92,22 @@ class SimulatedGPU(DeviceBackend):
     def reset_peak_memory_stats(self) -> None:
         """Like ``torch.cuda.reset_peak_memory_stats()``."""
         self.ledger.reset_peak()
+
+    def memory_reserved(self) -> int:
+        """Bytes in the allocator's segments, like ``torch.cuda.memory_reserved()`` (allocated bytes when ideal)."""
+        return self.ledger.reserved
+
+    def max_memory_reserved(self) -> int:
+        """Peak reserved bytes since the last reset, like ``torch.cuda.max_memory_reserved()``."""
+        return self.ledger.peak_reserved
+
+    def empty_cache(self) -> None:
+        """Release cached segments that hold no tensor, like ``torch.cuda.empty_cache()``."""
+        self.ledger.empty_cache()
+
+    def mem_get_info(self) -> tuple[int, int]:
+        """``(free, total)`` bytes, like ``torch.cuda.mem_get_info()`` with nothing else on the GPU."""
+        return self._capacity - self.ledger.reserved, self._capacity
 
     def measuring(self) -> "SimulatedGPU":
         return self
