@@ -102,6 +102,10 @@ class MemoryEstimate:
     peak: int
     buffers: int = 0
     """Registered buffers (e.g. BatchNorm running statistics), not counted in ``parameters``."""
+    peak_reserved: int = 0
+    """Peak bytes PyTorch's CUDA caching allocator would reserve (segments of 2 MiB, 20 MiB or the request's size,
+    with cached blocks reused and split) for the same step, from an empty cache: what a trial on
+    ``SimulatedGPU(..., allocator="caching")`` reports as ``peak_reserved_bytes``. A real GPU runs out on this."""
     at_peak: dict[str, int] = field(default_factory=dict)
     """Bytes held at the peak by category (sums to ``peak``)."""
     peak_phase: str = ""
@@ -144,6 +148,7 @@ class MemoryEstimate:
             "batch": self.batch,
             "activations": self.activations,
             "peak": self.peak,
+            "peak_reserved": self.peak_reserved,
             "at_peak": dict(self.at_peak),
             "peak_phase": self.peak_phase,
             "phase_peaks": dict(self.phase_peaks),
@@ -183,7 +188,9 @@ class MemoryEstimate:
             self.table(),
             f"the peak is in {self.peak_phase}; {self.steps} training steps traced under fake tensors, every storage "
             "rounded up to 512 B as the CUDA allocator does",
-            "not included: CUDA context, cuBLAS/cuDNN workspaces, allocator fragmentation",
+            f"PyTorch's caching allocator would reserve {format_bytes(self.peak_reserved)} for this step from an empty "
+            "cache (whole segments, cached blocks)",
+            "not included: CUDA context, cuBLAS/cuDNN workspaces, fragmentation left by earlier work",
         ]
         return "\n".join(lines)
 
@@ -405,6 +412,7 @@ class Estimator:
             activations=trace.at_peak.get("activations", 0),
             peak=trace.peak,
             buffers=trace.buffers,
+            peak_reserved=trace.peak_reserved,
             at_peak=dict(trace.at_peak),
             peak_phase=trace.peak_phase,
             phase_peaks=dict(trace.phase_peaks),

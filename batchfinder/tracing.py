@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from .accounting import ChargingMode, MemoryLedger, round_allocation, tensor_storages
+from .allocator import CachingAllocator
 from .batching import describe_batch
 from .oom import exception_first_line, exception_text
 from .optimizers import OptimizerSpec
@@ -180,6 +181,10 @@ class Trace:
     """Highest total reached in each phase (``setup``, ``forward``, ``backward``, ``optimizer step``, ``zero_grad``)."""
     exact: dict[str, int] = field(default_factory=dict)
     """Unrounded tensor bytes of parameters, buffers, gradients, optimizer_state and batch."""
+    peak_reserved: int = 0
+    """Peak bytes the CUDA caching allocator would reserve for the same allocations and frees, in the same order
+    (:mod:`batchfinder.allocator`), starting from an empty cache: what a trial on a
+    ``SimulatedGPU(..., allocator="caching")`` reports as ``peak_reserved_bytes``."""
 
 
 class _PeakLedger(MemoryLedger):
@@ -193,8 +198,10 @@ class _PeakLedger(MemoryLedger):
     """
 
     def __init__(self, on_peak: Callable[[], None] | None) -> None:
-        super().__init__(None, device_label="fake")
+        super().__init__(None, device_label="fake", allocator=CachingAllocator(None))
         self._on_peak = on_peak
+        self.max_reserved = 0
+        """The highest reserved total of the whole trace (per-phase resets of the peaks leave it alone)."""
 
     def close(self) -> None:
         """Drop ``on_peak`` (and with it the recorder and the trace's fake tensors); the totals stay readable."""
@@ -203,6 +210,7 @@ class _PeakLedger(MemoryLedger):
     def charge(self, storages: Any) -> int:
         before = self.peak
         added = super().charge(storages)
+        self.max_reserved = max(self.max_reserved, self.reserved)
         if self.peak > before and self._on_peak is not None:
             self._on_peak()
         return added
@@ -550,4 +558,5 @@ class _Recorder:
                 "optimizer_state": state_exact,
                 "batch": batch_exact,
             },
+            peak_reserved=self.ledger.max_reserved if isinstance(self.ledger, _PeakLedger) else 0,
         )

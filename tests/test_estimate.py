@@ -272,3 +272,24 @@ def test_estimate_memory_takes_one_batch_size_and_the_curve_takes_several(monkey
     with pytest.raises(ValueError, match=r"batch_sizes\[1\]=0"):
         estimate_memory_curve(model, (1, 28, 28), [64, 0])
     assert "__iter__" not in vars(MemoryEstimates)  # a plain list of MemoryEstimate: no override of its own
+
+
+def test_reserved_peak_equals_the_caching_simulated_gpu_to_the_byte():
+    # Large enough that 20 MiB and request-sized segments, cached blocks and splits all occur.
+    torch.manual_seed(0)
+    cases = [
+        (zoo.mnist_mlp(), TensorDataset(torch.randn(4096, 1, 28, 28), torch.randint(0, 10, (4096,))), 4096),
+        (
+            nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)),
+            TensorDataset(torch.randn(256, 3, 32, 32), torch.randint(0, 10, (256,))),
+            256,
+        ),
+    ]
+    for model, dataset, size in cases:
+        est = bf.estimate_memory(model, dataset[0], size, optimizer=torch.optim.Adam)
+        trial = bf.try_batch_size(model, dataset, size, optimizer=torch.optim.Adam,
+                                  device=bf.SimulatedGPU("4GiB", allocator="caching"))
+        assert est.peak == trial.peak_bytes
+        assert est.peak_reserved == trial.peak_reserved_bytes > est.peak  # 38 MiB and 150 MiB reserved
+        assert est.peak_reserved % (2 * 2**20) == 0  # whole segments
