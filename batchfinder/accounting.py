@@ -62,11 +62,21 @@ class MemoryLedger:
     """Charged bytes per live storage, the running total and its peak, against an optional capacity."""
 
     def __init__(
-        self, capacity: int | None = None, *, device_label: str = "GPU 0", allocator: CachingAllocator | None = None
+        self,
+        capacity: int | None = None,
+        *,
+        device_label: str = "GPU 0",
+        allocator: CachingAllocator | None = None,
+        workspace_bytes: int = 0,
     ) -> None:
         self.capacity = capacity
         self.device_label = device_label
         self.allocator = allocator
+        self.workspace_bytes = workspace_bytes
+        """cuBLAS workspace charged at the first matrix multiply of the forward and of the backward pass (0: none)."""
+        self.workspaces: dict[str, torch.Tensor] = {}
+        """The workspaces charged so far, by pass (``"forward"``, ``"backward"``); they live as long as the ledger,
+        as cuBLAS keeps its workspaces for the life of the process."""
         self._handles: dict[int, int] = {}  # token -> the allocator's block handle
         self._tokens: WeakIdKeyDictionary = WeakIdKeyDictionary()  # storage -> token
         self._sizes: dict[int, int] = {}  # token -> charged bytes
@@ -153,6 +163,16 @@ class MemoryLedger:
             size = self._sizes.pop(token, 0)
             self.allocated -= size
             return size
+
+    def charge_workspace(self, kind: str) -> None:
+        """Charge the cuBLAS workspace of ``kind`` (``"forward"``: the main thread's handle; ``"backward"``: the
+        autograd thread's) unless it is charged already or the ledger has none."""
+        if self.workspace_bytes <= 0 or kind in self.workspaces:
+            return
+        with host_side_loading():
+            workspace = torch.empty(self.workspace_bytes, dtype=torch.uint8)
+        self.charge([workspace.untyped_storage()])
+        self.workspaces[kind] = workspace
 
     def _malloc(self, allocator: CachingAllocator, sizes: list[int]) -> list[int | None]:
         """One block per size from the allocator, all or nothing (blocks of a failed call are freed again)."""
@@ -275,6 +295,13 @@ def tensor_storages(tree: Any) -> list[torch.UntypedStorage]:
     return storages
 
 
+_GEMMS = frozenset(
+    getattr(torch.ops.aten, name)
+    for name in ("mm", "addmm", "bmm", "baddbmm", "addbmm", "mv", "addmv", "_addmm_activation")
+)
+"""Operations that run on cuBLAS (and so create its workspace on first use)."""
+
+
 class ChargingMode(TorchDispatchMode):
     """Charges a :class:`MemoryLedger` for every storage that aten operations create or consume."""
 
@@ -300,6 +327,8 @@ class ChargingMode(TorchDispatchMode):
         kwargs = kwargs or {}
         if _loading_now():
             return func(*args, **kwargs)
+        if self.ledger.workspace_bytes and func.overloadpacket in _GEMMS:
+            self.ledger.charge_workspace("backward" if torch._C._current_autograd_node() is not None else "forward")
         consumed = tensor_storages((args, kwargs))
         if consumed:
             self.ledger.charge(consumed)

@@ -79,6 +79,8 @@ class SearchOptions:
     target_batch_size: int | None = None
     """The effective batch size over all ranks (micro-batch x accumulation steps x ranks)."""
     distributed: bool | None = None
+    confirm_steps: int = 0
+    """After the search, this many steps at the recommended size in one trial (0: none)."""
 
     def validate(self) -> None:
         """Raise a ValueError/TypeError naming the first bad option and what would be valid."""
@@ -94,6 +96,8 @@ class SearchOptions:
         check_time_budget(self.time_budget)
         progress_callback(self.progress)
         validate_target_batch_size(self.target_batch_size)
+        if isinstance(self.confirm_steps, bool) or not isinstance(self.confirm_steps, int) or self.confirm_steps < 0:
+            raise ValueError(f"confirm_steps={self.confirm_steps!r} must be a whole number of steps, 0 for none")
         if self.distributed is not None and not isinstance(self.distributed, bool):
             raise TypeError(f"distributed must be True, False or None (automatic), not {type(self.distributed).__name__}")
 
@@ -167,6 +171,8 @@ def search(workload: Workload, device: DeviceBackend, options: SearchOptions) ->
                 result.evaluation = _run(
                     session, context, eval_options, agreement, phase="eval", length=workload.eval_source.length
                 )
+            if training and options.confirm_steps:
+                _confirm(session, result, options, agreement)
     finally:
         if agreement is not None:
             agreement.close()
@@ -179,6 +185,35 @@ def search(workload: Workload, device: DeviceBackend, options: SearchOptions) ->
         result.accumulation_steps = plan.accumulation_steps
     result.seconds = time.perf_counter() - started
     return result
+
+
+_CONFIRMATION_ATTEMPTS = 3
+
+
+def _confirm(session: TrialSession, result: SearchResult, options: SearchOptions, agreement: RankAgreement | None) -> None:
+    """Run ``options.confirm_steps`` steps at the recommended size in one trial, the allocator's cache kept between
+    them, so that memory the steps leave cached and fragmented shows; when it runs out of memory, lower the
+    recommendation by the safety factor again and confirm that (up to three times), saying so in the result."""
+    size = result.batch_size
+    for _ in range(_CONFIRMATION_ATTEMPTS):
+        trial = session.run(size, steps=max(options.confirm_steps, MIN_STEPS_PER_TRIAL))
+        if agreement is not None:
+            trial, _peak = agreement.agree_trial(trial, f"the confirmation at batch size {size}")
+        result.confirmations.append(trial)
+        if trial.fits:
+            if size != result.batch_size:
+                logger.warning("batch size %d ran out of memory when confirmed; recommending %d", result.batch_size, size)
+                result.batch_size = size
+            return
+        smaller = recommend_batch_size(size, options.safety, options.multiple_of)
+        if smaller >= size:
+            break
+        size = smaller
+    raise SearchIncompleteError(
+        f"the recommended batch size {result.batch_size} and {len(result.confirmations) - 1} smaller one(s) ran out of "
+        f"memory when confirmed over {options.confirm_steps} steps: memory grows from step to step (a leak, or "
+        "fragmentation); look at the trial table and the confirmations"
+    )
 
 
 def _evaluation_options(options: SearchOptions, init_batch_size: int) -> SearchOptions:
@@ -371,6 +406,7 @@ def find_batch_size(
     memory_limit: int | str | None = None,
     target_batch_size: int | None = None,
     distributed: bool | None = None,
+    confirm_steps: int = 0,
 ) -> SearchResult:
     """Find the largest batch size ``model`` can train with on ``device`` by running real training steps.
 
@@ -409,6 +445,9 @@ def find_batch_size(
             its own. ``True``: require ``torch.distributed``. A ``DistributedDataParallel`` model is searched through
             its unwrapped module (no collective runs inside a trial) with its gradient buckets charged; sharded
             models (FSDP, DeepSpeed) are refused.
+        confirm_steps: after the search, run this many steps at the recommended size in one trial, with the device's
+            cache kept between them (so that what steps leave cached and fragmented shows); if it runs out of memory
+            the recommendation is lowered by the safety factor again and confirmed (``result.confirmations``).
 
     Returns:
         A :class:`~batchfinder.SearchResult`. Raises :class:`~batchfinder.NoBatchSizeFitsError` when batch size 1
@@ -427,6 +466,7 @@ def find_batch_size(
         progress=progress,
         target_batch_size=target_batch_size,
         distributed=distributed,
+        confirm_steps=confirm_steps,
     )
     options.validate()
     workload = _function_workload(model, dataset, optimizer, loss_fn, step_fn)

@@ -115,6 +115,9 @@ class SearchResult:
     """Ranks that ran every trial and agreed on each outcome (1 without ``torch.distributed``)."""
     evaluation: SearchResult | None = None
     """The search of a separate evaluation batch size (evaluation-only trials), when one ran."""
+    confirmations: list[Trial] = field(default_factory=list)
+    """With ``confirm_steps``: the confirmation runs at the recommended size (several when one ran out of memory and
+    the recommendation was lowered); the last one fitted."""
 
     def __post_init__(self) -> None:
         if not self.micro_batch_size:
@@ -134,6 +137,13 @@ class SearchResult:
     def eval_max_batch_size(self) -> int | None:
         """Largest evaluation batch size that fitted, when an evaluation batch size was searched."""
         return None if self.evaluation is None else self.evaluation.max_batch_size
+
+    @property
+    def confirmed_reserved_fraction(self) -> float | None:
+        """The reserved peak of the last confirmation run as a fraction of the capacity (None without one)."""
+        if not self.confirmations or not self.capacity_bytes:
+            return None
+        return self.confirmations[-1].peak_reserved_bytes / self.capacity_bytes
 
     @property
     def num_trials(self) -> int:
@@ -204,6 +214,7 @@ class SearchResult:
             "prediction_status": self.prediction_status,
             "trials": [trial.as_dict() for trial in self.trials],
             "evaluation": None if self.evaluation is None else self.evaluation.as_dict(),
+            "confirmations": [trial.as_dict() for trial in self.confirmations],
         }
 
     def plot(self, path: Any) -> Any:
@@ -234,6 +245,16 @@ class SearchResult:
                 + (f" x {self.world_size} ranks" if self.world_size > 1 else "")
                 + f" = {self.effective_batch_size}"
                 + (f" ({waste} over the target)" if waste else "")
+            )
+        if self.confirmations:
+            last = self.confirmations[-1]
+            lowered = len(self.confirmations) - 1
+            fraction = self.confirmed_reserved_fraction
+            lines.append(
+                f"  confirmed: {last.steps} steps at {last.batch_size} with the cache kept, peak reserved "
+                f"{format_bytes(last.peak_reserved_bytes)}"
+                + (f" ({fraction:.0%} of the capacity)" if fraction is not None else "")
+                + (f"; lowered {lowered} time(s) after running out of memory when confirmed" if lowered else "")
             )
         if self.evaluation is not None:
             lines.append(

@@ -30,6 +30,7 @@ from torch.utils._pytree import tree_map
 
 from .accounting import ChargingMode, MemoryLedger, host_side_loading, tensor_storages
 from .allocator import CachingAllocator
+from .gpus import CUDA_CONTEXT_BYTES, lookup_gpu
 from .devices import DeviceBackend
 from .units import format_bytes, parse_bytes
 
@@ -57,24 +58,59 @@ class SimulatedGPU(DeviceBackend):
     torch_device = torch.device("cpu")
     accounting_is_exact = True
 
-    def __init__(self, capacity: int | str, *, label: str = "GPU 0", allocator: str = "ideal") -> None:
+    def __init__(
+        self, capacity: int | str, *, label: str = "GPU 0", allocator: str = "ideal", workspace_bytes: int = 0
+    ) -> None:
         self._capacity = parse_bytes(capacity, argument="capacity")
         if allocator not in ALLOCATORS:
             raise ValueError(f"allocator={allocator!r} is not a simulated allocator; choose one of {list(ALLOCATORS)}")
+        if isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, int) or workspace_bytes < 0:
+            raise ValueError(f"workspace_bytes={workspace_bytes!r} must be a whole number of bytes, 0 for none")
         self.allocator = allocator
+        self.like_gpu: str | None = None
+        """The GPU this device stands for when built with :meth:`like`."""
         self.ledger = MemoryLedger(
             self._capacity,
             device_label=f"{label} (simulated)",
             allocator=CachingAllocator(self._capacity) if allocator == "caching" else None,
+            workspace_bytes=workspace_bytes,
         )
         self._depth = 0
         self._mode: ChargingMode | None = None
         self._lock = threading.Lock()
 
+    @classmethod
+    def like(
+        cls, gpu: str, *, allocator: str = "caching", context_bytes: int = CUDA_CONTEXT_BYTES
+    ) -> "SimulatedGPU":
+        """A simulated GPU shaped like a real one (a name from :mod:`batchfinder.gpus`, e.g. ``"A100-40GB"``).
+
+        Its capacity is the board's memory less the CUDA context (``context_bytes``, 512 MiB by default: 300-500
+        MiB with lazy module loading on current drivers, see :mod:`batchfinder.gpus`), which lives outside
+        PyTorch's allocator. The caching allocator is modelled (``allocator="caching"``), and cuBLAS's workspace
+        for that architecture (8,519,680 B before Hopper, 32 MiB from Hopper on) is charged at the first matrix
+        multiply of the forward pass and again at the first of the backward pass, which runs on autograd's own
+        thread with a cuBLAS handle of its own.
+        """
+        spec = lookup_gpu(gpu)
+        if isinstance(context_bytes, bool) or not isinstance(context_bytes, int) or context_bytes < 0:
+            raise ValueError(f"context_bytes={context_bytes!r} must be a whole number of bytes")
+        capacity = spec.memory_bytes - context_bytes
+        if capacity <= 0:
+            raise ValueError(
+                f"context_bytes={format_bytes(context_bytes)} leaves nothing of the {spec.name}'s "
+                f"{format_bytes(spec.memory_bytes)}: the CUDA context must be smaller than the GPU"
+            )
+        device = cls(capacity, allocator=allocator, workspace_bytes=spec.workspace_bytes)
+        device.like_gpu = spec.name
+        return device
+
     # -- DeviceBackend ----------------------------------------------------------------------------------------
     @property
     def name(self) -> str:
         suffix = ", caching allocator" if self.allocator == "caching" else ""
+        if self.like_gpu is not None:
+            return f"SimulatedGPU(like {self.like_gpu}: {format_bytes(self._capacity)} after the CUDA context{suffix})"
         return f"SimulatedGPU({format_bytes(self._capacity)}{suffix})"
 
     @property
@@ -141,6 +177,9 @@ class SimulatedGPU(DeviceBackend):
             tensors.extend(t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor))
         fresh = [s for s in {id(s): s for s in tensor_storages(tensors)}.values() if not self.ledger.is_charged(s)]
         self.ledger.charge(fresh)
+        # As CudaDevice warms cuBLAS up: its workspaces belong to every trial's baseline, not to the first trial.
+        self.ledger.charge_workspace("forward")
+        self.ledger.charge_workspace("backward")
         try:
             yield
         finally:

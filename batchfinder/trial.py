@@ -220,14 +220,15 @@ class TrialSession:
         return self._state
 
     # -- trials --------------------------------------------------------------------------------------------------
-    def run(self, batch_size: int, *, phase: str = "train") -> Trial:
+    def run(self, batch_size: int, *, phase: str = "train", steps: int | None = None) -> Trial:
         """Run one trial at ``batch_size`` and return how it went; restores the user's state afterwards.
 
         ``phase="train"`` (default): ``steps_per_trial`` training steps at ``batch_size`` and, when the session has an
         eval step, ``eval_steps`` evaluation steps at the same size (at most the evaluation data's length); the trial
         fits only if both do. ``phase="eval"``: evaluation steps at ``batch_size``; a session that trains first runs
         one training step at a batch of 2, so that optimizer state and gradients are held as during validation inside
-        training. Its time per step is then the evaluation step's.
+        training. Its time per step is then the evaluation step's. ``steps`` overrides ``steps_per_trial`` for one
+        training trial (the confirmation run).
         """
         state = self._require_state()
         eval_host: Any = None
@@ -237,7 +238,7 @@ class TrialSession:
             host_batch = self.source.batch(batch_size)
             if self.validate and self.eval_step is not None and self.eval_source is not None:
                 eval_host = self.eval_source.batch(min(batch_size, self.eval_source.length))
-            train_steps = self.steps_per_trial
+            train_steps = self.steps_per_trial if steps is None else steps
         elif phase == "eval":
             if self.eval_step is None or self.eval_source is None:
                 raise ValueError("this session has no eval step to measure")

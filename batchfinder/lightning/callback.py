@@ -117,6 +117,8 @@ class BatchFinder(Callback):
             lets every rank search on its own (and possibly apply a different size).
         progress: True to print a line per trial to standard error, or a callable receiving each ``Trial``.
         log_results: log the result to the trainer's loggers (hyperparameters and metrics under ``batchfinder/``).
+        confirm_steps: after the search, this many training steps at the recommended size in one trial, as for
+            :func:`~batchfinder.find_batch_size`.
 
     After a search :attr:`result` holds the :class:`~batchfinder.SearchResult` (:attr:`results` one per stage).
     """
@@ -142,6 +144,7 @@ class BatchFinder(Callback):
         distributed: bool | None = None,
         progress: ProgressLike = False,
         log_results: bool = True,
+        confirm_steps: int = 0,
     ) -> None:
         super().__init__()
         self.options = SearchOptions(
@@ -156,6 +159,7 @@ class BatchFinder(Callback):
             progress=progress,
             target_batch_size=target_batch_size,
             distributed=distributed,
+            confirm_steps=confirm_steps,
         )
         self.options.validate()
         if batch_arg_name is not None and (not isinstance(batch_arg_name, str) or not batch_arg_name.isidentifier()):
