@@ -146,10 +146,14 @@ class CudaDevice(DeviceBackend):
             yield
 
     def warm_up(self) -> None:
-        """Run one small matrix multiply forward and backward on the GPU, so that cuBLAS has created its workspaces
-        (one per handle and stream; the backward runs on autograd's own thread) before anything is measured."""
+        """Run small matrix multiplies forward and backward on the GPU, so that cuBLAS and cuBLASLt have created
+        their workspaces (one per handle and stream; the backward runs on autograd's own thread) before anything is
+        measured."""
         with torch.enable_grad():
-            weight = torch.ones(8, 8, device=self.torch_device, requires_grad=True)
-            (weight @ weight).sum().backward()
-        del weight
+            # No random numbers (the CUDA RNG stays as it is); a bias makes addmm use cuBLASLt, whose workspace is
+            # separate from cuBLAS's.
+            weight = torch.ones(16, 16, device=self.torch_device, requires_grad=True)
+            bias = torch.ones(16, device=self.torch_device, requires_grad=True)
+            (nn.functional.linear(weight, weight, bias) @ weight).sum().backward()
+        del weight, bias
         torch.cuda.synchronize(self.torch_device)

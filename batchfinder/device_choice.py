@@ -19,7 +19,8 @@ def resolve_device(
 
     ``None`` means the GPU ``model`` lives on when it lives on one, and the current CUDA GPU otherwise. Strings and ``torch.device`` naming CUDA give a
     :class:`~batchfinder.cuda.CudaDevice`; ``"sim:64MiB"`` gives a :class:`~batchfinder.simulated.SimulatedGPU`
-    of that capacity; a backend instance is returned as it is.
+    of that capacity (``"sim:64MiB:ideal"`` with allocated-bytes-only accounting); a backend instance is returned as
+    it is.
     """
     if isinstance(device, DeviceBackend):
         if memory_limit is not None and not isinstance(device, CudaDevice):
@@ -39,7 +40,8 @@ def resolve_device(
     if isinstance(device, str) and device.strip().lower().startswith("sim:"):
         if memory_limit is not None:
             raise ValueError("memory_limit applies to CUDA devices only; 'sim:CAPACITY' already sets the capacity")
-        return SimulatedGPU(device.strip()[4:])
+        capacity, _, allocator = device.strip()[4:].partition(":")
+        return SimulatedGPU(capacity, allocator=allocator or "caching")
     if isinstance(device, (str, torch.device)):
         try:
             parsed = torch.device(device)

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .allocator import CachingAllocator
+
 __all__ = ["DeviceBackend", "DeviceLike"]
 
 
@@ -27,6 +29,18 @@ class DeviceBackend(ABC):
     #: True when the device charges memory with the same accounting as the fake-tensor estimator (the simulated
     #: GPU), so that a prediction is exact on it.
     accounting_is_exact: bool = False
+
+    #: True when memory comes from a caching allocator's segments (a real GPU, the default simulated GPU): a trial
+    #: then runs out of memory on reserved bytes, which is what a prediction for it must budget.
+    reserves_segments: bool = True
+
+    #: cuBLAS workspace bytes the device holds per handle from before the first trial, that a prediction must add
+    #: (0 where they are not charged separately: on a real GPU they are part of every trial's measured baseline).
+    workspace_bytes: int = 0
+
+    #: True for devices that stand in for a GPU on the CPU: memory a real GPU would already hold before the search
+    #: (a parallel wrapper's buffers) has to be charged to them explicitly.
+    simulated: bool = False
 
     @property
     @abstractmethod
@@ -59,13 +73,21 @@ class DeviceBackend(ABC):
         return self.max_memory_allocated()
 
     def memory_budget(self) -> int | None:
-        """The most this process's tensors (model included) can hold now: what is reserved plus what is free on
-        the device, within any limit set on the search. ``None`` when unknown."""
-        return self.capacity_bytes
+        """The most this process's tensors (model included) can hold now, measured: what is reserved plus what is
+        free on the device, within any limit set on the search. ``None`` where nothing measures it."""
+        return None
 
     def memory_report(self) -> str:
         """A short account of the device's memory for error messages (who holds what), or ``""``."""
         return ""
+
+    def reservation_for(self, sizes: list[int]) -> int:
+        """Bytes the device's allocator reserves to hold blocks of ``sizes`` from an empty cache: PyTorch's caching
+        allocator's segments (see :mod:`batchfinder.allocator`)."""
+        allocator = CachingAllocator(None)
+        for size in sizes:
+            allocator.malloc(size)
+        return allocator.reserved
 
     def synchronize(self) -> None:
         """Wait for queued device work (a no-op where work is synchronous)."""

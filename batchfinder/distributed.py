@@ -157,9 +157,9 @@ class RankAgreement:
         return not out_of_memory, max(row[1] for row in rows), out_of_memory
 
     def agree_trial(self, trial: Any, what: str) -> tuple[Any, int]:
-        """The :class:`~batchfinder.result.Trial` with the agreed ``fits`` (this rank's peak and timings kept), and
-        the largest peak over the ranks."""
-        fits, peak, out_of_memory = self.agree_outcome(trial.fits, trial.peak_bytes, False, what)
+        """The :class:`~batchfinder.result.Trial` with the agreed ``fits`` (this rank's peaks and timings kept), and
+        the largest reserved peak over the ranks."""
+        fits, peak, out_of_memory = self.agree_outcome(trial.fits, trial.peak_reserved_bytes, False, what)
         if fits == trial.fits:
             return trial, peak
         others = [r for r in out_of_memory if r != self.rank]

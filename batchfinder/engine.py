@@ -224,8 +224,8 @@ def _evaluation_options(options: SearchOptions, init_batch_size: int) -> SearchO
 
 
 def _session(workload: Workload, device: DeviceBackend, options: SearchOptions) -> TrialSession:
-    # A real GPU already holds DDP's gradient buckets (allocated when the wrapper was built); elsewhere charge them.
-    charge_buckets = workload.ddp is not None and device.torch_device.type != "cuda"
+    # A real GPU already holds DDP's gradient buckets (allocated when the wrapper was built); a simulated one is told.
+    charge_buckets = workload.ddp is not None and device.simulated
     return TrialSession(
         workload.model,
         workload.source if workload.trains else workload.eval_source,
@@ -321,7 +321,7 @@ def _run(
             if agreement is not None:
                 agreement.agree_outcome(False, 0, True, f"the trial at batch size {size}")
             raise
-        peak = trial.peak_bytes
+        peak = trial.peak_reserved_bytes  # what the allocator fails on (allocated bytes where nothing is cached)
         if agreement is not None:
             trial, peak = agreement.agree_trial(trial, f"the trial at batch size {size}")
         trials.append(trial)

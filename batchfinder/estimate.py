@@ -282,11 +282,16 @@ class Estimator:
         *,
         steps: int = MIN_STEPS_PER_TRIAL,
         sample_label: str = "",
+        reserved: bool = False,
+        workspace_bytes: int = 0,
     ) -> None:
         self.model = model
         self.template = template
         self.optimizer = optimizer
-        self.trainer = FakeTrainer(model, template, optimizer, step, steps=steps)
+        self.reserved = reserved
+        """When True, :meth:`peak` (and so :meth:`largest_fitting`) is the caching allocator's reserved peak, on which
+        a real GPU runs out of memory, rather than the allocated peak."""
+        self.trainer = FakeTrainer(model, template, optimizer, step, steps=steps, workspace_bytes=workspace_bytes)
         self.steps = steps
         self.sample_label = sample_label or describe_template(template)
         self._traces: dict[int, Trace] = {}
@@ -309,6 +314,8 @@ class Estimator:
         step_fn: StepFn | None = None,
         steps_per_trial: int = MIN_STEPS_PER_TRIAL,
         input_dtype: torch.dtype = torch.float32,
+        reserved: bool = False,
+        workspace_bytes: int = 0,
     ) -> "Estimator":
         """Validate the public arguments (see :func:`estimate_memory`) and build the estimator."""
         check_model(model)
@@ -325,13 +332,26 @@ class Estimator:
             except (TypeError, RuntimeError) as exc:
                 raise TypeError(f"sample {describe_batch(sample)} cannot be collated into a batch: {exc}") from exc
             label = describe_template(template)
-        return cls(model, template, spec, step, steps=steps_per_trial, sample_label=label)
+        return cls(
+            model, template, spec, step, steps=steps_per_trial, sample_label=label, reserved=reserved,
+            workspace_bytes=workspace_bytes,
+        )
 
     @classmethod
     def for_search(cls, context: Any) -> "Estimator":
-        """The estimator for a search's context (model, first sample of its data, optimizer, step)."""
+        """The estimator for a search's context (model, first sample of its data, optimizer, step), predicting the
+        peak the search's device decides on: reserved bytes where the device has a caching allocator."""
         template = context.source.collate([context.source.sample(0)])
-        return cls(context.model, template, context.optimizer, context.step, steps=context.steps_per_trial)
+        device = context.device
+        return cls(
+            context.model,
+            template,
+            context.optimizer,
+            context.step,
+            steps=context.steps_per_trial,
+            reserved=device.reserves_segments,
+            workspace_bytes=device.workspace_bytes,
+        )
 
     # -- estimates -----------------------------------------------------------------------------------------------
     def trace(self, batch_size: int, *, breakdown: bool = True) -> Trace:
@@ -350,16 +370,16 @@ class Estimator:
         return trace
 
     def peak(self, batch_size: int) -> int:
-        """Predicted peak bytes at ``batch_size`` (model included), cached."""
+        """Predicted peak bytes at ``batch_size`` (model included; reserved bytes when :attr:`reserved`), cached."""
         found = self._traces.get(batch_size)
         if found is None:
             found = self.trace(batch_size, breakdown=self.detailed)
-        return found.peak
+        return found.peak_reserved if self.reserved else found.peak
 
     @property
     def known_peaks(self) -> dict[int, int]:
-        """Every peak computed so far, by batch size."""
-        return {size: trace.peak for size, trace in sorted(self._traces.items())}
+        """Every peak computed so far, by batch size (reserved bytes when :attr:`reserved`)."""
+        return {size: (t.peak_reserved if self.reserved else t.peak) for size, t in sorted(self._traces.items())}
 
     def largest_fitting(self, level: int, lo: int = 1, hi: int = 2**40) -> int:
         """The largest batch size in ``[lo, hi]`` whose predicted peak is at most ``level`` (``lo - 1`` if none).

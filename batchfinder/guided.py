@@ -141,6 +141,9 @@ class GuidedSearch(SearchStrategy):
         solve: a fast ``solve(level, lo, hi)`` on the prediction (default: :func:`largest_within` on ``predict``).
         first_fraction: the first trial targets ``first_fraction * limit`` (1.0 where the prediction is exact).
         known: every predicted peak computed so far, also by ``solve`` (for :attr:`predicted_peaks`).
+        measured_model: without a prediction, steer by a line through measured peaks (True), or double and bisect as
+            binsearch does (False: for peaks that move in steps, such as a caching allocator's reserved segments,
+            where such a line says nothing).
     """
 
     def __init__(
@@ -153,8 +156,10 @@ class GuidedSearch(SearchStrategy):
         solve: SolveFn | None = None,
         first_fraction: float = 1.0,
         known: Callable[[], dict[int, int]] | None = None,
+        measured_model: bool = True,
     ) -> None:
         super().__init__(bounds)
+        self.measured_model = measured_model
         if not 0 < first_fraction <= 1:
             raise ValueError(f"first_fraction={first_fraction} must be in (0, 1]")
         self.limit = limit
@@ -173,6 +178,9 @@ class GuidedSearch(SearchStrategy):
         self._ceiling = float(self.capacity if self.capacity is not None else math.inf)
         self._expected_need: Callable[[int], float] | None = None
         self._proposals = 0
+        self._bisect_after = 6 + 2 * max(bounds.cap, 1).bit_length()
+        """Proposals after which a bracket is bisected whatever the model says: when peaks move in steps (a caching
+        allocator's segments) a line through measured points can keep proposing one more than the largest fit."""
         self.predicted_max: int | None = None
         """The largest size the prediction alone put within the limit (None without a prediction)."""
 
@@ -222,7 +230,7 @@ class GuidedSearch(SearchStrategy):
                 b1, m1 = near[0]
                 slope = (r2 - (m1 - self._predicted_or_raise(b1))) / (b2 - b1)
             return lambda b: self._predicted_or_raise(b) + r2 + slope * (b - b2)
-        if len(points) < 2:
+        if len(points) < 2 or not self.measured_model:
             return None
         b2, m2 = points[-1]
         lower = [(b, m) for b, m in points[:-1] if m < m2]
@@ -266,8 +274,8 @@ class GuidedSearch(SearchStrategy):
                 return target, True
         if lo == 0 and self.smallest_failure is not None:
             return max(hi // 2, 1), None  # nothing fitted yet: walk down as bisection would
-        if self._surprises >= 2 and self.smallest_failure is not None:
-            return (lo + hi) // 2, None  # the model keeps missing: bisect what is left
+        if self._surprises >= 2 or self._proposals >= self._bisect_after:
+            return self._fallback(lo, hi), None  # the model keeps missing (or had its chances): double, then bisect
         try:
             model = self._model()
             if model is None or self.limit is None:

@@ -107,10 +107,8 @@ def _guided_limit(device: DeviceBackend) -> tuple[int | None, bool]:
     if device.accounting_is_exact:
         return capacity, True  # the same accounting as the estimator: exact
     budget = device.memory_budget()
-    if budget is not None and budget != capacity:
-        return budget, False  # what is reserved plus what is free: the context and other processes are left out
-    if getattr(device, "memory_limit", None) is not None:
-        return capacity, False  # a per-process fraction limits the allocator alone; the context is outside it
+    if budget is not None:
+        return budget, False  # measured: what is reserved plus what is free (or the limit); the context is left out
     return max(capacity - CUDA_CONTEXT_BYTES, 1), False
 
 
@@ -127,6 +125,7 @@ def guided_strategy(bounds: SearchBounds, context: SearchContext) -> GuidedSearc
         solve=prediction.solve,
         first_fraction=1.0 if exact else 0.9,
         known=prediction.known_peaks,
+        measured_model=not context.device.reserves_segments,
     )
 
 

@@ -9,7 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["OptimizerSpec", "OptimizerLike", "resolve_optimizer"]
+from .accounting import host_side_loading
+
+__all__ = ["OptimizerSpec", "OptimizerLike", "resolve_optimizer", "lacks_state"]
 
 OptimizerLike = type[torch.optim.Optimizer] | Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | torch.optim.Optimizer | None
 
@@ -62,3 +64,35 @@ def resolve_optimizer(optimizer: OptimizerLike | Any, model: nn.Module) -> Optim
         "optimizer must be an optimizer class (torch.optim.Adam), a callable params -> optimizer, or an optimizer "
         f"instance over the model's parameters, not {type(optimizer).__name__}"
     )
+
+
+def lacks_state(optimizer: torch.optim.Optimizer) -> bool:
+    """True when ``optimizer`` holds no per-parameter state although a step of its kind creates some (Adam's
+    moments, SGD's momentum buffers): its steps so far were all skipped, e.g. by a gradient scaler that found inf
+    gradients, so the memory of its state has not been measured yet."""
+    if optimizer.state:
+        return False
+    try:
+        key = (type(optimizer), tuple(sorted((name, repr(value)) for name, value in optimizer.defaults.items())))
+    except Exception:  # noqa: BLE001 - unusual hyperparameters: assume nothing is missing
+        return False
+    if key not in _KEEPS_STATE:
+        _KEEPS_STATE[key] = _twin_keeps_state(optimizer)
+    return _KEEPS_STATE[key]
+
+
+_KEEPS_STATE: dict[tuple[type, tuple[tuple[str, str], ...]], bool] = {}
+"""Whether a step creates state, by optimizer type and hyperparameters (a fact of the optimizer's code)."""
+
+
+def _twin_keeps_state(optimizer: torch.optim.Optimizer) -> bool:
+    """Step a twin of ``optimizer`` over a one-element parameter, on the host, and see whether it keeps state."""
+    with host_side_loading():
+        param = torch.zeros(1, requires_grad=True)
+        param.grad = torch.ones(1)
+        try:
+            twin = type(optimizer)([param], **optimizer.defaults)
+            twin.step()
+        except Exception:  # noqa: BLE001 - an optimizer that cannot be twinned (a closure, odd arguments)
+            return False
+        return bool(twin.state.get(param))

@@ -125,10 +125,22 @@ def search_figure(result: SearchResult) -> Figure:
     figure, axes = _figure()
     trials = list(result.trials)
     predicted = {int(size): int(peak) for size, peak in result.predicted_peaks.items()}
-    values = [t.peak_bytes for t in trials] + list(predicted.values())
+    values = [t.peak_bytes for t in trials] + [t.peak_reserved_bytes for t in trials] + list(predicted.values())
     if result.capacity_bytes:
         values.append(result.capacity_bytes)
     scale, unit = _unit(max(values, default=1))
+    if any(t.peak_reserved_bytes > t.peak_bytes for t in trials):  # a caching allocator: what it reserved
+        ordered = sorted(trials, key=lambda t: t.batch_size)
+        axes.plot(
+            [t.batch_size for t in ordered],
+            [t.peak_reserved_bytes / scale for t in ordered],
+            linestyle="none",
+            marker="_",
+            markersize=12,
+            color="#8172B2",
+            zorder=2,
+            label="trial: peak reserved (allocator segments)",
+        )
     if predicted:
         xs, ys = _dense(predicted, scale)
         axes.plot(xs, ys, "-", color="#4C72B0", alpha=0.8, label="predicted peak")

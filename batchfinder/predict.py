@@ -28,6 +28,7 @@ from .estimate import Estimator, MemoryEstimate
 from .gpus import CUDA_CONTEXT_BYTES, GPUSpec, lookup_gpu
 from .optimizers import OptimizerLike
 from .search import recommend_batch_size, scaled_batch_size
+from .simulated import ALLOCATORS
 from .steps import LossFn, StepFn
 from .validation import MIN_STEPS_PER_TRIAL, check_positive_int, check_safety
 from .units import format_bytes, parse_bytes
@@ -51,7 +52,8 @@ class Prediction:
     capacity_bytes: int
     """Bytes the training step's tensors may take (the GPU's memory minus :attr:`allowance_bytes`)."""
     peak_bytes: int
-    """Predicted peak at :attr:`max_batch_size`."""
+    """Predicted peak at :attr:`max_batch_size`: reserved bytes with the caching allocator (what a GPU runs out of
+    memory on), allocated bytes with ``allocator="ideal"``."""
     next_peak_bytes: int | None
     """Predicted peak at ``max_batch_size + 1`` (None when the search stopped at ``max_batch_size`` instead)."""
     estimate: MemoryEstimate
@@ -60,7 +62,10 @@ class Prediction:
     multiple_of: int = 1
     gpu: GPUSpec | None = None
     allowance_bytes: int = 0
-    """What was subtracted from the GPU's memory for the CUDA context and cuBLAS workspace (0 with ``capacity=``)."""
+    """What was subtracted from the GPU's memory for the CUDA context (0 with ``capacity=``); cuBLAS's workspaces
+    are allocator blocks, inside the budget and the peak."""
+    allocator: str = "caching"
+    """The allocator budgeted: ``"caching"`` (reserved bytes) or ``"ideal"`` (allocated bytes)."""
     capped: bool = False
     """True when the largest size considered (``max_batch_size=``) still fitted."""
     curve: dict[int, int] = field(default_factory=dict)
@@ -83,6 +88,7 @@ class Prediction:
             "gpu": None if self.gpu is None else self.gpu.name,
             "memory_bytes": self.memory_bytes,
             "allowance_bytes": self.allowance_bytes,
+            "allocator": self.allocator,
             "capacity_bytes": self.capacity_bytes,
             "peak_bytes": self.peak_bytes,
             "next_peak_bytes": self.next_peak_bytes,
@@ -97,17 +103,18 @@ class Prediction:
         est = self.estimate
         if self.gpu is not None:
             where = (
-                f"on {self.gpu.name}: {format_bytes(self.gpu.memory_bytes)} minus {format_bytes(self.allowance_bytes)} "
-                f"(CUDA context {format_bytes(CUDA_CONTEXT_BYTES)} + cuBLAS workspace "
-                f"{format_bytes(self.gpu.workspace_bytes)}) = {format_bytes(self.capacity_bytes)} for tensors"
+                f"on {self.gpu.name}: {format_bytes(self.gpu.memory_bytes)} minus the CUDA context "
+                f"{format_bytes(self.allowance_bytes)} = {format_bytes(self.capacity_bytes)} for PyTorch's allocator "
+                f"(two cuBLAS workspaces of {format_bytes(self.gpu.workspace_bytes)} among its blocks)"
             )
         else:
             where = f"in {format_bytes(self.capacity_bytes)}"
+        held = "reserved by the caching allocator" if self.allocator == "caching" else "allocated"
         if self.capped:
-            limit = f"(the largest size considered; it still fits, peak {format_bytes(self.peak_bytes)})"
+            limit = f"(the largest size considered; it still fits, peak {format_bytes(self.peak_bytes)} {held})"
         else:
             limit = (
-                f"(predicted peak {format_bytes(self.peak_bytes)}; {self.max_batch_size + 1:,} would need "
+                f"(predicted peak {format_bytes(self.peak_bytes)} {held}; {self.max_batch_size + 1:,} would need "
                 f"{format_bytes(self.next_peak_bytes)})"
             )
         scaled = scaled_batch_size(self.max_batch_size, self.safety)
@@ -140,7 +147,7 @@ def _validate(safety: Any, multiple_of: Any, max_batch_size: Any) -> None:
 
 
 def _budget(capacity: Any, gpu: Any) -> tuple[int, int, GPUSpec | None, str]:
-    """(bytes for tensors, allowance, GPU, how to name it in messages)."""
+    """(bytes for PyTorch's allocator, what the CUDA context takes, GPU, how to name it in messages)."""
     if (capacity is None) == (gpu is None):
         raise ValueError(
             "give exactly one of capacity= (bytes the tensors may take, e.g. capacity='16GiB') or gpu= (a GPU name, "
@@ -148,7 +155,8 @@ def _budget(capacity: Any, gpu: Any) -> tuple[int, int, GPUSpec | None, str]:
         )
     if gpu is not None:
         spec = lookup_gpu(gpu)
-        return spec.usable_bytes, spec.allowance_bytes, spec, f"gpu={spec.name!r} ({format_bytes(spec.usable_bytes)} for tensors)"
+        usable = spec.memory_bytes - CUDA_CONTEXT_BYTES
+        return usable, CUDA_CONTEXT_BYTES, spec, f"gpu={spec.name!r} ({format_bytes(usable)} after the CUDA context)"
     limit = parse_bytes(capacity, argument="capacity")
     return limit, 0, None, f"capacity={capacity!r} ({format_bytes(limit)})"
 
@@ -167,6 +175,7 @@ def predict_max_batch_size(
     max_batch_size: int | None = None,
     steps_per_trial: int = MIN_STEPS_PER_TRIAL,
     input_dtype: torch.dtype = torch.float32,
+    allocator: str = "caching",
 ) -> Prediction:
     """Predict the largest batch size ``model`` can train with in ``capacity`` bytes or on ``gpu``, without a GPU.
 
@@ -174,10 +183,15 @@ def predict_max_batch_size(
         model: any ``nn.Module`` (on the CPU, a GPU or the ``meta`` device); left exactly as it was.
         sample: one dataset item as ``dataset[0]`` returns it, or an input shape such as ``(3, 224, 224)``
             (see :func:`~batchfinder.estimate_memory`).
-        capacity: bytes the training step's tensors may take (an int or a string such as ``"16GiB"``), as the
-            capacity of a :class:`~batchfinder.SimulatedGPU`.
+        capacity: bytes PyTorch's allocator may hold (an int or a string such as ``"16GiB"``), as the capacity of a
+            :class:`~batchfinder.SimulatedGPU`: the prediction is then what a search on ``SimulatedGPU(capacity)``
+            finds.
         gpu: instead of ``capacity``, a GPU name (``"T4"``, ``"A100-40GB"``, ``"H100"``, ...; see
-            :mod:`batchfinder.gpus`): its memory minus the allowance for the CUDA context and cuBLAS workspace.
+            :mod:`batchfinder.gpus`): its memory less the CUDA context, with cuBLAS's workspaces for that
+            architecture among the allocator's blocks, as on ``SimulatedGPU.like(gpu)``.
+        allocator: ``"caching"`` (default): budget the bytes PyTorch's caching allocator reserves (its segments),
+            on which a GPU runs out of memory; ``"ideal"``: budget allocated bytes, as ``SimulatedGPU(...,
+            allocator="ideal")`` does.
         optimizer, loss_fn, step_fn, steps_per_trial, input_dtype: as for :func:`~batchfinder.estimate_memory`.
         safety: the recommendation is ``floor(safety * max_batch_size)`` (default 0.8).
         multiple_of: round the recommendation down to a multiple of this.
@@ -193,9 +207,12 @@ def predict_max_batch_size(
     """
     started = time.perf_counter()
     _validate(safety, multiple_of, max_batch_size)
+    if allocator not in ALLOCATORS:
+        raise ValueError(f"allocator={allocator!r} is not a simulated allocator; choose one of {list(ALLOCATORS)}")
     limit, allowance, spec, where = _budget(capacity, gpu)
     estimator = Estimator.create(
-        model, sample, optimizer=optimizer, loss_fn=loss_fn, step_fn=step_fn, steps_per_trial=steps_per_trial, input_dtype=input_dtype
+        model, sample, optimizer=optimizer, loss_fn=loss_fn, step_fn=step_fn, steps_per_trial=steps_per_trial,
+        input_dtype=input_dtype, reserved=allocator == "caching", workspace_bytes=spec.workspace_bytes if spec else 0,
     )
     estimator.detailed = True  # the breakdown at the answer then costs no extra trace
     cap = max_batch_size if max_batch_size is not None else DEFAULT_MAX_BATCH_SIZE
@@ -217,13 +234,14 @@ def predict_max_batch_size(
         max_batch_size=best,
         batch_size=recommend_batch_size(best, safety, multiple_of),
         capacity_bytes=limit,
-        peak_bytes=est.peak,
+        peak_bytes=estimator.peak(best),
         next_peak_bytes=next_peak,
         estimate=est,
         safety=float(safety),
         multiple_of=multiple_of,
         gpu=spec,
         allowance_bytes=allowance,
+        allocator=allocator,
         capped=capped,
         curve=estimator.known_peaks,
         traces=estimator.calls,

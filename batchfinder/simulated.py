@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from .accounting import ChargingMode, MemoryLedger, host_side_loading, tensor_storages
+from .accounting import ChargingMode, MemoryLedger, host_side_loading, round_allocation, tensor_storages
 from .allocator import CachingAllocator
 from .gpus import CUDA_CONTEXT_BYTES, lookup_gpu
 from .devices import DeviceBackend
@@ -36,9 +36,10 @@ from .units import format_bytes, parse_bytes
 
 __all__ = ["SimulatedGPU", "ALLOCATORS"]
 
-ALLOCATORS = ("ideal", "caching")
-"""``allocator=`` values: ``"ideal"`` charges allocated bytes only (every storage rounded to 512 B); ``"caching"``
-models PyTorch's CUDA caching allocator (segments, cached blocks, fragmentation; see :mod:`batchfinder.allocator`)."""
+ALLOCATORS = ("caching", "ideal")
+"""``allocator=`` values: ``"caching"`` (the default) models PyTorch's CUDA caching allocator (segments, cached blocks,
+fragmentation; see :mod:`batchfinder.allocator`); ``"ideal"`` charges allocated bytes only (each storage rounded to
+512 B)."""
 
 
 class SimulatedGPU(DeviceBackend):
@@ -48,31 +49,48 @@ class SimulatedGPU(DeviceBackend):
     measure it under the same accounting (``with SimulatedGPU("8GiB") as gpu: ...; gpu.max_memory_allocated()``).
     Allocations past the capacity raise ``torch.OutOfMemoryError`` with a CUDA-style message.
 
-    ``allocator="ideal"`` (the default) fails where the *allocated* bytes would pass the capacity.
-    ``allocator="caching"`` models PyTorch's CUDA caching allocator in its default configuration (512-byte rounding,
-    2 MiB and 20 MiB segments, cached blocks reused best-fit, split and merged, cached segments released and the
-    request retried once before failing): it fails where a real GPU's allocator would, on *reserved* bytes, so that
-    fragmentation can end a trial although allocated memory is below the capacity.
+    ``allocator="caching"`` (the default) models PyTorch's CUDA caching allocator in its default configuration
+    (512-byte rounding, 2 MiB and 20 MiB segments, cached blocks reused best-fit, split and merged, cached segments
+    released and the request retried once before failing): it fails where a real GPU's allocator would, on
+    *reserved* bytes, so that fragmentation can end a trial although allocated memory is below the capacity.
+    ``allocator="ideal"`` charges allocated bytes only and fails where they would pass the capacity.
+    ``expandable_segments=True`` models ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` (one growing segment
+    per pool, mapped page by page: far less fragmentation).
     """
 
     torch_device = torch.device("cpu")
     accounting_is_exact = True
+    simulated = True
 
     def __init__(
-        self, capacity: int | str, *, label: str = "GPU 0", allocator: str = "ideal", workspace_bytes: int = 0
+        self,
+        capacity: int | str,
+        *,
+        label: str = "GPU 0",
+        allocator: str = "caching",
+        workspace_bytes: int = 0,
+        expandable_segments: bool = False,
     ) -> None:
         self._capacity = parse_bytes(capacity, argument="capacity")
         if allocator not in ALLOCATORS:
             raise ValueError(f"allocator={allocator!r} is not a simulated allocator; choose one of {list(ALLOCATORS)}")
+        if expandable_segments and allocator != "caching":
+            raise ValueError("expandable_segments=True is a setting of the caching allocator: use allocator='caching'")
         if isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, int) or workspace_bytes < 0:
             raise ValueError(f"workspace_bytes={workspace_bytes!r} must be a whole number of bytes, 0 for none")
         self.allocator = allocator
+        self.reserves_segments = allocator == "caching"
+        self.workspace_bytes = workspace_bytes
         self.like_gpu: str | None = None
         """The GPU this device stands for when built with :meth:`like`."""
         self.ledger = MemoryLedger(
             self._capacity,
             device_label=f"{label} (simulated)",
-            allocator=CachingAllocator(self._capacity) if allocator == "caching" else None,
+            allocator=(
+                CachingAllocator(self._capacity, expandable_segments=expandable_segments)
+                if allocator == "caching"
+                else None
+            ),
             workspace_bytes=workspace_bytes,
         )
         self._depth = 0
@@ -108,7 +126,7 @@ class SimulatedGPU(DeviceBackend):
     # -- DeviceBackend ----------------------------------------------------------------------------------------
     @property
     def name(self) -> str:
-        suffix = ", caching allocator" if self.allocator == "caching" else ""
+        suffix = ", allocated bytes only" if self.allocator == "ideal" else ""
         if self.like_gpu is not None:
             return f"SimulatedGPU(like {self.like_gpu}: {format_bytes(self._capacity)} after the CUDA context{suffix})"
         return f"SimulatedGPU({format_bytes(self._capacity)}{suffix})"
@@ -140,6 +158,11 @@ class SimulatedGPU(DeviceBackend):
     def empty_cache(self) -> None:
         """Release cached segments that hold no tensor, like ``torch.cuda.empty_cache()``."""
         self.ledger.empty_cache()
+
+    def reservation_for(self, sizes: list[int]) -> int:
+        if self.allocator == "ideal":
+            return sum(round_allocation(size) for size in sizes)
+        return super().reservation_for(sizes)
 
     def mem_get_info(self) -> tuple[int, int]:
         """``(free, total)`` bytes, like ``torch.cuda.mem_get_info()`` with nothing else on the GPU."""

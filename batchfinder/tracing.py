@@ -197,8 +197,8 @@ class _PeakLedger(MemoryLedger):
     mode alive for the life of the process.
     """
 
-    def __init__(self, on_peak: Callable[[], None] | None) -> None:
-        super().__init__(None, device_label="fake", allocator=CachingAllocator(None))
+    def __init__(self, on_peak: Callable[[], None] | None, *, workspace_bytes: int = 0) -> None:
+        super().__init__(None, device_label="fake", allocator=CachingAllocator(None), workspace_bytes=workspace_bytes)
         self._on_peak = on_peak
         self.max_reserved = 0
         """The highest reserved total of the whole trace (per-phase resets of the peaks leave it alone)."""
@@ -339,6 +339,8 @@ class FakeTrainer:
         optimizer: how to create the optimizer (as the trials do).
         step: ``step(model, batch) -> loss``, the trials' forward pass and loss.
         steps: training steps per trace (at least 2, as per trial: Adam creates its state at the first step).
+        workspace_bytes: cuBLAS's workspace, charged twice (the forward and the backward pass's handles) right after
+            the model, as on a ``SimulatedGPU.like(...)`` (0: none).
     """
 
     def __init__(
@@ -349,12 +351,14 @@ class FakeTrainer:
         step: StepFn,
         *,
         steps: int = MIN_STEPS_PER_TRIAL,
+        workspace_bytes: int = 0,
     ) -> None:
         self.model = model
         self.template = template
         self.optimizer = optimizer
         self.step = step
         self.steps = steps
+        self.workspace_bytes = workspace_bytes
         self.calls = 0
 
     # -- public --------------------------------------------------------------------------------------------------
@@ -393,7 +397,7 @@ class FakeTrainer:
         mode = _new_fake_mode()
         convert = _FakeConverter(mode)
         recorder = _Recorder(breakdown)
-        ledger = _PeakLedger(recorder.on_peak)
+        ledger = _PeakLedger(recorder.on_peak, workspace_bytes=self.workspace_bytes)
         recorder.ledger = ledger
         try:
             return self._trace_steps(batch_size, mode, convert, recorder, ledger)
@@ -413,6 +417,8 @@ class FakeTrainer:
             if optimizer is not None:
                 resident += [v for entries in optimizer.state.values() for v in entries.values() if isinstance(v, torch.Tensor)]
             ledger.charge(tensor_storages(resident))  # the model (and existing optimizer state) on the device
+            ledger.charge_workspace("forward")  # cuBLAS's workspaces, as a GPU-shaped device holds them from the start
+            ledger.charge_workspace("backward")
             batch = _batch_of(self.template, batch_size, mode)
             recorder.batch = [leaf for leaf in tree_flatten(batch)[0] if isinstance(leaf, torch.Tensor)]
             with mode, ChargingMode(ledger):

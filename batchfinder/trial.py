@@ -41,7 +41,7 @@ from .batching import BatchSource, describe_batch
 from .devices import DeviceBackend
 from .errors import NoBatchSizeFitsError
 from .oom import exception_first_line, is_ambiguous_oom_error, is_fatal_device_error, is_oom_error
-from .optimizers import OptimizerSpec
+from .optimizers import OptimizerSpec, lacks_state
 from .result import Trial
 from .state import SnapshotFactory, TrainingState, deferred_interrupts
 from .steps import StepFn, check_loss, run_training_step
@@ -51,6 +51,9 @@ from .validation import MIN_STEPS_PER_TRIAL
 __all__ = ["TrialSession", "TrainStepFn", "EvalStepFn"]
 
 logger = logging.getLogger(__name__)
+
+_MAX_EXTRA_STEPS = 8
+"""Steps a trial adds, at most, while an optimizer's steps are being skipped and its state does not exist yet."""
 
 
 TrainStepFn = Callable[[nn.Module, Any, int], None]
@@ -157,15 +160,17 @@ class TrialSession:
         tensors = [*self.model.parameters(), *self.model.buffers()]
         tensors += [t for o in optimizers for entry in o.state.values() for t in entry.values() if isinstance(t, torch.Tensor)]
         storages = {id(s): s for s in tensor_storages(tensors)}
-        needed = sum(round_allocation(s.nbytes()) for s in storages.values())
-        needed += sum(round_allocation(n) for n in self.reserved_bytes)
+        sizes = [s.nbytes() for s in storages.values()] + list(self.reserved_bytes)
+        held = sum(round_allocation(size) for size in sizes)
+        needed = self.device.reservation_for(sizes)
         parts = "parameters and buffers" + (" and optimizer state" if optimizers else "")
         if self.reserved_bytes:
             parts += f" and the {format_bytes(sum(self.reserved_bytes))} a parallel wrapper reserves"
         capacity = self.device.capacity_bytes
+        in_segments = f" ({format_bytes(held)} of tensors in the allocator's segments)" if needed != held else ""
         return NoBatchSizeFitsError(
-            f"the model alone does not fit on {self.device.name}: its {parts} need {format_bytes(needed)}, but the "
-            f"device has {format_bytes(capacity)}, before any batch. Use a larger GPU, a smaller model, or keep the "
+            f"the model alone does not fit on {self.device.name}: its {parts} need {format_bytes(needed)}{in_segments}, "
+            f"but the device has {format_bytes(capacity)}, before any batch. Use a larger GPU, a smaller model, or keep the "
             "optimizer's state off the device (create the optimizer after the search).",
             needed_bytes=needed,
             capacity_bytes=capacity,
@@ -297,6 +302,21 @@ class TrialSession:
         self.device.reset_peak_memory_stats()
         return self.device.memory_allocated() - baseline
 
+    def _optimizers(self, created: torch.optim.Optimizer | None) -> list[torch.optim.Optimizer]:
+        bound = self.optimizer.bound if self.optimizer is not None else None
+        return [o for o in (created, bound, *self.extra_optimizers) if o is not None]
+
+    def _state_missing(self, created: torch.optim.Optimizer | None) -> bool:
+        """True when an optimizer of the trial still has no state that its steps would create (they were skipped)."""
+        return any(lacks_state(optimizer) for optimizer in self._optimizers(created))
+
+    def _warn_if_state_missing(self, created: torch.optim.Optimizer | None, steps: int) -> None:
+        if self._state_missing(created):
+            logger.warning(
+                "after %d training steps an optimizer still has no state (were the steps skipped, e.g. by a gradient "
+                "scaler finding inf gradients?): the trial does not include the optimizer state's memory", steps
+            )
+
     def _steps(
         self,
         host_batch: Any,
@@ -312,21 +332,27 @@ class TrialSession:
             if host_batch is not None and self.train_step is not None:
                 batch = self.device.to_device(host_batch)
                 self.model.train()
-                for index in range(steps):
+                index = 0
+                while index < steps or (index < steps + _MAX_EXTRA_STEPS and self._state_missing(None)):
                     start = time.perf_counter()
                     self.train_step(self.model, batch, index)
                     self.device.synchronize()
                     durations.append(time.perf_counter() - start)
+                    index += 1
+                self._warn_if_state_missing(None, index)
                 del batch
             elif host_batch is not None and self.step is not None and self.optimizer is not None:
                 optimizer = self.optimizer.create()
                 batch = self.device.to_device(host_batch)
                 self.model.train()
-                for _ in range(steps):
+                index = 0
+                while index < steps or (index < steps + _MAX_EXTRA_STEPS and self._state_missing(optimizer)):
                     start = time.perf_counter()
                     run_training_step(self.model, batch, self.step, optimizer)
                     self.device.synchronize()
                     durations.append(time.perf_counter() - start)
+                    index += 1
+                self._warn_if_state_missing(optimizer, index)
                 del batch
             if eval_host is not None and self.eval_step is not None:
                 # The training batch is gone, the optimizer (and its state) is not: as during validation in training.

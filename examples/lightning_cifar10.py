@@ -156,9 +156,11 @@ def main() -> None:
           f"{f' x {trainer.accumulate_grad_batches} accumulated' if trainer.accumulate_grad_batches > 1 else ''}, "
           f"validation loss {trainer.callback_metrics['val_loss']:.3f}")
     if simulated is not None:
-        peak, capacity = simulated.max_memory_allocated(), simulated.capacity_bytes
-        print(f"training peak memory: {format_bytes(peak)} of {format_bytes(capacity)} "
-              f"({100 * peak / capacity:.0f}% of the simulated GPU)")
+        # The caching allocator holds whole segments: reserved bytes are what must fit in the GPU's capacity.
+        peak, reserved = simulated.max_memory_allocated(), simulated.max_memory_reserved()
+        capacity = simulated.capacity_bytes
+        print(f"training peak memory: {format_bytes(peak)} allocated, {format_bytes(reserved)} reserved of "
+              f"{format_bytes(capacity)} ({100 * reserved / capacity:.0f}% of the simulated GPU)")
 
 
 if __name__ == "__main__":

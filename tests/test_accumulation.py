@@ -108,7 +108,7 @@ def _data(n: int = 1000) -> TensorDataset:
 def test_find_batch_size_plans_accumulation_to_reach_the_target() -> None:
     torch.manual_seed(0)
     model = CountingMLP()
-    result = bf.find_batch_size(model, _data(), device=bf.SimulatedGPU("384KiB"), target_batch_size=700)
+    result = bf.find_batch_size(model, _data(), device=bf.SimulatedGPU("384KiB", allocator="ideal"), target_batch_size=700)
     assert result.target_batch_size == 700
     assert result.batch_size < 700  # the target does not fit in one step on this device
     assert result.micro_batch_size <= result.batch_size
@@ -120,19 +120,19 @@ def test_find_batch_size_plans_accumulation_to_reach_the_target() -> None:
 
 
 def test_find_batch_size_without_target_has_no_accumulation() -> None:
-    result = bf.find_batch_size(CountingMLP(), _data(), device=bf.SimulatedGPU("384KiB"))
+    result = bf.find_batch_size(CountingMLP(), _data(), device=bf.SimulatedGPU("384KiB", allocator="ideal"))
     assert result.target_batch_size is None
     assert (result.micro_batch_size, result.accumulation_steps) == (result.batch_size, 1)
     assert result.effective_batch_size == result.batch_size
 
 
 def test_small_target_needs_no_accumulation() -> None:
-    result = bf.find_batch_size(CountingMLP(), _data(), device=bf.SimulatedGPU("384KiB"), target_batch_size=24)
+    result = bf.find_batch_size(CountingMLP(), _data(), device=bf.SimulatedGPU("384KiB", allocator="ideal"), target_batch_size=24)
     assert (result.micro_batch_size, result.accumulation_steps) == (24, 1)
 
 
 def test_bad_target_is_refused_before_any_trial() -> None:
     model = CountingMLP()
     with pytest.raises(ValueError, match="target_batch_size"):
-        bf.find_batch_size(model, _data(), device=bf.SimulatedGPU("384KiB"), target_batch_size=0)
+        bf.find_batch_size(model, _data(), device=bf.SimulatedGPU("384KiB", allocator="ideal"), target_batch_size=0)
     assert model.calls == 0

@@ -96,11 +96,11 @@ def test_trials_record_the_reserved_peak_and_reports_show_it():
 
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
     data = TensorDataset(torch.randn(64, 16), torch.randint(0, 4, (64,)))
-    trial = bf.try_batch_size(model, data, 32, device=CachingGPU("8MiB"))
+    trial = bf.try_batch_size(model, data, 32, device=CachingGPU("8MiB", allocator="ideal"))
     assert trial.fits and trial.peak_reserved_bytes == trial.peak_bytes + 2 * 2**20
-    plain = bf.try_batch_size(model, data, 32, device=bf.SimulatedGPU("8MiB"))
+    plain = bf.try_batch_size(model, data, 32, device=bf.SimulatedGPU("8MiB", allocator="ideal"))
     assert plain.peak_reserved_bytes == plain.peak_bytes  # no cache: reserved is allocated
-    result = bf.find_batch_size(model, data, device=CachingGPU("8MiB"), max_trials=2)
+    result = bf.find_batch_size(model, data, device=CachingGPU("8MiB", allocator="ideal"), max_trials=2)
     assert "reserved" in result.table().splitlines()[0]
     assert result.as_dict()["trials"][0]["peak_reserved_bytes"] == result.trials[0].peak_reserved_bytes
 
@@ -216,7 +216,7 @@ def _scaled_workload(extra_state: list[Any]) -> tuple[Workload, torch.amp.GradSc
 def test_a_trial_that_runs_out_of_memory_after_unscale_does_not_break_the_next_one():
     workload, scaler = _scaled_workload([])
     before = {k: v for k, v in vars(scaler).items() if k != "_per_optimizer_states"}
-    result = search(workload, bf.SimulatedGPU("1MiB"), SearchOptions())
+    result = search(workload, bf.SimulatedGPU("1MiB", allocator="ideal"), SearchOptions())
     assert result.num_ooms >= 1 and result.trials[-1].fits is not None  # every trial after an OOM ran
     assert {k: v for k, v in vars(scaler).items() if k != "_per_optimizer_states"}.keys() == before.keys()
     assert not scaler._per_optimizer_states  # as before the search
@@ -226,4 +226,35 @@ def test_without_resetting_the_scaler_the_next_trial_would_fail():
     workload, _ = _scaled_workload([])
     workload.extra_state = []  # what Lightning's callback did before: the scaler's stage survives a failed trial
     with pytest.raises(RuntimeError, match="unscale_\\(\\) has already been called"):
-        search(workload, bf.SimulatedGPU("1MiB"), SearchOptions())
+        search(workload, bf.SimulatedGPU("1MiB", allocator="ideal"), SearchOptions())
+
+
+# -- 4: steps skipped by a gradient scaler ----------------------------------------------------------------------------
+def _trial_with_skipped_steps(skipped: int) -> bf.Trial:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 4))
+    data = TensorDataset(torch.randn(64, 64), torch.randint(0, 4, (64,)))
+    spec = resolve_optimizer(torch.optim.Adam, model)
+    optimizer = spec.create()
+    calls: list[object] = []
+
+    def train_step(m: nn.Module, batch: Any, index: int) -> None:
+        calls.append(batch)
+        nn.functional.cross_entropy(m(batch[0]), batch[1]).backward()
+        if sum(b is batch for b in calls) > skipped:  # as a GradScaler skips steps whose gradients hold inf
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    workload = Workload(model, BatchSource(data), None, spec, train_step=train_step, extra_optimizers=[optimizer])
+    result = search(workload, bf.SimulatedGPU("64MiB", allocator="ideal"), SearchOptions(init_batch_size=64))
+    return result.trials[0]
+
+
+def test_a_trial_runs_on_until_skipped_steps_have_created_the_optimizers_state(caplog):
+    normal = _trial_with_skipped_steps(0)
+    skipped = _trial_with_skipped_steps(3)  # both of a 2-step trial's steps would be skipped: no Adam state
+    assert normal.steps == 2
+    assert skipped.steps == 4  # steps went on until a step was taken and Adam's moments existed
+    assert skipped.peak_bytes == normal.peak_bytes  # the optimizer state's memory is measured after all
+    never = _trial_with_skipped_steps(100)
+    assert never.steps == 2 + 8 and "still has no state" in caplog.text

@@ -30,7 +30,7 @@ from batchfinder.distributed import (
     resolve_agreement,
 )
 
-CAPACITIES = ("512KiB", "320KiB")  # rank 0 has more memory than rank 1
+CAPACITIES = ("512KiB", "320KiB")  # rank 0 has more memory than rank 1 (allocated bytes only: allocator="ideal")
 TIMEOUT_S = 240
 
 
@@ -85,7 +85,7 @@ def _function_worker(rank: int, world: int, port: int, queue: Any) -> None:
     try:
         _init(rank, world, port)
         try:
-            device = lambda: bf.SimulatedGPU(CAPACITIES[rank])  # noqa: E731
+            device = lambda: bf.SimulatedGPU(CAPACITIES[rank], allocator="ideal")  # noqa: E731
             model, data = _mlp(), _data()
             before = [p.detach().clone() for p in model.parameters()]
             agreed = bf.find_batch_size(model, data, device=device(), target_batch_size=1000)
@@ -195,13 +195,13 @@ def _lightning_worker(rank: int, world: int, port: int, queue: Any) -> None:
             trainer.fit(module)
             return trainer, module
 
-        agreed_callback = BatchFinder(device=lambda global_rank: bf.SimulatedGPU(CAPACITIES[global_rank]))
+        agreed_callback = BatchFinder(device=lambda global_rank: bf.SimulatedGPU(CAPACITIES[global_rank], allocator="ideal"))
         trainer, module = fit(agreed_callback)
         # Each rank on its own: no agreement, different trial counts; no collective runs inside a trial, so no hang.
-        local_callback = BatchFinder(device=[bf.SimulatedGPU(c) for c in CAPACITIES], distributed=False)
+        local_callback = BatchFinder(device=[bf.SimulatedGPU(c, allocator="ideal") for c in CAPACITIES], distributed=False)
         fit(local_callback)
         # A global target of 1000 samples per optimizer step over both ranks, with gradient accumulation.
-        target_callback = BatchFinder(device=lambda r: bf.SimulatedGPU(CAPACITIES[r]), target_batch_size=1000)
+        target_callback = BatchFinder(device=lambda r: bf.SimulatedGPU(CAPACITIES[r], allocator="ideal"), target_batch_size=1000)
         target_trainer, target_module = fit(target_callback)
         target = target_callback.result
         agreed = agreed_callback.result

@@ -118,13 +118,13 @@ def test_lazy_modules_are_refused(mlp):
 def test_batch_size_one_not_fitting_says_what_is_needed(mlp):
     model, data = mlp
     before = snapshot(model)
-    gpu = bf.SimulatedGPU("90KiB")
+    gpu = bf.SimulatedGPU("90KiB", allocator="ideal")
     with pytest.raises(bf.NoBatchSizeFitsError) as info:
         bf.find_batch_size(model, data, device=gpu)
     error = info.value
     assert error.capacity_bytes == 90 * 1024
     assert error.needed_bytes > error.capacity_bytes
-    assert "batch size 1 does not fit on SimulatedGPU(90.00 KiB)" in str(error)
+    assert "batch size 1 does not fit on SimulatedGPU(90.00 KiB, allocated bytes only)" in str(error)
     assert "the device has 90.00 KiB" in str(error)
     assert gpu.memory_allocated() == 0
     assert_unchanged(before, model)
@@ -133,7 +133,7 @@ def test_batch_size_one_not_fitting_says_what_is_needed(mlp):
 def test_model_alone_not_fitting(mlp):
     model, data = mlp
     before = snapshot(model)
-    gpu = bf.SimulatedGPU("10KiB")
+    gpu = bf.SimulatedGPU("10KiB", allocator="ideal")
     with pytest.raises(bf.NoBatchSizeFitsError, match="the model alone does not fit") as info:
         bf.find_batch_size(model, data, device=gpu)
     error = info.value

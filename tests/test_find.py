@@ -22,7 +22,7 @@ CAPACITIES = {"mlp": "3.3MiB", "cnn": "9.7MiB", "dict": "2.6MB", "frozen": "1.7M
 
 
 def test_reported_max_fits_max_plus_one_does_not_and_nothing_changed(case: Case):
-    gpu = bf.SimulatedGPU(CAPACITIES[case.name])
+    gpu = bf.SimulatedGPU(CAPACITIES[case.name], allocator="ideal")
     assert gpu.memory_allocated() == 0
     before = snapshot(case.model)
     result = bf.find_batch_size(case.model, case.dataset, device=gpu)
@@ -117,7 +117,7 @@ def test_safety_and_multiple_of_shape_the_recommendation():
 
 def test_report_text():
     case = make_case("frozen")
-    result = bf.find_batch_size(case.model, case.dataset, device=bf.SimulatedGPU(CAPACITIES["frozen"]))
+    result = bf.find_batch_size(case.model, case.dataset, device=bf.SimulatedGPU(CAPACITIES["frozen"], allocator="ideal"))
     text = str(result)
     assert f"recommended batch size: {result.batch_size}" in text
     assert f"largest that fits: {result.max_batch_size}; x0.8 = {result.batch_size}" in text
@@ -148,7 +148,7 @@ def test_an_optimizer_instance_keeps_its_state_and_its_state_counts():
     nn.functional.cross_entropy(case.model(inputs[:8]), targets[:8]).backward()
     optimizer.step()  # now it has exp_avg / exp_avg_sq for every parameter, and gradients are set
     before = snapshot(case.model, optimizer)
-    gpu = bf.SimulatedGPU(CAPACITIES["mlp"])
+    gpu = bf.SimulatedGPU(CAPACITIES["mlp"], allocator="ideal")
     with_state = bf.find_batch_size(case.model, case.dataset, optimizer=optimizer, device=gpu)
     assert_unchanged(before, case.model, optimizer)
     assert optimizer.param_groups[0]["lr"] == 0.01
@@ -290,7 +290,7 @@ def test_regression_targets_use_mse():
     data = TensorDataset(inputs, 2 * inputs[:, :3] + 1)
     seen, handle = _record_output_gradients(model, lambda x, out: 2 * (out - (2 * x[:, :3] + 1)) / out.numel())
     try:
-        result = bf.find_batch_size(model, data, device=bf.SimulatedGPU("1MiB"))
+        result = bf.find_batch_size(model, data, device=bf.SimulatedGPU("1MiB", allocator="ideal"))
     finally:
         handle.remove()
     assert result.max_batch_size > 16
@@ -326,12 +326,13 @@ def test_a_user_simulated_gpu_keeps_what_it_held():
 def test_sim_device_string():
     # "sim:CAPACITY" is a SimulatedGPU of that capacity: the same trials, the same memory, the same answer.
     capacity = 1_782_579  # 1.7 MiB = 1,782,579.2 bytes
-    backend = resolve_device(f"sim:{CAPACITIES['frozen']}")
-    assert isinstance(backend, bf.SimulatedGPU) and backend.capacity_bytes == capacity
+    assert resolve_device(f"sim:{CAPACITIES['frozen']}").allocator == "caching"  # the default; ":ideal" counts allocated bytes only
+    backend = resolve_device(f"sim:{CAPACITIES['frozen']}:ideal")
+    assert isinstance(backend, bf.SimulatedGPU) and backend.capacity_bytes == capacity and backend.allocator == "ideal"
     case = make_case("frozen")
-    result = bf.find_batch_size(case.model, case.dataset, device=f"sim:{CAPACITIES['frozen']}")
-    reference = bf.find_batch_size(case.model, case.dataset, device=bf.SimulatedGPU(capacity))
-    assert result.device == "SimulatedGPU(1.70 MiB)" and result.capacity_bytes == capacity
+    result = bf.find_batch_size(case.model, case.dataset, device=f"sim:{CAPACITIES['frozen']}:ideal")
+    reference = bf.find_batch_size(case.model, case.dataset, device=bf.SimulatedGPU(capacity, allocator="ideal"))
+    assert result.device == "SimulatedGPU(1.70 MiB, allocated bytes only)" and result.capacity_bytes == capacity
     assert result.max_batch_size == reference.max_batch_size
     assert [(t.batch_size, t.fits, t.peak_bytes) for t in result.trials] == [
         (t.batch_size, t.fits, t.peak_bytes) for t in reference.trials

@@ -12,7 +12,7 @@ from batchfinder import is_oom_error
 
 
 def test_storages_are_rounded_to_512_bytes_and_released_when_freed():
-    gpu = bf.SimulatedGPU("1MiB")
+    gpu = bf.SimulatedGPU("1MiB", allocator="ideal")
     with gpu:
         x = torch.zeros(1000)  # 4,000 B -> 4,096 B
         assert gpu.memory_allocated() == 4096
@@ -27,7 +27,7 @@ def test_storages_are_rounded_to_512_bytes_and_released_when_freed():
 
 
 def test_views_cost_nothing_and_in_place_operations_reuse_the_storage():
-    gpu = bf.SimulatedGPU("1MiB")
+    gpu = bf.SimulatedGPU("1MiB", allocator="ideal")
     with gpu:
         x = torch.zeros(256, 4)  # 4 KiB
         assert gpu.memory_allocated() == 4096
@@ -41,7 +41,7 @@ def test_views_cost_nothing_and_in_place_operations_reuse_the_storage():
 
 
 def test_out_of_memory_is_raised_in_cuda_format_and_the_failed_allocation_is_not_charged():
-    gpu = bf.SimulatedGPU("64KiB")
+    gpu = bf.SimulatedGPU("64KiB", allocator="ideal")
     with gpu:
         keep = torch.zeros(8 * 1024)  # 32 KiB
         with pytest.raises(torch.OutOfMemoryError) as info:
@@ -57,7 +57,7 @@ def test_out_of_memory_is_raised_in_cuda_format_and_the_failed_allocation_is_not
 
 def test_pre_existing_tensors_are_charged_when_first_consumed():
     weights = torch.randn(1024)  # made outside: not charged yet
-    gpu = bf.SimulatedGPU("1MiB")
+    gpu = bf.SimulatedGPU("1MiB", allocator="ideal")
     with gpu:
         assert gpu.memory_allocated() == 0
         total = weights.sum()  # consumes weights (4 KiB) and makes a scalar (512 B)
@@ -74,7 +74,7 @@ def test_pre_existing_tensors_are_charged_when_first_consumed():
 
 def test_dataloader_batches_are_not_charged_until_used():
     data = TensorDataset(torch.randn(64, 256), torch.randint(0, 3, (64,)))
-    gpu = bf.SimulatedGPU("1MiB")
+    gpu = bf.SimulatedGPU("1MiB", allocator="ideal")
     with gpu:
         for inputs, targets in DataLoader(data, batch_size=32):
             assert gpu.memory_allocated() == 0  # collation is host-side
@@ -85,7 +85,7 @@ def test_dataloader_batches_are_not_charged_until_used():
 
 
 def test_peak_and_reset_like_torch_cuda():
-    gpu = bf.SimulatedGPU("1MiB")
+    gpu = bf.SimulatedGPU("1MiB", allocator="ideal")
     with gpu:
         a = torch.zeros(25600)  # 100 KiB
         del a
@@ -130,9 +130,15 @@ def test_capacity_must_parse():
         bf.SimulatedGPU("a lot")
     assert bf.SimulatedGPU("16GiB").capacity_bytes == 16 * 1024**3
     gpu = bf.SimulatedGPU(1000)
-    assert gpu.name == "SimulatedGPU(1000 B)" and gpu.capacity_bytes == 1000
+    assert gpu.name == "SimulatedGPU(1000 B)" and gpu.capacity_bytes == 1000 and gpu.allocator == "caching"
     assert isinstance(gpu, DeviceBackend) and gpu.torch_device == torch.device("cpu")  # runs on the CPU
-    # ... and the capacity is the integer given, enforced: one 512-byte block fits, a second does not
+    with gpu:  # the caching allocator's smallest segment is 2 MiB: nothing fits in 1000 B
+        with pytest.raises(torch.OutOfMemoryError, match="Tried to allocate 2.00 MiB. .* total capacity of 1000 bytes"):
+            torch.zeros(100)
+    assert gpu.memory_allocated() == gpu.memory_reserved() == 0
+    # ... and the capacity is the integer given, enforced on allocated bytes: one 512-byte block fits, a second does not
+    gpu = bf.SimulatedGPU(1000, allocator="ideal")
+    assert gpu.name == "SimulatedGPU(1000 B, allocated bytes only)" and gpu.capacity_bytes == 1000
     with gpu:
         first = torch.zeros(100)  # 400 B -> 512 B
         assert gpu.memory_allocated() == 512

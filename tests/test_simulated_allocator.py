@@ -1,4 +1,4 @@
-"""The simulated GPU with ``allocator="caching"``: PyTorch's caching allocator behind real CPU tensors."""
+"""The simulated GPU's default ``allocator="caching"``: PyTorch's caching allocator behind real CPU tensors."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def test_fragmentation_runs_out_of_memory_below_the_capacity():
         assert "30.00 MiB is allocated by PyTorch, and 30.00 MiB is reserved" in str(info.value)
         assert caching.memory_allocated() == 30 * MiB  # the failed request is not charged
         del kept
-    ideal = bf.SimulatedGPU("64MiB")
+    ideal = bf.SimulatedGPU("64MiB", allocator="ideal")
     with ideal:
         kept = fragment(ideal)
         torch.zeros(8 * MiB, dtype=torch.uint8)  # allocated bytes alone: it fits
@@ -54,7 +54,7 @@ def test_searches_on_the_caching_allocator_fit_no_more_than_on_allocated_bytes()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
     data = TensorDataset(torch.randn(4096, 1, 28, 28), torch.randint(0, 10, (4096,)))
-    ideal = bf.find_batch_size(model, data, device=bf.SimulatedGPU("32MiB"))
+    ideal = bf.find_batch_size(model, data, device=bf.SimulatedGPU("32MiB", allocator="ideal"))
     caching = bf.find_batch_size(model, data, device=bf.SimulatedGPU("32MiB", allocator="caching"))
     assert caching.max_batch_size < ideal.max_batch_size
     assert all(t.peak_reserved_bytes >= t.peak_bytes for t in caching.trials)
@@ -62,11 +62,11 @@ def test_searches_on_the_caching_allocator_fit_no_more_than_on_allocated_bytes()
     assert all(t.peak_reserved_bytes == t.peak_bytes for t in ideal.trials)
     largest = caching.trial_for(caching.max_batch_size)
     assert largest is not None and largest.peak_reserved_bytes <= 32 * MiB
-    assert "caching allocator" in caching.device
+    assert "allocated bytes only" in ideal.device and "allocated bytes only" not in caching.device
 
 
 def test_an_unknown_allocator_names_the_valid_ones():
-    with pytest.raises(ValueError, match=r"allocator='cuda' .*\['ideal', 'caching'\]"):
+    with pytest.raises(ValueError, match=r"allocator='cuda' .*\['caching', 'ideal'\]"):
         bf.SimulatedGPU("1GiB", allocator="cuda")
 
 
@@ -75,7 +75,7 @@ def test_a_simulated_gpu_like_a_real_one():
 
     a100 = bf.SimulatedGPU.like("A100-40GB")
     assert a100.capacity_bytes == lookup_gpu("A100-40GB").memory_bytes - CUDA_CONTEXT_BYTES
-    assert "like A100-40GB" in a100.name and "caching allocator" in a100.name
+    assert "like A100-40GB" in a100.name and a100.allocator == "caching"
     workspace = -(-CUBLAS_WORKSPACE_BYTES // 512) * 512
     with a100:
         model, x = nn.Linear(8, 8), torch.randn(4, 8)
@@ -135,3 +135,70 @@ def test_a_confirmation_run_reports_its_reserved_peak_and_lowers_a_size_that_doe
     assert len(lowered.confirmations) >= 2 and not lowered.confirmations[0].fits and lowered.confirmations[-1].fits
     assert lowered.batch_size == lowered.confirmations[-1].batch_size < lowered.confirmations[0].batch_size
     assert "lowered" in str(lowered)
+
+
+def test_predictions_budget_reserved_bytes_and_match_the_caching_simulated_gpu():
+    from batchfinder.zoo import mnist_mlp
+
+    torch.manual_seed(0)
+    model = mnist_mlp()
+    data = TensorDataset(torch.randn(16000, 1, 28, 28), torch.randint(0, 10, (16000,)))
+    predicted = bf.predict_max_batch_size(model, (1, 28, 28), capacity="64MiB")
+    guided = bf.find_batch_size(model, data, device=bf.SimulatedGPU("64MiB"), mode="guided")
+    assert guided.max_batch_size == predicted.max_batch_size and guided.num_trials == 2
+    assert guided.prediction_status == "exact" and guided.num_ooms == 1
+    assert predicted.peak_bytes <= 64 * MiB < predicted.next_peak_bytes  # reserved bytes, in whole segments
+    ideal = bf.predict_max_batch_size(model, (1, 28, 28), capacity="64MiB", allocator="ideal")
+    assert ideal.max_batch_size > predicted.max_batch_size  # allocated bytes alone overstate what fits
+    assert "reserved by the caching allocator" in str(predicted)
+
+
+def test_a_prediction_for_a_gpu_leaves_out_the_context_and_counts_the_workspaces():
+    from batchfinder.gpus import CUDA_CONTEXT_BYTES, lookup_gpu
+    from batchfinder.zoo import mnist_mlp
+
+    prediction = bf.predict_max_batch_size(mnist_mlp(), (1, 28, 28), gpu="T4", optimizer=torch.optim.SGD)
+    assert prediction.capacity_bytes == lookup_gpu("T4").memory_bytes - CUDA_CONTEXT_BYTES
+    assert prediction.allowance_bytes == CUDA_CONTEXT_BYTES
+    assert prediction.peak_bytes <= prediction.capacity_bytes
+    with pytest.raises(ValueError, match="allocator='exact'"):
+        bf.predict_max_batch_size(mnist_mlp(), (1, 28, 28), gpu="T4", allocator="exact")
+
+
+def test_the_device_string_names_the_allocator():
+    from batchfinder.device_choice import resolve_device
+
+    assert resolve_device("sim:64MiB").allocator == "caching"
+    ideal = resolve_device("sim:64MiB:ideal")
+    assert ideal.allocator == "ideal" and ideal.capacity_bytes == 64 * MiB
+    with pytest.raises(ValueError, match="allocator='fast'"):
+        resolve_device("sim:64MiB:fast")
+
+
+def test_the_search_plot_shows_reserved_peaks_on_a_caching_allocator():
+    pytest.importorskip("matplotlib")
+    from batchfinder.plot import search_figure
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4))
+    data = TensorDataset(torch.randn(2048, 32), torch.randint(0, 4, (2048,)))
+    result = bf.find_batch_size(model, data, device=bf.SimulatedGPU("8MiB"), max_trials=4)
+    labels = [line.get_label() for line in search_figure(result).axes[0].get_lines()]
+    assert "trial: peak reserved (allocator segments)" in labels
+    ideal = bf.find_batch_size(model, data, device=bf.SimulatedGPU("8MiB", allocator="ideal"), max_trials=4)
+    assert "trial: peak reserved (allocator segments)" not in [l.get_label() for l in search_figure(ideal).axes[0].get_lines()]
+
+
+def test_expandable_segments_reach_the_allocator_model():
+    gpu = bf.SimulatedGPU("64MiB", expandable_segments=True)
+    assert gpu.ledger.allocator is not None and gpu.ledger.allocator.expandable_segments
+    with gpu:
+        a = torch.zeros(12 * MiB, dtype=torch.uint8)
+        b = torch.zeros(12 * MiB, dtype=torch.uint8)
+        # Fixed segments would hold each 12 MiB request in a 12 MiB segment of its own; one expandable segment
+        # grows by pages instead, and both blocks share it.
+        segments = gpu.ledger.allocator.segments()
+        assert len(segments) == 1 and segments[0].expandable
+        del a, b
+    with pytest.raises(ValueError, match="setting of the caching allocator"):
+        bf.SimulatedGPU("64MiB", allocator="ideal", expandable_segments=True)

@@ -194,7 +194,7 @@ class BatchFinder(Callback):
         """Picklable for ``ddp_spawn``: a simulated GPU travels as its capacity (each process gets a fresh one)."""
         state = self.__dict__.copy()
         if isinstance(self.device, SimulatedGPU):
-            state["device"] = f"sim:{self.device.capacity_bytes}"
+            state["device"] = f"sim:{self.device.capacity_bytes}:{self.device.allocator}"
         return state
 
     # -- checks before any trial -------------------------------------------------------------------------------
