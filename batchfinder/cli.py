@@ -283,7 +283,7 @@ def run_find(args: argparse.Namespace) -> int:
     import torch
 
     from .engine import find_batch_size
-    from .estimate import target_for_shape
+    from .synthetic import target_for_shape
     from .synthetic import SyntheticDataset
 
     model, optimizer, dtype = _prepare(args)

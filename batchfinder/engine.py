@@ -79,8 +79,10 @@ class SearchOptions:
     target_batch_size: int | None = None
     """The effective batch size over all ranks (micro-batch x accumulation steps x ranks)."""
     distributed: bool | None = None
-    confirm_steps: int = 0
-    """After the search, this many steps at the recommended size in one trial (0: none)."""
+    confirm_steps: int = MIN_STEPS_PER_TRIAL
+    """After the search, this many steps at the recommended size in one trial (0: none). On a caching allocator
+    "fits" is not monotone in the batch size (segments pack differently), so the recommended size, below the largest
+    that fits, is tried as well."""
 
     def validate(self) -> None:
         """Raise a ValueError/TypeError naming the first bad option and what would be valid."""
@@ -406,7 +408,7 @@ def find_batch_size(
     memory_limit: int | str | None = None,
     target_batch_size: int | None = None,
     distributed: bool | None = None,
-    confirm_steps: int = 0,
+    confirm_steps: int = MIN_STEPS_PER_TRIAL,
 ) -> SearchResult:
     """Find the largest batch size ``model`` can train with on ``device`` by running real training steps.
 
@@ -445,9 +447,11 @@ def find_batch_size(
             its own. ``True``: require ``torch.distributed``. A ``DistributedDataParallel`` model is searched through
             its unwrapped module (no collective runs inside a trial) with its gradient buckets charged; sharded
             models (FSDP, DeepSpeed) are refused.
-        confirm_steps: after the search, run this many steps at the recommended size in one trial, with the device's
-            cache kept between them (so that what steps leave cached and fragmented shows); if it runs out of memory
-            the recommendation is lowered by the safety factor again and confirmed (``result.confirmations``).
+        confirm_steps: after the search, run this many steps (default 2) at the recommended size in one trial, with
+            the device's cache kept between them (so that what steps leave cached and fragmented shows); if it runs
+            out of memory the recommendation is lowered by the safety factor again and confirmed
+            (``result.confirmations``). On a caching allocator a smaller size does not always fit when a larger one
+            does, so the recommended size is tried rather than assumed. 0 turns this off.
 
     Returns:
         A :class:`~batchfinder.SearchResult`. Raises :class:`~batchfinder.NoBatchSizeFitsError` when batch size 1

@@ -47,15 +47,13 @@ from .batching import describe_batch, is_supported_sample, sample_bytes
 from .oom import exception_first_line
 from .optimizers import OptimizerLike, OptimizerSpec, resolve_optimizer
 from .steps import LossFn, StepFn, make_step
-from .synthetic import TargetSpec, as_shape, target_for_output
+from .synthetic import as_shape, template_from_shape
 from .tracing import (
     FakeTensorUnsupportedError,
     FakeTrainer,
     StepContractError,
     Trace,
     describe_template,
-    fake_output,
-    is_fake_unsupported,
 )
 from .validation import MIN_STEPS_PER_TRIAL, check_model, check_positive_int, check_steps_per_trial
 from .units import format_bytes
@@ -66,7 +64,6 @@ __all__ = [
     "Estimator",
     "estimate_memory",
     "estimate_memory_curve",
-    "target_for_shape",
     "FakeTensorUnsupportedError",
 ]
 
@@ -284,14 +281,22 @@ class Estimator:
         sample_label: str = "",
         reserved: bool = False,
         workspace_bytes: int = 0,
+        allocator_capacity: int | None = None,
     ) -> None:
         self.model = model
         self.template = template
         self.optimizer = optimizer
+        self.allocator_capacity = allocator_capacity
+        """With a capacity, a trace that the caching allocator of that size could not serve counts as a peak of
+        ``allocator_capacity + 1`` (it would run out of memory), as the trial on that device would."""
+        self._overflows: set[int] = set()
         self.reserved = reserved
         """When True, :meth:`peak` (and so :meth:`largest_fitting`) is the caching allocator's reserved peak, on which
         a real GPU runs out of memory, rather than the allocated peak."""
-        self.trainer = FakeTrainer(model, template, optimizer, step, steps=steps, workspace_bytes=workspace_bytes)
+        self.trainer = FakeTrainer(
+            model, template, optimizer, step, steps=steps, workspace_bytes=workspace_bytes,
+            allocator_capacity=allocator_capacity,
+        )
         self.steps = steps
         self.sample_label = sample_label or describe_template(template)
         self._traces: dict[int, Trace] = {}
@@ -316,6 +321,7 @@ class Estimator:
         input_dtype: torch.dtype = torch.float32,
         reserved: bool = False,
         workspace_bytes: int = 0,
+        allocator_capacity: int | None = None,
     ) -> "Estimator":
         """Validate the public arguments (see :func:`estimate_memory`) and build the estimator."""
         check_model(model)
@@ -324,7 +330,7 @@ class Estimator:
         spec = resolve_optimizer(optimizer, model)
         shape = as_shape(sample, argument="sample")
         if shape is not None:
-            template, label = _template_from_shape(model, shape, input_dtype)
+            template, label = template_from_shape(model, shape, input_dtype)
         else:
             _check_sample(sample)
             try:
@@ -334,7 +340,7 @@ class Estimator:
             label = describe_template(template)
         return cls(
             model, template, spec, step, steps=steps_per_trial, sample_label=label, reserved=reserved,
-            workspace_bytes=workspace_bytes,
+            workspace_bytes=workspace_bytes, allocator_capacity=allocator_capacity,
         )
 
     @classmethod
@@ -343,6 +349,7 @@ class Estimator:
         peak the search's device decides on: reserved bytes where the device has a caching allocator."""
         template = context.source.collate([context.source.sample(0)])
         device = context.device
+        exact_allocator = device.accounting_is_exact and device.reserves_segments
         return cls(
             context.model,
             template,
@@ -351,6 +358,7 @@ class Estimator:
             steps=context.steps_per_trial,
             reserved=device.reserves_segments,
             workspace_bytes=device.workspace_bytes,
+            allocator_capacity=device.capacity_bytes if exact_allocator else None,
         )
 
     # -- estimates -----------------------------------------------------------------------------------------------
@@ -371,10 +379,31 @@ class Estimator:
 
     def peak(self, batch_size: int) -> int:
         """Predicted peak bytes at ``batch_size`` (model included; reserved bytes when :attr:`reserved`), cached."""
+        if batch_size in self._overflows and self.allocator_capacity is not None:
+            return self.allocator_capacity + 1
         found = self._traces.get(batch_size)
         if found is None:
-            found = self.trace(batch_size, breakdown=self.detailed)
+            try:
+                found = self.trace(batch_size, breakdown=self.detailed)
+            except torch.OutOfMemoryError:
+                if self.allocator_capacity is None:
+                    raise
+                self._overflows.add(batch_size)
+                return self.allocator_capacity + 1
         return found.peak_reserved if self.reserved else found.peak
+
+    def overflows(self, batch_size: int) -> bool:
+        """True when the allocator of :attr:`allocator_capacity` could not serve the trace at ``batch_size``."""
+        self.peak(batch_size)
+        return batch_size in self._overflows
+
+    def estimate_unbounded(self, batch_size: int) -> MemoryEstimate:
+        """The breakdown at ``batch_size`` as if the allocator had no limit (for sizes that do not fit)."""
+        capacity, self.trainer.allocator_capacity = self.trainer.allocator_capacity, None
+        try:
+            return self.estimate(batch_size)
+        finally:
+            self.trainer.allocator_capacity = capacity
 
     @property
     def known_peaks(self) -> dict[int, int]:
@@ -396,7 +425,8 @@ class Estimator:
         if probe == lo:
             return lo
         self.peak(probe)
-        return largest_within(self.peak, level, lo, hi, start=self._phase_guess(level, lo, probe))
+        start = self._phase_guess(level, lo, probe) if probe in self._traces else None
+        return largest_within(self.peak, level, lo, hi, start=start)
 
     def _phase_guess(self, level: int, b1: int, b2: int) -> int:
         """Where the lines through each phase's peaks at ``b1`` and ``b2`` first reach ``level``."""
@@ -460,38 +490,6 @@ class Estimator:
 
 def _unique(tensors: Any) -> list[torch.Tensor]:
     return list({id(t): t for t in tensors}.values())
-
-
-def target_for_shape(model: nn.Module, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> TargetSpec | None:
-    """The target a model trains against for inputs of ``shape`` (see :mod:`batchfinder.synthetic`), found by running
-    the model once on fake tensors. Raises a ValueError naming ``sample`` when the model rejects the shape."""
-    inputs = torch.zeros((1, *shape), dtype=dtype)
-    try:
-        output = fake_output(model, inputs)
-    except Exception as exc:
-        if is_fake_unsupported(exc):
-            raise FakeTensorUnsupportedError(
-                f"the model's forward cannot run under fake tensors ({type(exc).__name__}: {exception_first_line(exc)}). "
-                "Use the real search instead: batchfinder.find_batch_size(model, dataset, device=...)."
-            ) from exc
-        error_type = TypeError if isinstance(exc, TypeError) else ValueError
-        raise error_type(
-            f"sample={shape!r}: the model rejects inputs of shape {list((2, *shape))} "
-            f"({type(exc).__name__}: {exception_first_line(exc)}). Give the shape of one sample without the batch "
-            "dimension as the model's first layer expects it, e.g. (1, 28, 28) for an MNIST model, (3, 32, 32) for "
-            "CIFAR-10, or pass one dataset item as dataset[0] returns it."
-        ) from exc
-    return target_for_output(output)
-
-
-def _template_from_shape(model: nn.Module, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[Any, str]:
-    """A batch of one made up from an input shape, with the target the model's output calls for."""
-    target = target_for_shape(model, shape, dtype)
-    inputs = torch.zeros((1, *shape), dtype=dtype)
-    label = f"input shape {shape}"
-    if target is None:
-        return inputs, label
-    return (inputs, target.example().unsqueeze(0)), f"{label} with {target.describe()}"
 
 
 # -- public functions -----------------------------------------------------------------------------------------------

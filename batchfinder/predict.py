@@ -213,12 +213,14 @@ def predict_max_batch_size(
     estimator = Estimator.create(
         model, sample, optimizer=optimizer, loss_fn=loss_fn, step_fn=step_fn, steps_per_trial=steps_per_trial,
         input_dtype=input_dtype, reserved=allocator == "caching", workspace_bytes=spec.workspace_bytes if spec else 0,
+        allocator_capacity=limit if allocator == "caching" else None,
     )
     estimator.detailed = True  # the breakdown at the answer then costs no extra trace
     cap = max_batch_size if max_batch_size is not None else DEFAULT_MAX_BATCH_SIZE
     one = estimator.peak(1)
     if one > limit:
-        est = estimator.estimate(1)
+        est = estimator.estimate_unbounded(1)
+        one = est.peak_reserved if allocator == "caching" else est.peak
         raise ValueError(
             f"{where} is too small for batch size 1: training needs {format_bytes(one)} at batch size 1 (parameters "
             f"{format_bytes(est.parameters + est.buffers)}, gradients {format_bytes(est.gradients)}, optimizer state "
@@ -229,6 +231,8 @@ def predict_max_batch_size(
     best = estimator.largest_fitting(limit, 1, cap)
     capped = best >= cap
     next_peak = None if capped else estimator.peak(best + 1)
+    if not capped and estimator.overflows(best + 1):
+        next_peak = estimator.estimate_unbounded(best + 1).peak_reserved  # what it would take without the limit
     est = estimator.estimate(best)
     prediction = Prediction(
         max_batch_size=best,

@@ -171,10 +171,13 @@ class SearchResult:
         """The recommendation's arithmetic, e.g. ``largest that fits: 14076; x0.8 = 11260``."""
         scaled = scaled_batch_size(self.max_batch_size, self.safety)
         text = f"largest that fits: {self.max_batch_size}; x{self.safety:g} = {scaled}"
+        first = self.confirmations[0].batch_size if self.confirmations else None
         if self.multiple_of > 1:
-            text += f"; rounded down to a multiple of {self.multiple_of} = {self.batch_size}"
-        elif scaled != self.batch_size:
+            text += f"; rounded down to a multiple of {self.multiple_of} = {first or self.batch_size}"
+        elif first is None and scaled != self.batch_size:
             text += f"; at least 1 = {self.batch_size}"
+        if first is not None and first != self.batch_size:
+            text += f"; {first} ran out of memory when confirmed, so {self.batch_size}"
         return text
 
     def why_stopped(self) -> str:

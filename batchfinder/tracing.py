@@ -197,8 +197,12 @@ class _PeakLedger(MemoryLedger):
     mode alive for the life of the process.
     """
 
-    def __init__(self, on_peak: Callable[[], None] | None, *, workspace_bytes: int = 0) -> None:
-        super().__init__(None, device_label="fake", allocator=CachingAllocator(None), workspace_bytes=workspace_bytes)
+    def __init__(
+        self, on_peak: Callable[[], None] | None, *, workspace_bytes: int = 0, capacity: int | None = None
+    ) -> None:
+        super().__init__(
+            capacity, device_label="fake", allocator=CachingAllocator(capacity), workspace_bytes=workspace_bytes
+        )
         self._on_peak = on_peak
         self.max_reserved = 0
         """The highest reserved total of the whole trace (per-phase resets of the peaks leave it alone)."""
@@ -341,6 +345,9 @@ class FakeTrainer:
         steps: training steps per trace (at least 2, as per trial: Adam creates its state at the first step).
         workspace_bytes: cuBLAS's workspace, charged twice (the forward and the backward pass's handles) right after
             the model, as on a ``SimulatedGPU.like(...)`` (0: none).
+        allocator_capacity: the capacity of the modelled caching allocator (None: unlimited). With a capacity the
+            allocator releases its cache and retries where a GPU of that size would, and a trace that would not fit
+            raises ``torch.OutOfMemoryError`` as the trial would.
     """
 
     def __init__(
@@ -352,6 +359,7 @@ class FakeTrainer:
         *,
         steps: int = MIN_STEPS_PER_TRIAL,
         workspace_bytes: int = 0,
+        allocator_capacity: int | None = None,
     ) -> None:
         self.model = model
         self.template = template
@@ -359,6 +367,7 @@ class FakeTrainer:
         self.step = step
         self.steps = steps
         self.workspace_bytes = workspace_bytes
+        self.allocator_capacity = allocator_capacity
         self.calls = 0
 
     # -- public --------------------------------------------------------------------------------------------------
@@ -397,7 +406,7 @@ class FakeTrainer:
         mode = _new_fake_mode()
         convert = _FakeConverter(mode)
         recorder = _Recorder(breakdown)
-        ledger = _PeakLedger(recorder.on_peak, workspace_bytes=self.workspace_bytes)
+        ledger = _PeakLedger(recorder.on_peak, workspace_bytes=self.workspace_bytes, capacity=self.allocator_capacity)
         recorder.ledger = ledger
         try:
             return self._trace_steps(batch_size, mode, convert, recorder, ledger)

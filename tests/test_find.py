@@ -186,7 +186,8 @@ def test_dataloader_with_its_collate_fn_and_custom_step():
         sizes.append(batch["input_ids"].shape[0])
         return model(batch["input_ids"], batch["labels"])["loss"] * 2
 
-    stepped = bf.find_batch_size(case.model, loader, device=bf.SimulatedGPU(CAPACITIES["dict"]), step_fn=step_fn, max_trials=5)
+    stepped = bf.find_batch_size(case.model, loader, device=bf.SimulatedGPU(CAPACITIES["dict"]), step_fn=step_fn, max_trials=5,
+                                 confirm_steps=0)  # the trials' calls alone
     assert stepped.max_batch_size == result.max_batch_size
     called = Counter(sizes)
     assert called[2] == 1 and set(called) == {2} | {t.batch_size for t in stepped.trials}
@@ -246,7 +247,7 @@ def test_loss_fn_and_tensor_only_samples():
     # No target: the default loss is the mean of the output, whose gradient is 1/numel everywhere.
     seen, handle = _record_output_gradients(model, lambda x, out: torch.full_like(out, 1 / out.numel()))
     try:
-        default = bf.find_batch_size(model, data, device=gpu)
+        default = bf.find_batch_size(model, data, device=gpu, confirm_steps=0)  # the trials' steps alone
     finally:
         handle.remove()
     assert default.max_batch_size > 16
@@ -262,7 +263,7 @@ def test_loss_fn_and_tensor_only_samples():
 
     seen, handle = _record_output_gradients(model, lambda x, out: 2 * out / out.numel())
     try:
-        custom = bf.find_batch_size(model, data, device=gpu, loss_fn=loss_fn)
+        custom = bf.find_batch_size(model, data, device=gpu, loss_fn=loss_fn, confirm_steps=0)
     finally:
         handle.remove()
     assert custom.max_batch_size > 16

@@ -144,7 +144,7 @@ class BatchFinder(Callback):
         distributed: bool | None = None,
         progress: ProgressLike = False,
         log_results: bool = True,
-        confirm_steps: int = 0,
+        confirm_steps: int = MIN_STEPS_PER_TRIAL,
     ) -> None:
         super().__init__()
         self.options = SearchOptions(
