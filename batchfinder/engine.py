@@ -360,12 +360,12 @@ def _run(
 def _nothing_fits(trials: list[Trial], device: DeviceBackend) -> NoBatchSizeFitsError:
     smallest = min(trials, key=lambda t: t.batch_size)
     request = smallest.requested_bytes or 0
-    needed = smallest.peak_bytes + request
+    needed = max(smallest.peak_reserved_bytes, smallest.peak_bytes) + request  # what the allocator held, and asked
     capacity = device.capacity_bytes
     report = device.memory_report()
     return NoBatchSizeFitsError(
         f"batch size {smallest.batch_size} does not fit on {device.name}: the trial needed at least "
-        f"{format_bytes(needed)} (it reached {format_bytes(smallest.peak_bytes)}, of which "
+        f"{format_bytes(needed)} (it reached {format_bytes(max(smallest.peak_reserved_bytes, smallest.peak_bytes))}, of which "
         f"{format_bytes(smallest.baseline_bytes)} is the model and its existing state, then asked for "
         f"{format_bytes(request)} more) but the device has {format_bytes(capacity)}"
         + (f" ({report})" if report else "")

@@ -6,12 +6,13 @@
 ('A100-40GB', True)
 
 ``memory_bytes`` is the board's memory as ``nvidia-smi`` reports it (``memory.total``, MiB). What a training
-process can fill with tensors is less, and :func:`~batchfinder.predict_max_batch_size` subtracts an allowance for it:
+process can fill with tensors is less, and :func:`~batchfinder.predict_max_batch_size` (and
+``SimulatedGPU.like``) account for it:
 
-* :data:`CUDA_CONTEXT_BYTES` (512 MiB): the CUDA context of the process (driver state, loaded kernels and the
+* :data:`CUDA_CONTEXT_BYTES` (512 MiB, subtracted): the CUDA context of the process (driver state, loaded kernels and the
   libraries' module images), which ``nvidia-smi`` counts and ``torch.cuda.memory_allocated()`` does not; 300-500 MiB
   with lazy module loading on recent drivers, more with eager loading.
-* the cuBLAS workspace PyTorch allocates per handle and stream: :data:`CUBLAS_WORKSPACE_BYTES` (8,519,680 B,
+* the cuBLAS workspace PyTorch allocates per handle and stream, through its allocator (charged as blocks, twice): :data:`CUBLAS_WORKSPACE_BYTES` (8,519,680 B,
   PyTorch's default ``CUBLAS_WORKSPACE_CONFIG=:4096:2:16:8``) before Hopper, :data:`CUBLAS_WORKSPACE_BYTES_HOPPER`
   (32 MiB) on Hopper and Blackwell.
 
@@ -64,12 +65,13 @@ class GPUSpec:
 
     @property
     def allowance_bytes(self) -> int:
-        """What fake tensors cannot see: the CUDA context plus the cuBLAS workspace."""
-        return CUDA_CONTEXT_BYTES + self.workspace_bytes
+        """What lives outside PyTorch's allocator: the CUDA context."""
+        return CUDA_CONTEXT_BYTES
 
     @property
     def usable_bytes(self) -> int:
-        """Memory left for the training step's tensors: ``memory_bytes - allowance_bytes``."""
+        """Memory PyTorch's allocator may hold: ``memory_bytes - allowance_bytes``. cuBLAS's workspaces are blocks
+        inside it (:attr:`workspace_bytes` per handle; predictions charge two: the forward and backward threads')."""
         return self.memory_bytes - self.allowance_bytes
 
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .estimate import Estimator, MemoryEstimate
-from .gpus import CUDA_CONTEXT_BYTES, GPUSpec, lookup_gpu
+from .gpus import GPUSpec, lookup_gpu
 from .optimizers import OptimizerLike
 from .search import recommend_batch_size, scaled_batch_size
 from .simulated import ALLOCATORS
@@ -50,7 +50,7 @@ class Prediction:
     batch_size: int
     """Recommended: ``floor(safety * max_batch_size)``, rounded down to ``multiple_of``, at least 1."""
     capacity_bytes: int
-    """Bytes the training step's tensors may take (the GPU's memory minus :attr:`allowance_bytes`)."""
+    """Bytes PyTorch's allocator may hold (the GPU's memory minus :attr:`allowance_bytes`, or ``capacity=``)."""
     peak_bytes: int
     """Predicted peak at :attr:`max_batch_size`: reserved bytes with the caching allocator (what a GPU runs out of
     memory on), allocated bytes with ``allocator="ideal"``."""
@@ -155,8 +155,10 @@ def _budget(capacity: Any, gpu: Any) -> tuple[int, int, GPUSpec | None, str]:
         )
     if gpu is not None:
         spec = lookup_gpu(gpu)
-        usable = spec.memory_bytes - CUDA_CONTEXT_BYTES
-        return usable, CUDA_CONTEXT_BYTES, spec, f"gpu={spec.name!r} ({format_bytes(usable)} after the CUDA context)"
+        return (
+            spec.usable_bytes, spec.allowance_bytes, spec,
+            f"gpu={spec.name!r} ({format_bytes(spec.usable_bytes)} after the CUDA context)",
+        )
     limit = parse_bytes(capacity, argument="capacity")
     return limit, 0, None, f"capacity={capacity!r} ({format_bytes(limit)})"
 

@@ -1,20 +1,22 @@
 """A simulated GPU: real computation on the CPU, memory charged as a GPU of a chosen capacity would hold it.
 
 >>> import torch, batchfinder as bf
->>> gpu = bf.SimulatedGPU("1MiB")
+>>> gpu = bf.SimulatedGPU("64MiB")
 >>> with gpu:
-...     x = torch.zeros(1000)          # 4,000 bytes, charged as 4,096 (rounded to 512 B)
->>> gpu.memory_allocated()
-4096
+...     x = torch.zeros(1000)          # 4,000 bytes: a 4,096-byte block (rounded to 512 B) of a 2 MiB segment
+>>> gpu.memory_allocated(), gpu.memory_reserved()
+(4096, 2097152)
 
 What it charges: every storage that aten operations create inside it (parameters, buffers, gradients, optimizer
 state, activations, temporaries), and every storage that existed before the first time an operation inside
 consumes it (as a transfer to the device would be), each rounded up to 512 bytes. A view costs nothing. What is
 charged is released when it is freed. Nothing is charged while a DataLoader produces a batch (host-side loading).
+By default the charges go through a model of PyTorch's CUDA caching allocator (:mod:`batchfinder.allocator`), so
+that memory is reserved in segments, cached blocks are reused, and a charge fails where the real allocator would.
 
-What it does not model: the CUDA context (0.3-0.5 GiB per process), cuBLAS/cuDNN workspaces, the caching
-allocator's segment sizes and fragmentation, and memory used by other processes. Those are why a real GPU takes a
-little less than the simulated one of the same capacity, and why the recommendation keeps a 0.8 safety factor.
+What it does not model: the CUDA context (0.3-0.5 GiB per process; :meth:`SimulatedGPU.like` subtracts one),
+cuDNN workspaces, memory used by other processes, and kernels whose CPU and CUDA versions allocate differently.
+Those are why the recommendation keeps a 0.8 safety factor.
 """
 
 from __future__ import annotations

@@ -58,8 +58,11 @@ def test_gpu_names_are_tolerant_and_the_allowance_is_subtracted():
     for name in ("T4", "V100-16GB", "V100-32GB", "A10G", "L4", "RTX-3090", "RTX-4090", "A100-40GB", "A100-80GB", "H100-80GB", "H200"):
         assert lookup_gpu(name).name == name
     assert lookup_gpu("A100-40GB").memory_bytes == 40 * 1024**3
-    assert lookup_gpu("T4").allowance_bytes == CUDA_CONTEXT_BYTES + CUBLAS_WORKSPACE_BYTES
-    assert lookup_gpu("H100").allowance_bytes == CUDA_CONTEXT_BYTES + CUBLAS_WORKSPACE_BYTES_HOPPER
+    assert lookup_gpu("T4").allowance_bytes == lookup_gpu("H100").allowance_bytes == CUDA_CONTEXT_BYTES
+    assert lookup_gpu("T4").usable_bytes == lookup_gpu("T4").memory_bytes - CUDA_CONTEXT_BYTES
+    assert (lookup_gpu("T4").workspace_bytes, lookup_gpu("H100").workspace_bytes) == (
+        CUBLAS_WORKSPACE_BYTES, CUBLAS_WORKSPACE_BYTES_HOPPER
+    )
     assert len({g.name for g in GPUS}) == len(GPUS)
 
     model = zoo.cifar10_mlp()
