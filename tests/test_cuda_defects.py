@@ -108,3 +108,88 @@ def test_a_gradient_scaler_stage_does_not_survive_a_failed_trial():  # defect 3
                         extra_state=[lambda: AttributeSnapshot(scaler, deep=True)])
     result = search(workload, CudaDevice("cuda", memory_limit="256MiB"), SearchOptions())
     assert result.num_ooms >= 1 and result.max_batch_size > 0
+
+
+def test_skipped_steps_are_followed_until_the_optimizer_has_state(caplog):  # defect 4
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 10)).cuda()
+    spec = resolve_optimizer(torch.optim.Adam, model)
+    optimizer = spec.create()
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**18)  # the first steps overflow in float16 and are skipped
+
+    def train_step(m: nn.Module, batch: Any, index: int) -> None:
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = nn.functional.cross_entropy(m(batch[0]), batch[1])
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    data = TensorDataset(torch.randn(256, 64), torch.randint(0, 10, (256,)))
+    workload = Workload(model, BatchSource(data), None, spec, train_step=train_step, extra_optimizers=[optimizer],
+                        extra_state=[lambda: AttributeSnapshot(scaler, deep=True)])
+    result = search(workload, CudaDevice("cuda"), SearchOptions(init_batch_size=256, confirm_steps=0))
+    first = result.trials[0]
+    assert first.fits and 2 < first.steps <= 10  # steps went on past the skipped ones
+    assert "still has no state" not in caplog.text  # until a step was taken and Adam's state existed
+    assert not optimizer.state  # and the user's optimizer is as it was
+
+
+def test_cudnn_not_supported_at_a_tiny_batch_is_reported_on_a_gpu():  # defect 9
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).cuda()
+
+    def refused(m: nn.Module, batch: Any) -> torch.Tensor:
+        m(batch[0])  # a real CUDA step, then what cuDNN raises for an unsupported configuration
+        raise RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a "
+                           "non-contiguous input.")
+
+    with pytest.raises(ValueError, match="unsupported layer configuration"):
+        bf.find_batch_size(model, _data(), device="cuda", step_fn=refused)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_without_a_device_the_search_runs_on_the_gpu_the_model_is_on():  # defect 7
+    model = _mlp().to("cuda:1")
+    torch.cuda.set_device(0)
+    result = bf.find_batch_size(model, _data(), memory_limit="256MiB", max_trials=3)
+    assert result.device == CudaDevice("cuda:1", memory_limit="256MiB").name
+    assert torch.cuda.max_memory_allocated(1) > 0
+
+
+def _nccl_worker(rank: int, world: int, port: int, queue: Any) -> None:
+    import os
+    import traceback
+
+    try:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        torch.distributed.init_process_group("nccl", rank=rank, world_size=world)
+        try:
+            # No torch.cuda.set_device: the agreement must not run on whichever GPU is current (cuda:0 on both).
+            result = bf.find_batch_size(_mlp(), _data(4096), device=f"cuda:{rank}", memory_limit="256MiB", max_trials=4)
+
+            def fails_on_rank_1(m: nn.Module, batch: Any) -> torch.Tensor:
+                if rank == 1 and len(batch[0]) > 16:
+                    raise KeyError("a bug on rank 1 only")
+                return nn.functional.cross_entropy(m(batch[0]), batch[1])
+
+            try:
+                bf.find_batch_size(_mlp(), _data(4096), device=f"cuda:{rank}", step_fn=fails_on_rank_1, max_trials=4)
+                failure = "none"
+            except bf.RankFailedError:
+                failure = "RankFailedError"
+            except KeyError:
+                failure = "KeyError"
+            queue.put((rank, (result.max_batch_size, result.world_size, failure)))
+        finally:
+            torch.distributed.destroy_process_group()
+    except BaseException:
+        queue.put((rank, traceback.format_exc()))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2 or not torch.distributed.is_nccl_available(), reason="needs two GPUs")
+def test_ranks_on_nccl_agree_over_the_cpu_and_report_a_failing_rank():  # defects 5 and 6
+    from test_distributed import _spawn
+
+    results = _spawn(_nccl_worker)
+    assert results[0][:2] == results[1][:2] and results[0][1] == 2
+    assert (results[0][2], results[1][2]) == ("RankFailedError", "KeyError")
