@@ -85,49 +85,41 @@ def test_the_first_search_in_a_fresh_process_leaks_nothing():  # defect 11
     assert out.stdout.strip().splitlines()[-1] == "0"
 
 
-def test_a_gradient_scaler_stage_does_not_survive_a_failed_trial():  # defect 3
+def _fp16_workload(samples: int, *, init_scale: float = 2.0**16, clip_then_allocate: bool = False) -> tuple[Workload, Any]:
+    """An fp16 training step with a GradScaler; with ``clip_then_allocate`` it unscales and clips, then allocates
+    64 KiB per sample (so large batches run out of memory after ``unscale_``)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 10)).cuda()
     spec = resolve_optimizer(torch.optim.Adam, model)
     optimizer = spec.create()
-    scaler = torch.amp.GradScaler("cuda")
+    scaler = torch.amp.GradScaler("cuda", init_scale=init_scale)
 
     def train_step(m: nn.Module, batch: Any, index: int) -> None:
         with torch.autocast("cuda", dtype=torch.float16):
             loss = nn.functional.cross_entropy(m(batch[0]), batch[1])
         scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        nn.utils.clip_grad_norm_(m.parameters(), 1.0)
-        torch.empty(len(batch[0]) * 64 * 1024, dtype=torch.uint8, device="cuda")  # large batches run out here
+        if clip_then_allocate:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+            torch.empty(len(batch[0]) * 64 * 1024, dtype=torch.uint8, device="cuda")
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
-    data = TensorDataset(torch.randn(8192, 64), torch.randint(0, 10, (8192,)))
+    data = TensorDataset(torch.randn(samples, 64), torch.randint(0, 10, (samples,)))
     workload = Workload(model, BatchSource(data), None, spec, train_step=train_step, extra_optimizers=[optimizer],
                         extra_state=[lambda: AttributeSnapshot(scaler, deep=True)])
+    return workload, optimizer
+
+
+def test_a_gradient_scaler_stage_does_not_survive_a_failed_trial():  # defect 3
+    workload, _ = _fp16_workload(8192, clip_then_allocate=True)
     result = search(workload, CudaDevice("cuda", memory_limit="256MiB"), SearchOptions())
     assert result.num_ooms >= 1 and result.max_batch_size > 0
 
 
 def test_skipped_steps_are_followed_until_the_optimizer_has_state(caplog):  # defect 4
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 10)).cuda()
-    spec = resolve_optimizer(torch.optim.Adam, model)
-    optimizer = spec.create()
-    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**18)  # the first steps overflow in float16 and are skipped
-
-    def train_step(m: nn.Module, batch: Any, index: int) -> None:
-        with torch.autocast("cuda", dtype=torch.float16):
-            loss = nn.functional.cross_entropy(m(batch[0]), batch[1])
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-
-    data = TensorDataset(torch.randn(256, 64), torch.randint(0, 10, (256,)))
-    workload = Workload(model, BatchSource(data), None, spec, train_step=train_step, extra_optimizers=[optimizer],
-                        extra_state=[lambda: AttributeSnapshot(scaler, deep=True)])
+    workload, optimizer = _fp16_workload(256, init_scale=2.0**18)  # the first steps overflow in float16: skipped
     result = search(workload, CudaDevice("cuda"), SearchOptions(init_batch_size=256, confirm_steps=0))
     first = result.trials[0]
     assert first.fits and 2 < first.steps <= 10  # steps went on past the skipped ones
