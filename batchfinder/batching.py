@@ -1,21 +1,35 @@
 """Building real batches of any size from a user's dataset or DataLoader.
 
 A :class:`BatchSource` accepts any map-style ``Dataset`` (``TensorDataset``, torchvision datasets, user classes)
-or a ``DataLoader`` (its dataset and ``collate_fn`` are used). Samples may be a tensor, a tuple/list
-``(input, target, ...)`` or a dict of tensors. Batches are built host-side from the first ``batch_size`` samples;
-samples are cached in host memory (up to a budget) so that repeated trials do not reload them.
+or a ``DataLoader`` (its dataset, ``collate_fn`` and sampler are used). Samples may be a tensor, a tuple/list
+``(input, target, ...)`` or a dict of tensors (or anything the loader's ``collate_fn`` turns into tensors).
+
+Batches are built host-side. For fixed-size data a batch of ``B`` is the first ``B`` samples; when sample sizes
+vary it is the ``B`` largest samples (:mod:`batchfinder.sample_sizes`), the worst case of every batch of ``B`` the
+loader can produce. :meth:`BatchSource.loader_batches` gives batches in the order the user's loader yields them (for
+the confirmation run). Samples are cached in host memory (up to a budget) so that repeated trials do not reload them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from itertools import islice
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    TensorDataset,
+)
 from torch.utils.data._utils.collate import default_collate, default_convert
 
 from .accounting import host_side_loading
+from .sample_sizes import DEFAULT_SCAN_BUDGET, SampleSize, scan_sizes
 
 __all__ = ["BatchSource", "describe_batch", "sample_bytes", "is_supported_sample"]
 
@@ -73,11 +87,22 @@ def _check_sample(sample: Any) -> None:
 
 
 class BatchSource:
-    """Real batches of a requested size from a dataset (or a DataLoader's dataset and collate function)."""
+    """Real batches of a requested size from a dataset (or a DataLoader's dataset, collate function and sampler).
 
-    def __init__(self, data: Dataset | DataLoader | Any) -> None:
+    ``sample_size`` and ``scan_budget`` control how the largest samples are found (see
+    :func:`~batchfinder.sample_sizes.scan_sizes`); :attr:`scan` says what was found.
+    """
+
+    def __init__(
+        self,
+        data: Dataset | DataLoader | Any,
+        *,
+        sample_size: SampleSize | None = None,
+        scan_budget: float = DEFAULT_SCAN_BUDGET,
+    ) -> None:
         collate: Callable[[list[Any]], Any] = default_collate
         dataset = data
+        self.loader = data if isinstance(data, DataLoader) else None
         if isinstance(data, DataLoader):
             dataset = data.dataset
             if data.collate_fn is not default_convert:
@@ -98,28 +123,112 @@ class BatchSource:
         self.dataset = dataset
         self.collate = collate
         self.length = length
-        self._cache: list[Any] = []
+        self._cache: dict[int, Any] = {}
         self._cached_bytes = 0
         with host_side_loading():
             first = self.sample(0)
-        _check_sample(first)
+            if self.collate is default_collate:
+                _check_sample(first)
+            self.scan, self.order = scan_sizes(
+                self._load, length, sample_size=sample_size, budget=scan_budget,
+                probe_only=isinstance(dataset, TensorDataset),
+            )
+        if self.collate is not default_collate:
+            _check_sample_or_collated(first, self.collate)
+
+    @property
+    def varies(self) -> bool:
+        """True when sample sizes vary: batches are then the largest samples."""
+        return self.order is not None
+
+    @property
+    def largest_index(self) -> int:
+        """The index of the largest sample seen (0 for fixed-size data)."""
+        return self.scan.largest_index
+
+    def _load(self, index: int) -> Any:
+        return self._cache[index] if index in self._cache else self.dataset[index]
 
     def sample(self, index: int) -> Any:
         """Sample ``index`` of the dataset (cached)."""
-        if index < len(self._cache):
-            return self._cache[index]
+        found = self._cache.get(index)
+        if found is not None:
+            return found
         sample = self.dataset[index]
-        if index == len(self._cache) and self._cached_bytes < _CACHE_BUDGET_BYTES:
-            self._cache.append(sample)
+        if self._cached_bytes < _CACHE_BUDGET_BYTES:
+            self._cache[index] = sample
             self._cached_bytes += sample_bytes(sample)
         return sample
 
+    def indices(self, batch_size: int) -> Sequence[int]:
+        """The samples a batch of ``batch_size`` is built from: the first, or the largest when sizes vary."""
+        return range(batch_size) if self.order is None else self.order[:batch_size]
+
     def batch(self, batch_size: int) -> Any:
-        """A host-side batch of the first ``batch_size`` samples (``batch_size`` at most the dataset length)."""
+        """A host-side batch of ``batch_size`` samples (at most the dataset length): the first ones, or when sample
+        sizes vary the largest ones, which bound every batch of that size the loader can produce."""
         if not 1 <= batch_size <= self.length:
             raise ValueError(f"batch_size={batch_size} must be between 1 and the dataset length {self.length}")
         with host_side_loading():  # loading and collation happen on the host, also inside a SimulatedGPU block
-            return self.collate([self.sample(i) for i in range(batch_size)])
+            return self.collate([self.sample(i) for i in self.indices(batch_size)])
+
+    def loader_batches(self, batch_size: int, count: int) -> list[Any]:
+        """The first ``count`` batches of ``batch_size`` in the order the user's loader would yield them in an
+        epoch: its sampler's order (a shuffling loader, or a plain dataset, in a private random order that leaves
+        the user's random state alone). Fewer when the dataset runs out."""
+        order = _epoch_order(self.loader, self.length)
+        batches = []
+        with host_side_loading():
+            for _ in range(count):
+                indices = list(islice(order, batch_size))
+                if not indices:
+                    break
+                batches.append(self.collate([self._load(i) for i in indices]))
+        return batches
+
+
+def _check_sample_or_collated(sample: Any, collate: Callable[[list[Any]], Any]) -> None:
+    """A loader with its own ``collate_fn`` may take samples of any kind: what must be batchable is its output."""
+    if is_supported_sample(sample):
+        return
+    problem = _sample_problem(collate([sample]))
+    if problem is not None:
+        raise TypeError(problem.replace("dataset[0]", "the collate_fn's batch of dataset[0]"))
+
+
+def _epoch_order(loader: DataLoader | None, length: int) -> Iterator[int]:
+    """Sample indices in the order one epoch of ``loader`` visits them (a shuffled epoch without a loader)."""
+    shuffled = lambda: iter(torch.randperm(length, generator=torch.Generator().manual_seed(0)).tolist())  # noqa: E731
+    if loader is None:
+        return shuffled()
+    sampler = loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
+    if isinstance(sampler, BatchSampler):
+        sampler = sampler.sampler
+    if isinstance(sampler, RandomSampler):
+        return shuffled()
+    if isinstance(sampler, SequentialSampler):
+        return iter(range(length))
+    return _flattened(_replayed(sampler))
+
+
+def _replayed(sampler: Any) -> list[Any]:
+    """One pass over a custom sampler, its own generator (when it has one) left as it was; the global random state
+    is restored by the trial session."""
+    generator = getattr(sampler, "generator", None)
+    state = generator.get_state() if isinstance(generator, torch.Generator) else None
+    try:
+        return list(sampler)
+    finally:
+        if state is not None:
+            generator.set_state(state)
+
+
+def _flattened(items: list[Any]) -> Iterator[int]:
+    for item in items:
+        if isinstance(item, (list, tuple)):
+            yield from (int(i) for i in item)
+        else:
+            yield int(item)
 
 
 def describe_batch(batch: Any, batch_size: int | str | None = None) -> str:

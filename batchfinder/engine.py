@@ -22,6 +22,7 @@ A front end (:func:`find_batch_size`, the Lightning callback, the command line) 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -41,6 +42,7 @@ from .modes import EVALUATION_MODES, MODES, SearchContext, check_mode
 from .optimizers import OptimizerLike, OptimizerSpec, resolve_optimizer
 from .report import ProgressPrinter
 from .result import SearchResult, Trial
+from .sample_sizes import DEFAULT_SCAN_BUDGET, SampleSize, check_scan_budget
 from .search import SearchBounds, StopReason, recommend_batch_size
 from .state import SnapshotFactory
 from .steps import LossFn, StepFn, make_step
@@ -174,7 +176,7 @@ def search(workload: Workload, device: DeviceBackend, options: SearchOptions) ->
                     session, context, eval_options, agreement, phase="eval", length=workload.eval_source.length
                 )
             if training and options.confirm_steps:
-                _confirm(session, result, options, agreement)
+                _confirm(session, source, result, options, agreement)
     finally:
         if agreement is not None:
             agreement.close()
@@ -185,6 +187,7 @@ def search(workload: Workload, device: DeviceBackend, options: SearchOptions) ->
         result.target_batch_size = options.target_batch_size
         result.micro_batch_size = plan.micro_batch_size
         result.accumulation_steps = plan.accumulation_steps
+    result.data_scan = getattr(source, "scan", None)
     result.seconds = time.perf_counter() - started
     return result
 
@@ -192,19 +195,36 @@ def search(workload: Workload, device: DeviceBackend, options: SearchOptions) ->
 _CONFIRMATION_ATTEMPTS = 3
 
 
-def _confirm(session: TrialSession, result: SearchResult, options: SearchOptions, agreement: RankAgreement | None) -> None:
+def _confirmation_batches(source: Any, batch_size: int, steps: int) -> list[Any] | None:
+    """For data whose sample sizes vary: the first ``steps`` batches in the order the user's loader yields them,
+    then the worst-case batch (the largest samples), one per step. None for fixed-size data (every batch is alike:
+    the confirmation repeats one)."""
+    if not getattr(source, "varies", False):
+        return None
+    return [*source.loader_batches(batch_size, steps), source.batch(batch_size)]
+
+
+def _confirm(
+    session: TrialSession, source: Any, result: SearchResult, options: SearchOptions, agreement: RankAgreement | None
+) -> None:
     """Run ``options.confirm_steps`` steps at the recommended size in one trial, the allocator's cache kept between
-    them, so that memory the steps leave cached and fragmented shows; when it runs out of memory, lower the
-    recommendation by the safety factor again and confirm that (up to three times), saying so in the result."""
+    them, so that memory the steps leave cached and fragmented shows (for variable-size data: batches in the
+    loader's order, then the worst-case batch); when it runs out of memory, lower the recommendation by the safety
+    factor again and confirm that (up to three times), saying so in the result."""
     size = result.batch_size
     for _ in range(_CONFIRMATION_ATTEMPTS):
-        trial = session.run(size, steps=max(options.confirm_steps, MIN_STEPS_PER_TRIAL))
+        batches = _confirmation_batches(source, size, options.confirm_steps)
+        trial = session.run(size, steps=max(options.confirm_steps, MIN_STEPS_PER_TRIAL), host_batches=batches)
+        del batches
         if agreement is not None:
             trial, _peak = agreement.agree_trial(trial, f"the confirmation at batch size {size}")
         result.confirmations.append(trial)
         if trial.fits:
             if size != result.batch_size:
-                logger.warning("batch size %d ran out of memory when confirmed; recommending %d", result.batch_size, size)
+                logger.warning(
+                    "batch size %d ran out of memory when confirmed (%s); recommending %d",
+                    result.batch_size, result.confirmations[0].error, size,
+                )
                 result.batch_size = size
             return
         smaller = recommend_batch_size(size, options.safety, options.multiple_of)
@@ -377,15 +397,23 @@ def _nothing_fits(trials: list[Trial], device: DeviceBackend) -> NoBatchSizeFits
 
 # -- the function front end -----------------------------------------------------------------------------------------
 def _function_workload(
-    model: nn.Module, dataset: Any, optimizer: OptimizerLike, loss_fn: LossFn | None, step_fn: StepFn | None
+    model: nn.Module,
+    dataset: Any,
+    optimizer: OptimizerLike,
+    loss_fn: LossFn | None,
+    step_fn: StepFn | None,
+    sample_size: SampleSize | None,
+    scan_budget: float,
 ) -> Workload:
     """The user's pieces as a :class:`Workload`, each checked before anything runs."""
     check_model(model)
+    check_scan_budget(scan_budget)
     module, ddp = unwrap_ddp(model)  # trials run on the unwrapped module: DDP's collectives could hang on an OOM
     check_materialised(module)
     step = make_step(loss_fn, step_fn)
     spec = resolve_optimizer(optimizer, module)
-    return Workload(module, BatchSource(dataset), step, spec, ddp=ddp)
+    source = BatchSource(dataset, sample_size=sample_size, scan_budget=scan_budget)
+    return Workload(module, source, step, spec, ddp=ddp)
 
 
 def find_batch_size(
@@ -409,6 +437,8 @@ def find_batch_size(
     target_batch_size: int | None = None,
     distributed: bool | None = None,
     confirm_steps: int = MIN_STEPS_PER_TRIAL,
+    sample_size: SampleSize | None = None,
+    scan_budget: float = DEFAULT_SCAN_BUDGET,
 ) -> SearchResult:
     """Find the largest batch size ``model`` can train with on ``device`` by running real training steps.
 
@@ -451,7 +481,15 @@ def find_batch_size(
             the device's cache kept between them (so that what steps leave cached and fragmented shows); if it runs
             out of memory the recommendation is lowered by the safety factor again and confirmed
             (``result.confirmations``). On a caching allocator a smaller size does not always fit when a larger one
-            does, so the recommended size is tried rather than assumed. 0 turns this off.
+            does, so the recommended size is tried rather than assumed. When sample sizes vary the steps run on the
+            first ``confirm_steps`` batches in the order your loader yields them (its sampler's order; shuffled
+            without a loader), then on the worst-case batch. 0 turns this off.
+        sample_size: how large each sample is, when sizes vary: a callable ``index -> number`` or a sequence with
+            one number per sample (e.g. a list of lengths). Default: the number of elements of a sample's tensors.
+            When sizes vary, a trial of size B runs on the B largest samples (collated with the loader's
+            ``collate_fn``), which bounds every batch of B a shuffled epoch can draw.
+        scan_budget: seconds the scan for the largest samples may take (default 10). Fixed-size data is recognised
+            from 64 samples and not scanned; a partial scan is reported in ``result.data_scan`` and warned about.
 
     Returns:
         A :class:`~batchfinder.SearchResult`. Raises :class:`~batchfinder.NoBatchSizeFitsError` when batch size 1
@@ -473,7 +511,7 @@ def find_batch_size(
         confirm_steps=confirm_steps,
     )
     options.validate()
-    workload = _function_workload(model, dataset, optimizer, loss_fn, step_fn)
+    workload = _function_workload(model, dataset, optimizer, loss_fn, step_fn, sample_size, scan_budget)
     return search(workload, resolve_device(device, memory_limit=memory_limit, model=workload.model), options)
 
 
@@ -488,14 +526,18 @@ def try_batch_size(
     device: DeviceLike = None,
     steps_per_trial: int = MIN_STEPS_PER_TRIAL,
     memory_limit: int | str | None = None,
+    sample_size: SampleSize | None = None,
+    scan_budget: float = DEFAULT_SCAN_BUDGET,
 ) -> Trial:
     """Run one trial: does ``batch_size`` fit? Same arguments and guarantees as :func:`find_batch_size`.
 
-    ``batch_size`` may not exceed ``len(dataset)``. Returns the :class:`~batchfinder.Trial`.
+    ``batch_size`` may not exceed ``len(dataset)``. When sample sizes vary the trial runs on the ``batch_size``
+    largest samples (the worst case of every batch of that size); ``trial.data_scan`` says what was scanned.
+    Returns the :class:`~batchfinder.Trial`.
     """
     check_positive_int("batch_size", batch_size)
     check_steps_per_trial(steps_per_trial)
-    workload = _function_workload(model, dataset, optimizer, loss_fn, step_fn)
+    workload = _function_workload(model, dataset, optimizer, loss_fn, step_fn, sample_size, scan_budget)
     if batch_size > workload.source.length:
         raise ValueError(
             f"batch_size={batch_size} is larger than the dataset ({workload.source.length} samples): "
@@ -504,4 +546,5 @@ def try_batch_size(
     backend = resolve_device(device, memory_limit=memory_limit, model=workload.model)
     session = _session(workload, backend, SearchOptions(steps_per_trial=steps_per_trial))
     with session:
-        return session.run(batch_size)
+        trial = session.run(batch_size)
+    return dataclasses.replace(trial, data_scan=workload.source.scan)

@@ -36,16 +36,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 
-from .batching import describe_batch, is_supported_sample, sample_bytes
+from .batching import BatchSource, describe_batch, is_supported_sample, sample_bytes
+from .breakdown import MemoryEstimate, MemoryEstimates
 from .oom import exception_first_line
 from .optimizers import OptimizerLike, OptimizerSpec, resolve_optimizer
+from .sample_sizes import DEFAULT_SCAN_BUDGET, SampleSize
 from .steps import LossFn, StepFn, make_step
 from .synthetic import as_shape, template_from_shape
 from .tracing import (
@@ -56,7 +58,6 @@ from .tracing import (
     describe_template,
 )
 from .validation import MIN_STEPS_PER_TRIAL, check_model, check_positive_int, check_steps_per_trial
-from .units import format_bytes
 
 __all__ = [
     "MemoryEstimate",
@@ -68,178 +69,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-_CATEGORY_LABELS: tuple[tuple[str, str], ...] = (
-    ("parameters", "parameters"),
-    ("buffers", "buffers"),
-    ("gradients", "gradients"),
-    ("optimizer_state", "optimizer state"),
-    ("batch", "batch (inputs + targets)"),
-    ("activations", "activations, temporaries"),
-)
-
-
-@dataclass
-class MemoryEstimate:
-    """Memory of training at one batch size, in bytes, by category (each storage rounded to 512 B): what
-    :func:`estimate_memory` returns.
-
-    ``parameters``, ``buffers``, ``gradients``, ``optimizer_state`` and ``batch`` are the full size of each category;
-    ``activations`` is what the activations and temporaries hold at the peak; ``peak`` is the total at the peak,
-    model included. ``at_peak`` splits ``peak`` exactly by category (at the peak some gradients may not exist yet,
-    so ``at_peak["gradients"]`` can be below ``gradients``).
-    """
-
-    batch_size: int
-    parameters: int
-    gradients: int
-    optimizer_state: int
-    batch: int
-    activations: int
-    peak: int
-    buffers: int = 0
-    """Registered buffers (e.g. BatchNorm running statistics), not counted in ``parameters``."""
-    peak_reserved: int = 0
-    """Peak bytes PyTorch's CUDA caching allocator would reserve (segments of 2 MiB, 20 MiB or the request's size,
-    with cached blocks reused and split) for the same step, from an empty cache: what a trial on
-    ``SimulatedGPU(..., allocator="caching")`` reports as ``peak_reserved_bytes``. A real GPU runs out on this."""
-    at_peak: dict[str, int] = field(default_factory=dict)
-    """Bytes held at the peak by category (sums to ``peak``)."""
-    peak_phase: str = ""
-    """Where the peak happens, e.g. ``"backward (step 2)"`` or ``"optimizer step (step 1)"``."""
-    phase_peaks: dict[str, int] = field(default_factory=dict)
-    """Highest total in each phase of the step: forward, backward, optimizer step, zero_grad."""
-    exact: dict[str, int] = field(default_factory=dict)
-    """Unrounded tensor bytes of parameters, buffers, gradients, optimizer_state and batch."""
-    parameter_count: int = 0
-    trainable_parameter_count: int = 0
-    sample_bytes: int = 0
-    """Bytes of one sample on the device, inputs and targets, unrounded (3,136 + 8 for an MNIST image and label)."""
-    sample_parts: dict[str, int] = field(default_factory=dict)
-    """``sample_bytes`` by part: ``input``, ``target`` (and further tuple elements or dict keys)."""
-    optimizer: str = ""
-    model: str = ""
-    sample: str = ""
-    """The batch's structure, e.g. ``(Tensor[B, 1, 28, 28] float32, Tensor[B] int64)``."""
-    steps: int = MIN_STEPS_PER_TRIAL
-
-    @property
-    def model_bytes(self) -> int:
-        """Parameters, gradients, optimizer state and buffers: what does not depend on the batch size."""
-        return self.parameters + self.buffers + self.gradients + self.optimizer_state
-
-    def fits(self, capacity: int | str) -> bool:
-        """True when the peak is within ``capacity`` (bytes, or a string such as ``"16GiB"``)."""
-        from .units import parse_bytes
-
-        return self.peak <= parse_bytes(capacity, argument="capacity")
-
-    def as_dict(self) -> dict[str, Any]:
-        """Every figure as plain JSON-ready values."""
-        return {
-            "batch_size": self.batch_size,
-            "parameters": self.parameters,
-            "buffers": self.buffers,
-            "gradients": self.gradients,
-            "optimizer_state": self.optimizer_state,
-            "batch": self.batch,
-            "activations": self.activations,
-            "peak": self.peak,
-            "peak_reserved": self.peak_reserved,
-            "at_peak": dict(self.at_peak),
-            "peak_phase": self.peak_phase,
-            "phase_peaks": dict(self.phase_peaks),
-            "exact": dict(self.exact),
-            "parameter_count": self.parameter_count,
-            "trainable_parameter_count": self.trainable_parameter_count,
-            "sample_bytes": self.sample_bytes,
-            "sample_parts": dict(self.sample_parts),
-            "optimizer": self.optimizer,
-            "model": self.model,
-            "sample": self.sample,
-            "steps": self.steps,
-        }
-
-    def table(self) -> str:
-        """The breakdown as a text table: each category's size and what it holds at the peak."""
-        rows = [f"{'category':<26}{'size':>13}{'at the peak':>14}", "-" * 53]
-        for key, label in _CATEGORY_LABELS:
-            if key == "buffers" and not self.buffers:
-                continue
-            size = "-" if key == "activations" else format_bytes(getattr(self, key))
-            held = format_bytes(self.at_peak.get(key, getattr(self, key)))
-            rows.append(f"{label:<26}{size:>13}{held:>14}")
-        rows.append("-" * 53)
-        rows.append(f"{'peak':<26}{'':>13}{format_bytes(self.peak):>14}")
-        return "\n".join(rows)
-
-    def __str__(self) -> str:
-        trainable = (
-            f", {self.trainable_parameter_count:,} trainable" if self.trainable_parameter_count != self.parameter_count else ""
-        )
-        parts = " + ".join(f"{name} {size:,} B" for name, size in self.sample_parts.items())
-        lines = [
-            f"memory estimate: {self.model} ({self.parameter_count:,} parameters{trainable}), optimizer "
-            f"{self.optimizer}, batch size {self.batch_size:,}",
-            f"batch {self.sample}: {self.sample_bytes:,} B per sample ({parts})" if parts else f"batch {self.sample}",
-            self.table(),
-            f"the peak is in {self.peak_phase}; {self.steps} training steps traced under fake tensors, every storage "
-            "rounded up to 512 B as the CUDA allocator does",
-            f"PyTorch's caching allocator would reserve {format_bytes(self.peak_reserved)} for this step from an empty "
-            "cache (whole segments, cached blocks)",
-            "not included: CUDA context, cuBLAS/cuDNN workspaces, fragmentation left by earlier work",
-        ]
-        return "\n".join(lines)
-
-    def plot(self, path: Any, *, capacity: int | str | None = None, safety: float = 0.8) -> Any:
-        """Write a PNG of this estimate (a stacked bar by category, the capacity and ``safety`` x capacity lines)."""
-        from .plot import plot_estimates
-
-        return plot_estimates([self], path, capacity=capacity, safety=safety)
-
-
-class MemoryEstimates(list[MemoryEstimate]):
-    """Estimates at several batch sizes (a list of :class:`MemoryEstimate`, in the order asked) with a table and a
-    plot. What :func:`estimate_memory_curve` returns."""
-
-    def table(self) -> str:
-        """One row per batch size: its batch, activations and temporaries at the peak, peak, and where it peaks."""
-        header = f"{'batch size':>10}  {'batch':>11}  {'activations':>11}  {'peak':>11}  peak in"
-        rows = [header, "-" * (len(header) + 16)]
-        for est in self:
-            rows.append(
-                f"{est.batch_size:>10,}  {format_bytes(est.batch):>11}  {format_bytes(est.activations):>11}  "
-                f"{format_bytes(est.peak):>11}  {est.peak_phase}"
-            )
-        return "\n".join(rows)
-
-    def __str__(self) -> str:
-        if not self:
-            return "no estimates"
-        first: MemoryEstimate = self[0]
-        buffers = f", buffers {format_bytes(first.buffers)}" if first.buffers else ""
-        return "\n".join(
-            [
-                f"memory estimates: {first.model} ({first.parameter_count:,} parameters), optimizer {first.optimizer}",
-                f"batch {first.sample}: {first.sample_bytes:,} B per sample",
-                f"at every batch size: parameters {format_bytes(first.parameters)}, gradients "
-                f"{format_bytes(first.gradients)}, optimizer state {format_bytes(first.optimizer_state)}{buffers}",
-                self.table(),
-                "(fake-tensor trace of the training step; each storage rounded up to 512 B; CUDA context and "
-                "workspaces not included)",
-            ]
-        )
-
-    def as_dicts(self) -> list[dict[str, Any]]:
-        """Every estimate as :meth:`MemoryEstimate.as_dict`."""
-        return [est.as_dict() for est in self]
-
-    def plot(self, path: Any, *, capacity: int | str | None = None, safety: float = 0.8) -> Any:
-        """Write a PNG: memory against batch size, stacked by category, with the capacity and ``safety`` lines."""
-        from .plot import plot_estimates
-
-        return plot_estimates(list(self), path, capacity=capacity, safety=safety)
-
 
 # -- the estimator ------------------------------------------------------------------------------------------------
 def _sample_parts(template: Any) -> dict[str, int]:
@@ -282,9 +111,11 @@ class Estimator:
         reserved: bool = False,
         workspace_bytes: int = 0,
         allocator_capacity: int | None = None,
+        sample_index: int | None = None,
     ) -> None:
         self.model = model
         self.template = template
+        self.sample_index = sample_index
         self.optimizer = optimizer
         self.allocator_capacity = allocator_capacity
         """With a capacity, a trace that the caching allocator of that size could not serve counts as a peak of
@@ -322,14 +153,21 @@ class Estimator:
         reserved: bool = False,
         workspace_bytes: int = 0,
         allocator_capacity: int | None = None,
+        sample_size: SampleSize | None = None,
+        scan_budget: float = DEFAULT_SCAN_BUDGET,
     ) -> "Estimator":
         """Validate the public arguments (see :func:`estimate_memory`) and build the estimator."""
         check_model(model)
         check_steps_per_trial(steps_per_trial)
         step = make_step(loss_fn, step_fn)
         spec = resolve_optimizer(optimizer, model)
-        shape = as_shape(sample, argument="sample")
-        if shape is not None:
+        index = None
+        shape = None if _is_data(sample) else as_shape(sample, argument="sample")
+        if _is_data(sample):
+            template, label, index = _largest_template(sample, sample_size, scan_budget)
+        elif sample_size is not None:
+            raise ValueError("sample_size applies when sample is a Dataset or DataLoader (to find its largest sample)")
+        elif shape is not None:
             template, label = template_from_shape(model, shape, input_dtype)
         else:
             _check_sample(sample)
@@ -340,14 +178,15 @@ class Estimator:
             label = describe_template(template)
         return cls(
             model, template, spec, step, steps=steps_per_trial, sample_label=label, reserved=reserved,
-            workspace_bytes=workspace_bytes, allocator_capacity=allocator_capacity,
+            workspace_bytes=workspace_bytes, allocator_capacity=allocator_capacity, sample_index=index,
         )
 
     @classmethod
     def for_search(cls, context: Any) -> "Estimator":
-        """The estimator for a search's context (model, first sample of its data, optimizer, step), predicting the
-        peak the search's device decides on: reserved bytes where the device has a caching allocator."""
-        template = context.source.collate([context.source.sample(0)])
+        """The estimator for a search's context (model, the largest sample of its data, optimizer, step), predicting
+        the peak the search's device decides on: reserved bytes where the device has a caching allocator."""
+        index = getattr(context.source, "largest_index", 0)
+        template = context.source.collate([context.source.sample(index)])
         device = context.device
         exact_allocator = device.accounting_is_exact and device.reserves_segments
         return cls(
@@ -359,6 +198,7 @@ class Estimator:
             reserved=device.reserves_segments,
             workspace_bytes=device.workspace_bytes,
             allocator_capacity=device.capacity_bytes if exact_allocator else None,
+            sample_index=index,
         )
 
     # -- estimates -----------------------------------------------------------------------------------------------
@@ -475,6 +315,7 @@ class Estimator:
             model=type(self.model).__name__,
             sample=self.sample_label,
             steps=self.steps,
+            sample_index=self.sample_index,
         )
 
     def _sample_error(self, exc: BaseException, batch_size: int) -> Exception:
@@ -486,6 +327,23 @@ class Estimator:
             "(input, target) tuple or a dict of tensors, without the batch dimension) or the input shape, e.g. "
             "(1, 28, 28) for MNIST; pass loss_fn or step_fn when the default loss does not suit the model."
         )
+
+
+def _is_data(value: Any) -> bool:
+    return isinstance(value, (Dataset, DataLoader))
+
+
+def _largest_template(data: Any, sample_size: SampleSize | None, scan_budget: float) -> tuple[Any, str, int]:
+    """(a batch of one, the largest sample of ``data``, collated as its loader collates; its label; its index)."""
+    source = BatchSource(data, sample_size=sample_size, scan_budget=scan_budget)
+    index = source.largest_index
+    template = source.collate([source.sample(index)])
+    scan = source.scan
+    if scan.varies:
+        where = f"dataset[{index:,}], the largest sample ({scan.describe().split(': trials')[0]})"
+    else:
+        where = f"dataset[{index}] (samples are fixed-size)"
+    return template, f"{describe_template(template)} from {where}", index
 
 
 def _unique(tensors: Any) -> list[torch.Tensor]:
@@ -503,6 +361,8 @@ def estimate_memory(
     step_fn: StepFn | None = None,
     steps_per_trial: int = MIN_STEPS_PER_TRIAL,
     input_dtype: torch.dtype = torch.float32,
+    sample_size: SampleSize | None = None,
+    scan_budget: float = DEFAULT_SCAN_BUDGET,
 ) -> MemoryEstimate:
     """Estimate the GPU memory of training ``model`` at ``batch_size``, on the CPU, in a fraction of a second.
 
@@ -514,7 +374,9 @@ def estimate_memory(
         model: any ``nn.Module`` (on the CPU, a GPU, or the ``meta`` device); it is left exactly as it was.
         sample: one dataset item exactly as ``dataset[0]`` returns it (a tensor, an ``(input, target, ...)`` tuple or a
             dict of tensors, without the batch dimension), or an input shape such as ``(1, 28, 28)`` or ``"1x28x28"``
-            (a float32 input; the target is made up from the model's output, see :mod:`batchfinder.synthetic`).
+            (a float32 input; the target is made up from the model's output, see :mod:`batchfinder.synthetic`), or a
+            ``Dataset``/``DataLoader``: its largest sample is used (collated with the loader's ``collate_fn``), which
+            bounds every batch of that size when sample sizes vary; the estimate's ``sample`` says which one.
         batch_size: the batch size, a whole number of at least 1.
         optimizer: as for :func:`~batchfinder.find_batch_size` (a class, a callable ``params -> optimizer``, or an
             optimizer instance over the model's parameters); default Adam.
@@ -522,6 +384,8 @@ def estimate_memory(
         step_fn: ``step_fn(model, batch) -> loss`` for full control of the forward pass.
         steps_per_trial: training steps traced (at least 2: Adam creates its state at the first step).
         input_dtype: the input's dtype when ``sample`` is a shape (e.g. ``torch.int64`` for token ids).
+        sample_size, scan_budget: when ``sample`` is a data set, how its largest sample is found, as for
+            :func:`~batchfinder.find_batch_size`.
 
     Returns:
         A :class:`MemoryEstimate`. Print it for a table; its ``peak`` equals what a trial on a large enough
@@ -541,7 +405,7 @@ def estimate_memory(
     check_positive_int("batch_size", batch_size)
     curve = estimate_memory_curve(
         model, sample, [batch_size], optimizer=optimizer, loss_fn=loss_fn, step_fn=step_fn,
-        steps_per_trial=steps_per_trial, input_dtype=input_dtype,
+        steps_per_trial=steps_per_trial, input_dtype=input_dtype, sample_size=sample_size, scan_budget=scan_budget,
     )
     return curve[0]
 
@@ -556,12 +420,15 @@ def estimate_memory_curve(
     step_fn: StepFn | None = None,
     steps_per_trial: int = MIN_STEPS_PER_TRIAL,
     input_dtype: torch.dtype = torch.float32,
+    sample_size: SampleSize | None = None,
+    scan_budget: float = DEFAULT_SCAN_BUDGET,
 ) -> MemoryEstimates:
     """Estimate the GPU memory of training ``model`` at each of ``batch_sizes``, as :func:`estimate_memory` does
     at one: one estimator (the sample and arguments are checked once), one fake-tensor trace per distinct size.
 
     Args:
-        model, sample, optimizer, loss_fn, step_fn, steps_per_trial, input_dtype: as for :func:`estimate_memory`.
+        model, sample, optimizer, loss_fn, step_fn, steps_per_trial, input_dtype, sample_size, scan_budget: as for
+            :func:`estimate_memory`.
         batch_sizes: the batch sizes (a list, tuple or range of whole numbers of at least 1), e.g.
             ``[64, 256, 1024, 4096]``.
 
@@ -585,7 +452,8 @@ def estimate_memory_curve(
     if not sizes:
         raise ValueError("batch_sizes is empty; give at least one batch size, e.g. [64, 256, 1024]")
     estimator = Estimator.create(
-        model, sample, optimizer=optimizer, loss_fn=loss_fn, step_fn=step_fn, steps_per_trial=steps_per_trial, input_dtype=input_dtype
+        model, sample, optimizer=optimizer, loss_fn=loss_fn, step_fn=step_fn, steps_per_trial=steps_per_trial,
+        input_dtype=input_dtype, sample_size=sample_size, scan_budget=scan_budget,
     )
     estimates = MemoryEstimates(estimator.estimate(size) for size in sizes)
     logger.debug("estimated %d batch size(s) with %d fake-tensor trace(s)", len(sizes), estimator.calls)

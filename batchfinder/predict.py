@@ -27,6 +27,7 @@ from torch import nn
 from .estimate import Estimator, MemoryEstimate
 from .gpus import GPUSpec, lookup_gpu
 from .optimizers import OptimizerLike
+from .sample_sizes import DEFAULT_SCAN_BUDGET, SampleSize
 from .search import recommend_batch_size, scaled_batch_size
 from .simulated import ALLOCATORS
 from .steps import LossFn, StepFn
@@ -178,13 +179,16 @@ def predict_max_batch_size(
     steps_per_trial: int = MIN_STEPS_PER_TRIAL,
     input_dtype: torch.dtype = torch.float32,
     allocator: str = "caching",
+    sample_size: SampleSize | None = None,
+    scan_budget: float = DEFAULT_SCAN_BUDGET,
 ) -> Prediction:
     """Predict the largest batch size ``model`` can train with in ``capacity`` bytes or on ``gpu``, without a GPU.
 
     Args:
         model: any ``nn.Module`` (on the CPU, a GPU or the ``meta`` device); left exactly as it was.
-        sample: one dataset item as ``dataset[0]`` returns it, or an input shape such as ``(3, 224, 224)``
-            (see :func:`~batchfinder.estimate_memory`).
+        sample: one dataset item as ``dataset[0]`` returns it, an input shape such as ``(3, 224, 224)``, or a
+            ``Dataset``/``DataLoader`` whose largest sample is used (see :func:`~batchfinder.estimate_memory`; the
+            prediction's ``estimate.sample`` says which sample).
         capacity: bytes PyTorch's allocator may hold (an int or a string such as ``"16GiB"``), as the capacity of a
             :class:`~batchfinder.SimulatedGPU`: the prediction is then what a search on ``SimulatedGPU(capacity)``
             finds.
@@ -194,7 +198,8 @@ def predict_max_batch_size(
         allocator: ``"caching"`` (default): budget the bytes PyTorch's caching allocator reserves (its segments),
             on which a GPU runs out of memory; ``"ideal"``: budget allocated bytes, as ``SimulatedGPU(...,
             allocator="ideal")`` does.
-        optimizer, loss_fn, step_fn, steps_per_trial, input_dtype: as for :func:`~batchfinder.estimate_memory`.
+        optimizer, loss_fn, step_fn, steps_per_trial, input_dtype, sample_size, scan_budget: as for
+            :func:`~batchfinder.estimate_memory`.
         safety: the recommendation is ``floor(safety * max_batch_size)`` (default 0.8).
         multiple_of: round the recommendation down to a multiple of this.
         max_batch_size: the largest size considered (default 2**31 - 1).
@@ -215,7 +220,7 @@ def predict_max_batch_size(
     estimator = Estimator.create(
         model, sample, optimizer=optimizer, loss_fn=loss_fn, step_fn=step_fn, steps_per_trial=steps_per_trial,
         input_dtype=input_dtype, reserved=allocator == "caching", workspace_bytes=spec.workspace_bytes if spec else 0,
-        allocator_capacity=limit if allocator == "caching" else None,
+        allocator_capacity=limit if allocator == "caching" else None, sample_size=sample_size, scan_budget=scan_budget,
     )
     estimator.detailed = True  # the breakdown at the answer then costs no extra trace
     cap = max_batch_size if max_batch_size is not None else DEFAULT_MAX_BATCH_SIZE

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .report import trial_table
+from .sample_sizes import DataScan
 from .search import StopReason, scaled_batch_size
 from .units import format_bytes, parse_bytes
 
@@ -42,6 +43,9 @@ class Trial:
     peak_reserved_bytes: int = 0
     """Peak memory the device's allocator held during the trial (allocated plus cached blocks and the unused parts
     of its segments), as ``torch.cuda.max_memory_reserved`` counts it; a real GPU runs out of memory on this."""
+    data_scan: DataScan | None = None
+    """From :func:`~batchfinder.try_batch_size`: what was learned about the sizes of the samples (None in a
+    search's trials: the search result has it)."""
 
     @property
     def samples_per_second(self) -> float | None:
@@ -72,6 +76,7 @@ class Trial:
             "baseline_bytes": self.baseline_bytes,
             "leaked_bytes": self.leaked_bytes,
             "error": self.error,
+            **({"data_scan": self.data_scan.as_dict()} if self.data_scan is not None else {}),
         }
 
 
@@ -118,6 +123,9 @@ class SearchResult:
     confirmations: list[Trial] = field(default_factory=list)
     """With ``confirm_steps``: the confirmation runs at the recommended size (several when one ran out of memory and
     the recommendation was lowered); the last one fitted."""
+    data_scan: DataScan | None = None
+    """What was learned about the sizes of the training samples: fixed-size, or how many were scanned and the largest
+    (trials then ran on the largest samples)."""
 
     def __post_init__(self) -> None:
         if not self.micro_batch_size:
@@ -144,6 +152,13 @@ class SearchResult:
         if not self.confirmations or not self.capacity_bytes:
             return None
         return self.confirmations[-1].peak_reserved_bytes / self.capacity_bytes
+
+    @property
+    def confirmed_allocated_fraction(self) -> float | None:
+        """The allocated peak of the last confirmation run as a fraction of the capacity (None without one)."""
+        if not self.confirmations or not self.capacity_bytes:
+            return None
+        return self.confirmations[-1].peak_bytes / self.capacity_bytes
 
     @property
     def num_trials(self) -> int:
@@ -177,7 +192,11 @@ class SearchResult:
         elif first is None and scaled != self.batch_size:
             text += f"; at least 1 = {self.batch_size}"
         if first is not None and first != self.batch_size:
-            text += f"; {first} ran out of memory when confirmed, so {self.batch_size}"
+            failed = self.confirmations[0]
+            text += (
+                f"; {first} ran out of memory when confirmed (after {failed.steps} step(s): {failed.error}), "
+                f"so {self.batch_size}"
+            )
         return text
 
     def why_stopped(self) -> str:
@@ -218,6 +237,7 @@ class SearchResult:
             "trials": [trial.as_dict() for trial in self.trials],
             "evaluation": None if self.evaluation is None else self.evaluation.as_dict(),
             "confirmations": [trial.as_dict() for trial in self.confirmations],
+            "data_scan": None if self.data_scan is None else self.data_scan.as_dict(),
         }
 
     def plot(self, path: Any) -> Any:
@@ -238,6 +258,8 @@ class SearchResult:
             f"  {self.explain()}",
             f"  {self.why_stopped()}",
         ]
+        if self.data_scan is not None and self.data_scan.varies:
+            lines.append(f"  data: {self.data_scan.describe()}")
         if self.world_size > 1:
             lines.append(f"  agreed by {self.world_size} ranks: a size fits only if it fitted on every rank")
         if self.target_batch_size is not None:
@@ -253,9 +275,14 @@ class SearchResult:
             last = self.confirmations[-1]
             lowered = len(self.confirmations) - 1
             fraction = self.confirmed_reserved_fraction
+            allocated = self.confirmed_allocated_fraction
+            varies = self.data_scan is not None and self.data_scan.varies
             lines.append(
-                f"  confirmed: {last.steps} steps at {last.batch_size} with the cache kept, peak reserved "
-                f"{format_bytes(last.peak_reserved_bytes)}"
+                f"  confirmed: {last.steps} steps at {last.batch_size} with the cache kept"
+                + (" (batches in the loader's order, then the largest samples)" if varies else "")
+                + f", peak allocated {format_bytes(last.peak_bytes)}"
+                + (f" ({allocated:.0%})" if allocated is not None else "")
+                + f", reserved {format_bytes(last.peak_reserved_bytes)}"
                 + (f" ({fraction:.0%} of the capacity)" if fraction is not None else "")
                 + (f"; lowered {lowered} time(s) after running out of memory when confirmed" if lowered else "")
             )

@@ -225,7 +225,9 @@ class TrialSession:
         return self._state
 
     # -- trials --------------------------------------------------------------------------------------------------
-    def run(self, batch_size: int, *, phase: str = "train", steps: int | None = None) -> Trial:
+    def run(
+        self, batch_size: int, *, phase: str = "train", steps: int | None = None, host_batches: Sequence[Any] | None = None
+    ) -> Trial:
         """Run one trial at ``batch_size`` and return how it went; restores the user's state afterwards.
 
         ``phase="train"`` (default): ``steps_per_trial`` training steps at ``batch_size`` and, when the session has an
@@ -233,17 +235,23 @@ class TrialSession:
         fits only if both do. ``phase="eval"``: evaluation steps at ``batch_size``; a session that trains first runs
         one training step at a batch of 2, so that optimizer state and gradients are held as during validation inside
         training. Its time per step is then the evaluation step's. ``steps`` overrides ``steps_per_trial`` for one
-        training trial (the confirmation run).
+        training trial (the confirmation run). ``host_batches`` (training only) gives one host batch per step
+        instead of one batch of ``batch_size`` for every step: each moves to the device before the previous one is
+        dropped, as in a training loop, with the allocator's cache kept between steps.
         """
         state = self._require_state()
         eval_host: Any = None
         if phase == "train":
             if not self.trains:
                 raise ValueError("this session only evaluates: use run(batch_size, phase='eval')")
-            host_batch = self.source.batch(batch_size)
+            host_batch = self.source.batch(batch_size) if host_batches is None else list(host_batches)
+            if host_batches is not None and not host_batch:
+                raise ValueError("host_batches is empty: give one batch per step")
             if self.validate and self.eval_step is not None and self.eval_source is not None:
                 eval_host = self.eval_source.batch(min(batch_size, self.eval_source.length))
             train_steps = self.steps_per_trial if steps is None else steps
+            if host_batches is not None:
+                train_steps = len(host_batch)
         elif phase == "eval":
             if self.eval_step is None or self.eval_source is None:
                 raise ValueError("this session has no eval step to measure")
@@ -259,7 +267,10 @@ class TrialSession:
         eval_durations: list[float] = []
         error: str | None = None
         try:
-            self._steps(host_batch, durations, train_steps=train_steps, eval_host=eval_host, eval_durations=eval_durations)
+            self._steps(
+                host_batch, durations, train_steps=train_steps, eval_host=eval_host, eval_durations=eval_durations,
+                per_step=host_batches is not None,
+            )
         except Exception as exc:  # recovery happens below, outside this block
             if not is_oom_error(exc) or is_fatal_device_error(exc):
                 raise
@@ -325,35 +336,40 @@ class TrialSession:
         train_steps: int | None = None,
         eval_host: Any = None,
         eval_durations: list[float] | None = None,
+        per_step: bool = False,
     ) -> None:
         steps = self.steps_per_trial if train_steps is None else train_steps
         with self.device.measuring():
             optimizer = None
             if host_batch is not None and self.train_step is not None:
-                batch = self.device.to_device(host_batch)
                 self.model.train()
                 index = 0
+                batches = _DeviceBatches(self.device, host_batch, per_step)
                 while index < steps or (index < steps + _MAX_EXTRA_STEPS and self._state_missing(None)):
+                    batch = batches.get(index)
                     start = time.perf_counter()
                     self.train_step(self.model, batch, index)
                     self.device.synchronize()
                     durations.append(time.perf_counter() - start)
                     index += 1
+                    del batch
                 self._warn_if_state_missing(None, index)
-                del batch
+                del batches
             elif host_batch is not None and self.step is not None and self.optimizer is not None:
                 optimizer = self.optimizer.create()
-                batch = self.device.to_device(host_batch)
                 self.model.train()
                 index = 0
+                batches = _DeviceBatches(self.device, host_batch, per_step)
                 while index < steps or (index < steps + _MAX_EXTRA_STEPS and self._state_missing(optimizer)):
+                    batch = batches.get(index)
                     start = time.perf_counter()
                     run_training_step(self.model, batch, self.step, optimizer)
                     self.device.synchronize()
                     durations.append(time.perf_counter() - start)
                     index += 1
+                    del batch
                 self._warn_if_state_missing(optimizer, index)
-                del batch
+                del batches
             if eval_host is not None and self.eval_step is not None:
                 # The training batch is gone, the optimizer (and its state) is not: as during validation in training.
                 batch = self.device.to_device(eval_host)
@@ -367,3 +383,24 @@ class TrialSession:
                             eval_durations.append(time.perf_counter() - start)
                 del batch
             del optimizer
+
+
+class _DeviceBatches:
+    """The device batch of each step: one batch moved once and reused (a trial), or, for a list of host batches (the
+    confirmation run), each step's own, moved before the previous one is dropped as a training loop does (the last
+    one again for any extra step)."""
+
+    def __init__(self, device: DeviceBackend, host: Any, per_step: bool) -> None:
+        self.device = device
+        self.host = host
+        self.per_step = per_step
+        self.index = -1
+        self.current: Any = None if self.per_step else device.to_device(host)
+
+    def get(self, index: int) -> Any:
+        if self.per_step:
+            index = min(index, len(self.host) - 1)
+            if index != self.index:
+                self.current = self.device.to_device(self.host[index])  # the previous batch goes after this one arrives
+                self.index = index
+        return self.current
