@@ -16,9 +16,13 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .oom import exception_first_line
+from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["main", "build_parser", "load_model", "SUBCOMMANDS"]
+from .oom import exception_first_line
+from .sample_sizes import DEFAULT_SCAN_BUDGET
+from .validation import MIN_STEPS_PER_TRIAL
+
+__all__ = ["main", "build_parser", "load_model", "load_data", "SUBCOMMANDS"]
 
 _DESCRIPTION = "Find the batch size a PyTorch model can train with on a GPU."
 """The top of ``batchfinder --help``; the commands are listed under it from each subparser's ``help``."""
@@ -27,20 +31,27 @@ _EPILOG = """\
 MODEL is package.module:callable (called with no arguments, or with --model-kwargs), a file
 path/to/models.py:callable, or torchvision:NAME (a torchvision model, e.g. torchvision:resnet18).
 Built-in models: batchfinder.zoo:mnist_mlp (input 1x28x28) and batchfinder.zoo:cifar10_mlp (3x32x32).
+Instead of --input SHAPE, --data SPEC names a callable (as for MODEL, with --data-kwargs) returning your Dataset
+or DataLoader: find searches on it, estimate and predict use its largest sample.
 
 examples:
   batchfinder estimate batchfinder.zoo:mnist_mlp --input 1x28x28 --batch-sizes 64,256,1024,4096 --optimizer sgd
   batchfinder predict torchvision:resnet18 --input 3x224x224 --gpu A100-40GB
   batchfinder find batchfinder.zoo:mnist_mlp --input 1x28x28 --device sim:64MiB --mode guided --plot search.png
+  batchfinder find mymodels.py:model --data mydata.py:train_loader --device sim:16GiB
 
 Run batchfinder COMMAND --help for the options of a command.
 """
 
 _DATA_NOTE = """\
-find trains on synthetic data: inputs of the --input shape (standard normal; zeros for integer --dtype) and
-targets made to suit the model's output: for an output of shape (N, C, ...) integer class labels in [0, C)
-(cross-entropy), for (N,) or (N, 1) float targets (mean squared error), none when the model returns a scalar. The
-dataset has --samples samples, the largest batch size the search may try.
+With --input, find trains on synthetic data: inputs of the --input shape (standard normal; zeros for integer
+--dtype) and targets made to suit the model's output: for an output of shape (N, C, ...) integer class labels in
+[0, C) (cross-entropy), for (N,) or (N, 1) float targets (mean squared error), none when the model returns a scalar.
+The dataset has --samples samples, the largest batch size the search may try.
+
+With --data, find trains on your dataset (or DataLoader, with its collate_fn). When its samples differ in size, a
+trial of batch size B runs on the B largest samples (the worst case of every batch of B); the result's "data:" line
+says what the scan found (--scan-budget bounds its time).
 """
 
 
@@ -49,19 +60,49 @@ class CommandError(Exception):
     """A problem with the command line that is not argparse's (a model that does not load, ...)."""
 
 
+def _resolve(spec: str, what: str, example: str) -> Any:
+    """The object ``spec`` names: ``package.module:attribute`` or ``path/file.py:attribute`` (dots go into the
+    attribute: ``module:Class.method``). ``what`` names the argument in errors (``MODEL``, ``--data``)."""
+    if ":" not in spec:
+        raise CommandError(f"{what} {spec!r} must be {example}")
+    where, name = spec.rsplit(":", 1)
+    found: Any = _import(where)
+    for part in name.split("."):
+        if not hasattr(found, part):
+            raise CommandError(f"{where} has no attribute {name!r}")
+        found = getattr(found, part)
+    return found
+
+
+def _build(
+    spec: str, found: Any, kwargs: dict[str, Any] | None, *, ready: Callable[[Any], bool], flag: str, expected: str
+) -> Any:
+    """``found`` itself when ``ready(found)``, else ``found(**kwargs)`` (a factory), with one-line errors."""
+    if ready(found):
+        if kwargs:
+            raise CommandError(f"{spec} is a {type(found).__name__}, not a callable: {flag} has nothing to call")
+        return found
+    if not callable(found):
+        raise CommandError(f"{spec} is a {type(found).__name__}, not {expected} or a callable that returns one")
+    try:
+        return found(**(kwargs or {}))
+    except TypeError as exc:
+        raise CommandError(
+            f"calling {spec} failed: {exception_first_line(exc)} (pass arguments with {flag} '{{\"name\": value}}')"
+        ) from exc
+
+
 def load_model(spec: str, kwargs: dict[str, Any] | None = None) -> Any:
     """Build the model named by ``spec`` (``package.module:callable``, ``path/file.py:callable`` or
     ``torchvision:NAME``), calling it with ``kwargs``."""
     from torch import nn
 
-    if ":" not in spec:
-        raise CommandError(
-            f"MODEL {spec!r} must be package.module:callable (e.g. batchfinder.zoo:mnist_mlp), path/to/file.py:callable "
-            "or torchvision:NAME (e.g. torchvision:resnet18)"
-        )
-    where, name = spec.rsplit(":", 1)
-    kwargs = kwargs or {}
-    if where == "torchvision":
+    example = (
+        "package.module:callable (e.g. batchfinder.zoo:mnist_mlp), path/to/file.py:callable or torchvision:NAME "
+        "(e.g. torchvision:resnet18)"
+    )
+    if spec.startswith("torchvision:"):
+        name = spec.split(":", 1)[1]
         try:
             import torchvision.models
         except ImportError as exc:
@@ -71,35 +112,72 @@ def load_model(spec: str, kwargs: dict[str, Any] | None = None) -> Any:
         except ValueError as exc:
             raise CommandError(f"torchvision has no model {name!r} ({exception_first_line(exc)})") from exc
     else:
-        module = _import(where)
-        factory = module
-        for part in name.split("."):
-            if not hasattr(factory, part):
-                raise CommandError(f"{where} has no attribute {name!r}")
-            factory = getattr(factory, part)
-    model = factory if isinstance(factory, nn.Module) else None
-    if model is None:
-        if not callable(factory):
-            raise CommandError(f"{spec} is a {type(factory).__name__}, not a model or a callable that returns one")
-        try:
-            model = factory(**kwargs)
-        except TypeError as exc:
-            raise CommandError(f"calling {spec} failed: {exception_first_line(exc)} (pass arguments with --model-kwargs '{{\"name\": value}}')") from exc
+        factory = _resolve(spec, "MODEL", example)
+    model = _build(
+        spec, factory, kwargs, ready=lambda value: isinstance(value, nn.Module), flag="--model-kwargs",
+        expected="a model",
+    )
     if not isinstance(model, nn.Module):
         raise CommandError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def _is_data(value: Any) -> bool:
+    """A Dataset or DataLoader, or another object with ``__getitem__`` and ``__len__`` that is not a factory."""
+    if isinstance(value, (Dataset, DataLoader)):
+        return True
+    return not callable(value) and not isinstance(value, (str, bytes)) and hasattr(value, "__getitem__") and hasattr(
+        value, "__len__"
+    )
+
+
+def load_data(spec: str, kwargs: dict[str, Any] | None = None) -> Any:
+    """The data set named by ``spec`` (``package.module:callable`` or ``path/file.py:callable``, called with
+    ``kwargs``; or a Dataset/DataLoader object): a map-style ``Dataset`` or a ``DataLoader``, whose ``collate_fn``
+    and sampler are then used."""
+    found = _resolve(spec, "--data", "package.module:callable or path/to/file.py:callable returning a Dataset or DataLoader")
+    data = _build(spec, found, kwargs, ready=_is_data, flag="--data-kwargs", expected="a Dataset or DataLoader")
+    if not _is_data(data):
+        raise CommandError(
+            f"{spec} returned a {type(data).__name__}, not a map-style Dataset (with __getitem__ and __len__) or a "
+            "DataLoader"
+        )
+    if not isinstance(data, (Dataset, DataLoader)):
+        data = _SequenceDataset(data)  # a list of samples: a data set, not one sample, for estimate and predict
+    return data
+
+
+class _SequenceDataset(Dataset):
+    """A sequence of samples (a list) as a map-style ``Dataset``."""
+
+    def __init__(self, items: Any) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.items[index]
+
+
+_FILE_MODULES: dict[str, Any] = {}
+"""Modules imported from files, by absolute path: MODEL and --data from one file share its module."""
 
 
 def _import(where: str) -> Any:
     if where.endswith(".py"):
         if not os.path.isfile(where):
             raise CommandError(f"no such file: {where}")
+        path = os.path.abspath(where)
+        if path in _FILE_MODULES:
+            return _FILE_MODULES[path]
         name = os.path.splitext(os.path.basename(where))[0]
         spec = importlib.util.spec_from_file_location(name, where)
         if spec is None or spec.loader is None:
             raise CommandError(f"cannot import {where}")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
+        _FILE_MODULES[path] = module
         return module
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())  # console scripts do not put the working directory on the path
@@ -142,26 +220,68 @@ def _shape(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(str(exc))
 
 
-def _kwargs(text: str) -> dict[str, Any]:
+def _json_object(flag: str) -> Callable[[str], dict[str, Any]]:
+    """An argparse type for ``flag``: a JSON object of keyword arguments."""
+
+    def parse(text: str) -> dict[str, Any]:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"{flag} must be a JSON object, e.g. '{{\"num_classes\": 10}}' ({exc})")
+        if not isinstance(value, dict):
+            raise argparse.ArgumentTypeError(f"{flag} must be a JSON object, e.g. '{{\"num_classes\": 10}}'")
+        return value
+
+    return parse
+
+
+def _scan_budget(text: str) -> float:
+    from .sample_sizes import check_scan_budget
+
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"--model-kwargs must be a JSON object, e.g. '{{\"num_classes\": 10}}' ({exc})")
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("--model-kwargs must be a JSON object, e.g. '{\"num_classes\": 10}'")
-    return value
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (e.g. 10)")
+    try:
+        return check_scan_budget(seconds)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive, finite number of seconds (e.g. 10)")
+
+
+def _steps(text: str) -> int:
+    try:
+        steps = int(text)
+    except ValueError:
+        steps = -1
+    if steps < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a whole number of steps, 0 for none")
+    return steps
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="package.module:callable, path/file.py:callable or torchvision:NAME")
-    parser.add_argument(
-        "--input", required=True, type=_shape, metavar="SHAPE", help="shape of one input sample without the batch dimension, e.g. 1x28x28"
+    sample = parser.add_mutually_exclusive_group(required=True)
+    sample.add_argument(
+        "--input", type=_shape, metavar="SHAPE", help="shape of one input sample without the batch dimension, e.g. 1x28x28"
+    )
+    sample.add_argument(
+        "--data", metavar="SPEC", help="instead of --input: package.module:callable or path/file.py:callable returning "
+        "a map-style Dataset or a DataLoader (its collate_fn and sampler are used); its largest samples are used"
     )
     parser.add_argument(
-        "--dtype", default="float32", help="dtype of the input: float32 (default), float16, bfloat16, int64 (token ids), ..."
+        "--dtype", default=None, help="dtype of the --input: float32 (default), float16, bfloat16, int64 (token ids), ..."
     )
     parser.add_argument("--optimizer", default="adam", help="a torch.optim optimizer by name: adam (default), sgd, adamw, ...")
-    parser.add_argument("--model-kwargs", type=_kwargs, default=None, metavar="JSON", help="keyword arguments for MODEL, as a JSON object")
+    parser.add_argument(
+        "--model-kwargs", type=_json_object("--model-kwargs"), default=None, metavar="JSON", help="keyword arguments for MODEL, as a JSON object"
+    )
+    parser.add_argument(
+        "--data-kwargs", type=_json_object("--data-kwargs"), default=None, metavar="JSON", help="keyword arguments for --data, as a JSON object"
+    )
+    parser.add_argument(
+        "--scan-budget", type=_scan_budget, default=DEFAULT_SCAN_BUDGET, metavar="SECONDS",
+        help="with --data: seconds the scan for its largest samples may take (default 10)",
+    )
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
     parser.add_argument("--plot", metavar="PNG", default=None, help="also write a plot to this PNG file")
 
@@ -170,10 +290,24 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """(model, optimizer class, input dtype) from the shared arguments."""
     from .synthetic import DTYPES
 
-    dtype = DTYPES.get(args.dtype.lower())
+    if args.data is not None and args.dtype is not None:
+        raise CommandError("--dtype sets the dtype of synthetic --input data; with --data the dataset's dtypes are used")
+    if args.data is None and args.data_kwargs is not None:
+        raise CommandError("--data-kwargs needs --data (the callable it is passed to)")
+    name = args.dtype or "float32"
+    dtype = DTYPES.get(name.lower())
     if dtype is None:
-        raise CommandError(f"--dtype {args.dtype!r} is not one of {', '.join(sorted(DTYPES))}")
+        raise CommandError(f"--dtype {name!r} is not one of {', '.join(sorted(DTYPES))}")
     return load_model(args.model, args.model_kwargs), _optimizer(args.optimizer), dtype
+
+
+def _sample(args: argparse.Namespace) -> Any:
+    """What the estimate traces: the --input shape, or the --data set (its largest sample)."""
+    return args.input if args.data is None else load_data(args.data, args.data_kwargs)
+
+
+def _data_length(data: Any) -> int:
+    return len(getattr(data, "dataset", data))
 
 
 def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
@@ -205,7 +339,9 @@ def run_estimate(args: argparse.Namespace) -> int:
     from .estimate import estimate_memory_curve
 
     model, optimizer, dtype = _prepare(args)
-    estimates = estimate_memory_curve(model, args.input, list(args.batch_sizes), optimizer=optimizer, input_dtype=dtype)
+    estimates = estimate_memory_curve(
+        model, _sample(args), list(args.batch_sizes), optimizer=optimizer, input_dtype=dtype, scan_budget=args.scan_budget
+    )
     if args.plot:
         estimates.plot(args.plot, capacity=args.capacity)
     text = str(estimates)
@@ -244,13 +380,14 @@ def run_predict(args: argparse.Namespace) -> int:
     model, optimizer, dtype = _prepare(args)
     prediction = predict_max_batch_size(
         model,
-        args.input,
+        _sample(args),
         capacity=args.capacity,
         gpu=args.gpu,
         optimizer=optimizer,
         safety=args.safety,
         max_batch_size=args.max_batch_size,
         input_dtype=dtype,
+        scan_budget=args.scan_budget,
     )
     if args.plot:
         prediction.plot(args.plot)
@@ -272,9 +409,15 @@ def add_find(subparsers: Any) -> None:
     _add_model_arguments(parser)
     parser.add_argument("--device", default=None, help="cuda, cuda:N, or sim:SIZE for a simulated GPU (e.g. sim:64MiB); default cuda")
     parser.add_argument("--mode", default="binsearch", help="search mode: binsearch (default), power or guided")
-    parser.add_argument("--samples", type=int, default=65536, help="size of the synthetic dataset: the largest batch size tried (default 65536)")
+    parser.add_argument(
+        "--samples", type=int, default=None, help="size of the synthetic --input dataset: the largest batch size tried (default 65536)"
+    )
     parser.add_argument("--safety", type=float, default=0.8, help="recommend floor(SAFETY x largest) (default 0.8)")
     parser.add_argument("--max-trials", type=int, default=None, help="stop after this many trials")
+    parser.add_argument(
+        "--confirm-steps", type=_steps, default=MIN_STEPS_PER_TRIAL, metavar="N",
+        help="after the search, N training steps at the recommended size with the cache kept (default 2; 0: none)",
+    )
     parser.add_argument("--progress", action="store_true", help="print a line per trial to standard error")
     parser.set_defaults(handler=run_find)
 
@@ -283,19 +426,29 @@ def run_find(args: argparse.Namespace) -> int:
     import torch
 
     from .engine import find_batch_size
-    from .synthetic import target_for_shape
-    from .synthetic import SyntheticDataset
 
     model, optimizer, dtype = _prepare(args)
-    if args.samples < 1:
+    if args.data is not None and args.samples is not None:
+        raise CommandError("--samples sizes the synthetic --input data; with --data the dataset's length caps the search")
+    samples = 65536 if args.samples is None else args.samples
+    if samples < 1:
         raise CommandError("--samples must be at least 1")
     device = args.device
     if device is None:
         if not torch.cuda.is_available():
             raise CommandError("no CUDA GPU here: pass --device sim:SIZE (e.g. sim:16GiB) to search on a simulated GPU")
         device = "cuda"
-    target = target_for_shape(model, args.input, dtype)
-    dataset = SyntheticDataset(args.input, args.samples, target=target, dtype=dtype)
+    if args.data is None:
+        from .synthetic import SyntheticDataset, target_for_shape
+
+        target = target_for_shape(model, args.input, dtype)
+        dataset = SyntheticDataset(args.input, samples, target=target, dtype=dtype)
+        described = "none" if target is None else target.describe()
+        heading = f"synthetic data: {samples:,} samples of shape {args.input}, targets: {described}"
+    else:
+        target = None
+        dataset = load_data(args.data, args.data_kwargs)
+        heading = f"dataset: {args.data} ({_data_length(dataset):,} samples)"
     result = find_batch_size(
         model,
         dataset,
@@ -305,13 +458,18 @@ def run_find(args: argparse.Namespace) -> int:
         safety=args.safety,
         max_trials=args.max_trials,
         progress=args.progress,
+        confirm_steps=args.confirm_steps,
+        scan_budget=args.scan_budget,
     )
     if args.plot:
         result.plot(args.plot)
-    data = {**result.as_dict(), "targets": None if target is None else target.describe(), "plot": args.plot}
-    described = "none" if target is None else target.describe()
-    text = f"synthetic data: {args.samples:,} samples of shape {args.input}, targets: {described}\n{result}"
-    _emit(args, data, text + (f"\nplot written to {args.plot}" if args.plot else ""))
+    data = {
+        **result.as_dict(),
+        "data": args.data,
+        "targets": None if target is None else target.describe(),
+        "plot": args.plot,
+    }
+    _emit(args, data, f"{heading}\n{result}" + (f"\nplot written to {args.plot}" if args.plot else ""))
     return 0
 
 

@@ -175,6 +175,7 @@ def search(workload: Workload, device: DeviceBackend, options: SearchOptions) ->
                 result.evaluation = _run(
                     session, context, eval_options, agreement, phase="eval", length=workload.eval_source.length
                 )
+                result.evaluation.data_scan = getattr(workload.eval_source, "scan", None)
             if training and options.confirm_steps:
                 _confirm(session, source, result, options, agreement)
     finally:

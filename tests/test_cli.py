@@ -13,6 +13,7 @@ import torch
 
 import batchfinder as bf
 from batchfinder import zoo
+from batchfinder import cli
 from batchfinder.cli import SUBCOMMANDS, build_parser, load_model, main
 from batchfinder.estimate import estimate_memory_curve
 
@@ -157,3 +158,139 @@ def test_a_failing_model_factory_is_reported_in_one_line(capsys, tmp_path):
         f"batchfinder estimate: error: calling {source}:build failed: bad width "
         "(pass arguments with --model-kwargs '{\"name\": value}')"
     )
+
+
+# -- --data: the user's own dataset -----------------------------------------------------------------------------------
+TEXT_DATA = '''
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+VOCAB = 50
+
+
+class TokenNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 16)
+        self.hidden = nn.Linear(16, 64)
+        self.out = nn.Linear(64, 5)
+
+    def forward(self, tokens):
+        return self.out(torch.relu(self.hidden(self.embed(tokens))).mean(dim=1))
+
+
+def model():
+    torch.manual_seed(0)
+    return TokenNet()
+
+
+def samples(count=256, longest=96):
+    """(token ids, label) pairs, the shortest first: lengths grow from 4 to ``longest`` with the index."""
+    generator = torch.Generator().manual_seed(0)
+    return [
+        (torch.randint(1, VOCAB, (4 + i * (longest - 4) // (count - 1),), generator=generator).tolist(), i % 5)
+        for i in range(count)
+    ]
+
+
+def pad(batch):
+    tokens, labels = zip(*batch)
+    padded = torch.zeros(len(tokens), max(len(t) for t in tokens), dtype=torch.long)
+    for row, ids in enumerate(tokens):
+        padded[row, : len(ids)] = torch.tensor(ids)
+    return padded, torch.tensor(labels)
+
+
+def loader(count=256, longest=96):
+    return DataLoader(samples(count, longest), batch_size=8, shuffle=True, collate_fn=pad)
+'''
+
+
+@pytest.fixture
+def text_data(tmp_path):
+    """(MODEL spec, --data spec) of a token classifier and a padded, shuffled loader of variable-length sequences."""
+    source = tmp_path / "textdata.py"
+    source.write_text(TEXT_DATA)
+    return f"{source}:model", f"{source}:loader"
+
+
+def test_find_with_data_searches_the_largest_samples(capsys, text_data):
+    model, data = text_data
+    code, out, err = _run(capsys, "find", model, "--data", data, "--device", "sim:2MiB", "--confirm-steps", "0")
+    assert code == 0, err
+    assert out.startswith(f"dataset: {data} (256 samples)")
+    assert "  data: scanned 256 of 256 samples" in out and "largest 97 elements (sample 255)" in out
+    assert "confirmed:" not in out  # --confirm-steps 0
+    code, out, err = _run(capsys, "find", model, "--data", data, "--device", "sim:2MiB", "--scan-budget", "5", "--json")
+    assert code == 0, err
+    found = json.loads(out)
+    assert found["data_scan"]["varies"] is True and found["data_scan"]["largest_index"] == 255
+    assert found["data"] == data and found["targets"] is None and found["confirmations"]
+    api = bf.find_batch_size(load_model(model), cli.load_data(data), device="sim:2MiB")
+    assert found["max_batch_size"] == api.max_batch_size and found["batch_size"] == api.batch_size
+
+
+def test_estimate_and_predict_use_the_largest_sample_of_data(capsys, text_data):
+    model, data = text_data
+    code, out, err = _run(capsys, "estimate", model, "--data", data, "--batch-sizes", "19", "--json")
+    assert code == 0, err
+    estimate = json.loads(out)["estimates"][0]
+    assert "dataset[255]" in estimate["sample"]
+    assert estimate["peak"] == bf.estimate_memory(load_model(model), cli.load_data(data), 19).peak
+    code, out, err = _run(capsys, "predict", model, "--data", data, "--capacity", "2MiB", "--json")
+    assert code == 0, err
+    api = bf.predict_max_batch_size(load_model(model), cli.load_data(data), capacity="2MiB")
+    assert json.loads(out)["max_batch_size"] == api.max_batch_size
+
+
+def test_data_and_input_are_exclusive(capsys, text_data):
+    model, data = text_data
+    for command, extra in (("find", ["--device", "sim:1MiB"]), ("estimate", []), ("predict", ["--capacity", "1MiB"])):
+        with pytest.raises(SystemExit) as usage:
+            main([command, model, "--data", data, "--input", "8", *extra])
+        err = capsys.readouterr().err
+        assert usage.value.code == 2 and "argument --input: not allowed with argument --data" in err, err
+        with pytest.raises(SystemExit) as usage:
+            main([command, model, *extra])
+        assert usage.value.code == 2 and "one of the arguments --input --data is required" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("budget", ["0", "-1", "x", "nan"])
+def test_bad_scan_budget_is_an_error_naming_it(capsys, budget):
+    with pytest.raises(SystemExit) as usage:
+        main(["find", "batchfinder.zoo:mnist_mlp", "--input", "1x28x28", "--scan-budget", budget])
+    assert usage.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --scan-budget: {budget!r}" in err and "seconds" in err
+
+
+def test_data_errors_are_one_clear_line(capsys, text_data, tmp_path):
+    model, data = text_data
+    where = data.rsplit(":", 1)[0]
+    cases = [
+        (["--data", data, "--dtype", "int64"], "--dtype sets the dtype of synthetic --input data"),
+        (["--input", "8", "--data-kwargs", "{}"], "--data-kwargs needs --data"),
+        (["--data", f"{where}:VOCAB"], f"{where}:VOCAB is a int, not a Dataset or DataLoader or a callable"),
+        (["--data", f"{where}:nothing"], "has no attribute 'nothing'"),
+        (["--data", data, "--data-kwargs", '{"width": 3}'], "pass arguments with --data-kwargs"),
+        (["--data", f"{where}:samples", "--data-kwargs", '{"count": 0}'], "dataset is empty"),
+        (["--data", "textdata"], "--data 'textdata' must be package.module:callable"),
+    ]
+    for extra, message in cases:
+        code, out, err = _run(capsys, "estimate", model, "--batch-sizes", "4", *extra)
+        assert code == 1 and out == "" and message in err, (extra, err)
+        assert len(err.strip().splitlines()) == 1
+    code, _, err = _run(capsys, "find", model, "--data", data, "--samples", "10", "--device", "sim:1MiB")
+    assert code == 1 and "--samples sizes the synthetic --input data" in err
+    with pytest.raises(SystemExit):
+        main(["find", model, "--data", data, "--confirm-steps", "-1"])
+    assert "argument --confirm-steps: '-1'" in capsys.readouterr().err
+
+
+def test_data_may_be_a_list_of_samples(capsys, text_data):
+    model, data = text_data
+    where = data.rsplit(":", 1)[0]
+    code, _, err = _run(capsys, "estimate", model, "--data", f"{where}:samples", "--batch-sizes", "4")
+    # A list is a data set (not one sample); without the loader's collate_fn its samples cannot be batched.
+    assert code == 1 and "dataset[0] is a tuple whose first element is list" in err

@@ -6,8 +6,9 @@
 The pieces: :mod:`~batchfinder.lightning.callback` (the thin callback), :mod:`~batchfinder.lightning.steps` (how a
 trial runs the module's steps), :mod:`~batchfinder.lightning.sources` (where batches come from),
 :mod:`~batchfinder.lightning.targets` (where the batch size lives), :mod:`~batchfinder.lightning.loaders`
-(rebuilding a DataLoader with another batch size) and :mod:`~batchfinder.lightning.isolation` (what must stay
-untouched). The core package never imports this subpackage.
+(rebuilding a DataLoader with another batch size), :mod:`~batchfinder.lightning.isolation` (what must stay
+untouched) and :mod:`~batchfinder.lightning.strategies` (the strategies it can search under). The core package
+never imports this subpackage.
 """
 
 from __future__ import annotations

@@ -25,6 +25,10 @@ unwrapped LightningModule, so no collective runs inside a trial, while DDP's gra
 Collectives the user's own step code runs (``self.all_gather``, torchmetrics with ``dist_sync_on_step=True``) are not
 made safe. Sharded strategies (FSDP, DeepSpeed, model parallel) and XLA are refused with the reason.
 
+Variable-size data (token sequences of different lengths, a padding ``collate_fn``): a trial of size B runs on the B
+largest samples of the training loader and of each validation loader (:mod:`batchfinder.sample_sizes`), the worst
+case of every batch of B a shuffled epoch can draw; ``result.data_scan`` says what the scan found.
+
 Not modelled: a user ``transfer_batch_to_device`` override (batches move with ``.to``-like semantics), dataloader
 hooks that cache their loaders (they keep the old batch size), the profiler records the hooks that trials call.
 """
@@ -45,11 +49,13 @@ from ..devices import DeviceBackend, DeviceLike
 from ..engine import ProgressLike, SearchOptions, Workload, search
 from ..optimizers import OptimizerSpec
 from ..result import SearchResult
+from ..sample_sizes import DEFAULT_SCAN_BUDGET, SampleSize, check_scan_budget
 from ..simulated import SimulatedGPU
 from ..validation import MIN_STEPS_PER_TRIAL
 from .framework import Callback, is_overridden, is_param_in_hook_signature, pl
 from .isolation import isolated, trial_state
-from .sources import evaluation_source, training_source
+from .sources import check_sample_size_option, evaluation_source, training_source
+from .strategies import check_strategy
 from .steps import LightningSteps
 from .targets import Targets, check_loader, data_source, find_targets, flatten_loaders, reload_evaluation_loop
 
@@ -59,35 +65,6 @@ logger = logging.getLogger(__name__)
 
 _STAGES = ("fit", "validate", "test", "predict")
 _EVAL_HOOKS = {"validate": "validation_step", "test": "test_step", "predict": "predict_step"}
-_SUPPORTED_STRATEGIES = ("SingleDeviceStrategy", "DDPStrategy")
-_REFUSED_STRATEGIES = {
-    "FSDPStrategy": "it shards parameters, gradients and optimizer state across ranks and gathers them with "
-    "collectives inside forward and backward, so a trial's memory depends on the sharding and one rank running out "
-    "of memory would leave the others waiting",
-    "DeepSpeedStrategy": "DeepSpeed's engine partitions optimizer state (ZeRO) and owns the backward pass and the "
-    "optimizer step, with collectives inside them; use DeepSpeed's own autotuner",
-    "ModelParallelStrategy": "tensor and fully-sharded parallelism spread each layer over several devices, with "
-    "collectives inside forward and backward",
-    "XLAStrategy": "XLA compiles a graph per batch size and does not report out-of-memory errors that a process can "
-    "recover from",
-    "SingleDeviceXLAStrategy": "XLA compiles a graph per batch size and does not report out-of-memory errors that a "
-    "process can recover from",
-}
-
-
-def _check_strategy(trainer: pl.Trainer) -> None:
-    strategy = trainer.strategy
-    names = [cls.__name__ for cls in type(strategy).__mro__]
-    for name, reason in _REFUSED_STRATEGIES.items():
-        if name in names:
-            raise ValueError(f"BatchFinder does not support the {type(strategy).__name__} strategy: {reason}.")
-    if not any(name in names for name in _SUPPORTED_STRATEGIES):
-        raise ValueError(
-            f"BatchFinder does not support the {type(strategy).__name__} strategy: it runs single-device and DDP "
-            "training (ddp, ddp_spawn, ddp_fork, ddp_notebook), where every device holds a whole model replica and "
-            "no collective needs to run inside a trial"
-        )
-
 
 class BatchFinder(Callback):
     """Find the batch size at the start of ``fit`` (and optionally of validate/test/predict) and apply it.
@@ -118,7 +95,12 @@ class BatchFinder(Callback):
         progress: True to print a line per trial to standard error, or a callable receiving each ``Trial``.
         log_results: log the result to the trainer's loggers (hyperparameters and metrics under ``batchfinder/``).
         confirm_steps: after the search, this many training steps at the recommended size in one trial, as for
-            :func:`~batchfinder.find_batch_size`.
+            :func:`~batchfinder.find_batch_size` (for variable-size data: batches in the loader's order, then the
+            largest samples).
+        sample_size: the size of each training sample, when sizes vary: a callable ``index -> number`` or one number
+            per sample; with a dict of training dataloaders, a dict of those by loader name. Default: element counts.
+            Trials of size B run on each loader's B largest samples (validation loaders' too, by element count).
+        scan_budget: seconds the scan of each loader's sample sizes may take (default 10).
 
     After a search :attr:`result` holds the :class:`~batchfinder.SearchResult` (:attr:`results` one per stage).
     """
@@ -145,6 +127,8 @@ class BatchFinder(Callback):
         progress: ProgressLike = False,
         log_results: bool = True,
         confirm_steps: int = MIN_STEPS_PER_TRIAL,
+        sample_size: SampleSize | dict[str, SampleSize] | None = None,
+        scan_budget: float = DEFAULT_SCAN_BUDGET,
     ) -> None:
         super().__init__()
         self.options = SearchOptions(
@@ -173,6 +157,9 @@ class BatchFinder(Callback):
         stage_list = [stages] if isinstance(stages, str) else list(stages)
         if not stage_list or any(s not in _STAGES for s in stage_list):
             raise ValueError(f"stages={stages!r}: each stage must be one of {list(_STAGES)}")
+        check_sample_size_option(sample_size)
+        self.sample_size = sample_size
+        self.scan_budget = check_scan_budget(scan_budget)
         if memory_limit is not None and device is not None and not isinstance(device, (str, torch.device)):
             raise ValueError("memory_limit applies to CUDA devices named by string or torch.device only")
         self.device = device
@@ -229,7 +216,7 @@ class BatchFinder(Callback):
         """Check the strategy, the device and where the batch size goes, before any trial runs."""
         if stage not in self.stages:
             return
-        _check_strategy(trainer)
+        check_strategy(trainer)
         self._resolve_device(trainer)
         if stage != "fit":
             self._targets(trainer, pl_module, stage, self._eval_stage_name(), evaluation=True)
@@ -279,7 +266,7 @@ class BatchFinder(Callback):
         return [check_loader(loader, "validation") for loader in flatten_loaders(source.dataloader())]
 
     def _search_fit(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        _check_strategy(trainer)
+        check_strategy(trainer)
         targets = self._targets(trainer, module, "fit", self.batch_arg_name, evaluation=False)
         eval_targets = (
             self._targets(trainer, module, "fit", self.eval_batch_arg_name, evaluation=True)
@@ -290,9 +277,12 @@ class BatchFinder(Callback):
         wrapped = trainer.strategy.model
         steps = LightningSteps(trainer, module, device, "validation_step")
         with isolated(trainer, module, steps):
-            source = training_source(data_source(trainer, "fit").dataloader(), module)
+            source = training_source(
+                data_source(trainer, "fit").dataloader(), module, sample_size=self.sample_size,
+                scan_budget=self.scan_budget,
+            )
             val_loaders = self._validation_loaders(trainer, module) if (self.validate or eval_targets) else []
-            eval_source = evaluation_source(val_loaders, module) if val_loaders else None
+            eval_source = evaluation_source(val_loaders, module, scan_budget=self.scan_budget) if val_loaders else None
             steps.eval_loaders = len(val_loaders)
             optimizers = list(trainer.optimizers)
             spec = (
@@ -326,7 +316,7 @@ class BatchFinder(Callback):
         self._report(trainer, result, "fit")
 
     def _search_eval(self, trainer: pl.Trainer, module: pl.LightningModule, stage: str) -> None:
-        _check_strategy(trainer)
+        check_strategy(trainer)
         targets = self._targets(trainer, module, stage, self._eval_stage_name(), evaluation=True)
         device = self._resolve_device(trainer)
         loop = {"validate": trainer.validate_loop, "test": trainer.test_loop, "predict": trainer.predict_loop}[stage]
@@ -343,7 +333,7 @@ class BatchFinder(Callback):
                 None,
                 None,
                 eval_step=steps.eval_step,
-                eval_source=evaluation_source(loaders, module),
+                eval_source=evaluation_source(loaders, module, scan_budget=self.scan_budget),
                 extra_state=trial_state(trainer, module),
             )
             result = search(workload, device, self.options)
@@ -383,6 +373,8 @@ class BatchFinder(Callback):
                 "trial_table": result.table(),
             }
         }
+        if result.data_scan is not None and result.data_scan.varies:
+            hyperparameters[prefix]["data"] = result.data_scan.describe()
         for lightning_logger in trainer.loggers:
             lightning_logger.log_hyperparams(hyperparameters)
             lightning_logger.log_metrics(metrics, step=trainer.global_step)
