@@ -127,24 +127,26 @@ class MemoryLedger:
         is charged then.
         """
         with self._lock:
-            pending: dict[int, tuple[torch.UntypedStorage, int, int]] = {}
+            pending: dict[int, tuple[torch.UntypedStorage, int, int, int]] = {}
             for storage in storages:
                 if id(storage) in pending:
                     continue
-                size = round_allocation(storage.nbytes())
+                raw = storage.nbytes()
+                size = round_allocation(raw)
                 delta = size - self.charged_bytes(storage)
                 if delta > 0:
-                    pending[id(storage)] = (storage, size, delta)
+                    pending[id(storage)] = (storage, size, delta, raw)
             if not pending:
                 return 0
-            extra = sum(delta for _, _, delta in pending.values())
+            extra = sum(entry[2] for entry in pending.values())
             if self.allocator is not None:
-                handles = self._malloc(self.allocator, [size for _, size, _ in pending.values()])
+                entries = list(pending.values())
+                handles = self._malloc(self.allocator, [e[1] for e in entries], [e[3] for e in entries])
             elif self.capacity is not None and self.allocated + extra > self.capacity:
                 raise torch.OutOfMemoryError(self._oom_message(extra))
             else:
                 handles = [None] * len(pending)
-            for (storage, size, _), handle in zip(pending.values(), handles):
+            for (storage, size, _, _), handle in zip(pending.values(), handles):
                 self._record(storage, size, handle)
             self.allocated += extra
             self.peak = max(self.peak, self.allocated)
@@ -174,8 +176,9 @@ class MemoryLedger:
         self.charge([workspace.untyped_storage()])
         self.workspaces[kind] = workspace
 
-    def _malloc(self, allocator: CachingAllocator, sizes: list[int]) -> list[int | None]:
-        """One block per size from the allocator, all or nothing (blocks of a failed call are freed again)."""
+    def _malloc(self, allocator: CachingAllocator, sizes: list[int], raws: list[int] | None = None) -> list[int | None]:
+        """One block per size from the allocator, all or nothing (blocks of a failed call are freed again).
+        ``raws``: the storages' unrounded sizes (for a ledger that logs them)."""
         handles: list[int | None] = []
         try:
             for size in sizes:
@@ -286,13 +289,36 @@ _DATALOADER_HOOK = _DataLoaderHook()
 def tensor_storages(tree: Any) -> list[torch.UntypedStorage]:
     """The storages of every strided tensor in a nested structure (lists, tuples, dicts)."""
     storages: list[torch.UntypedStorage] = []
-    for leaf in tree_flatten(tree)[0]:
-        if isinstance(leaf, torch.Tensor) and leaf.layout == torch.strided:
-            try:
-                storages.append(leaf.untyped_storage())
-            except (RuntimeError, NotImplementedError):  # tensors without a storage of their own
-                continue
+    _collect_storages(tree, storages)
     return storages
+
+
+_STRIDED = torch.strided
+
+
+def _collect_storages(value: Any, storages: list[torch.UntypedStorage]) -> None:
+    # Hand-rolled rather than pytree's flatten: this runs for every operation of a trace (twice), where pytree's
+    # generality costs a sixth of the trace's time. Other containers (named tuples, dataclasses) go through pytree.
+    if isinstance(value, torch.Tensor):
+        if value.layout == _STRIDED:
+            try:
+                storages.append(value.untyped_storage())
+            except (RuntimeError, NotImplementedError):  # tensors without a storage of their own
+                pass
+    elif type(value) in (list, tuple):
+        for item in value:
+            if not isinstance(item, (int, float, bool, str)) and item is not None:
+                _collect_storages(item, storages)
+    elif type(value) is dict:
+        for item in value.values():
+            _collect_storages(item, storages)
+    elif isinstance(value, (int, float, bool, str, torch.dtype, torch.device)) or value is None:
+        return
+    else:
+        leaves = tree_flatten(value)[0]
+        if len(leaves) != 1 or leaves[0] is not value:
+            for leaf in leaves:
+                _collect_storages(leaf, storages)
 
 
 _GEMMS = frozenset(

@@ -374,6 +374,7 @@ def _run(
         predicted_peaks=strategy.predicted_peaks,
         predicted_max_batch_size=strategy.predicted_max,
         prediction_status=strategy.prediction_status,
+        prediction_method=strategy.prediction_method,
         world_size=agreement.world_size if agreement is not None else 1,
     )
 

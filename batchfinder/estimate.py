@@ -47,6 +47,7 @@ from .batching import BatchSource, describe_batch, is_supported_sample, sample_b
 from .breakdown import MemoryEstimate, MemoryEstimates
 from .oom import exception_first_line
 from .optimizers import OptimizerLike, OptimizerSpec, resolve_optimizer
+from .replay import AllocationLog, Replay, record, replay_obstacle
 from .sample_sizes import DEFAULT_SCAN_BUDGET, SampleSize
 from .steps import LossFn, StepFn, make_step
 from .synthetic import as_shape, template_from_shape
@@ -131,6 +132,14 @@ class Estimator:
         self.steps = steps
         self.sample_label = sample_label or describe_template(template)
         self._traces: dict[int, Trace] = {}
+        self._log: AllocationLog | None = None
+        self._replays: dict[int, Replay] = {}
+        self.replayable: bool | None = None
+        """Whether one recorded trace stands for every batch size (None until first needed; see
+        :mod:`batchfinder.replay`)."""
+        self.method = "not yet run"
+        """How peaks are computed: ``"one trace, replayed at each size"`` or, when the model's memory is not an
+        affine function of the batch size (or cannot be recorded), ``"a trace per size"`` with the reason."""
         self.detailed = False
         """When True, :meth:`peak` also records the breakdown (so :meth:`estimate` needs no second trace)."""
         self._counts = (
@@ -218,24 +227,77 @@ class Estimator:
         return trace
 
     def peak(self, batch_size: int) -> int:
-        """Predicted peak bytes at ``batch_size`` (model included; reserved bytes when :attr:`reserved`), cached."""
+        """Predicted peak bytes at ``batch_size`` (model included; reserved bytes when :attr:`reserved`), cached.
+
+        From batch size 2 on, one recorded trace is replayed at the size (:mod:`batchfinder.replay`) when the model
+        allows it; otherwise (and at batch size 1, where dimensions of size 1 change which copies are made) the
+        step is traced at the size."""
         if batch_size in self._overflows and self.allocator_capacity is not None:
             return self.allocator_capacity + 1
         found = self._traces.get(batch_size)
-        if found is None:
-            try:
-                found = self.trace(batch_size, breakdown=self.detailed)
-            except torch.OutOfMemoryError:
-                if self.allocator_capacity is None:
-                    raise
+        if found is not None:
+            return found.peak_reserved if self.reserved else found.peak
+        replay = self._replay(batch_size)
+        if replay is not None:
+            if replay.overflows and self.allocator_capacity is not None:
                 self._overflows.add(batch_size)
                 return self.allocator_capacity + 1
+            return replay.peak_reserved if self.reserved else replay.peak
+        try:
+            found = self.trace(batch_size, breakdown=self.detailed)
+        except torch.OutOfMemoryError:
+            if self.allocator_capacity is None:
+                raise
+            self._overflows.add(batch_size)
+            return self.allocator_capacity + 1
         return found.peak_reserved if self.reserved else found.peak
+
+    def _replay(self, batch_size: int) -> Replay | None:
+        """The replay of the recorded trace at ``batch_size`` (None where the log cannot stand for it)."""
+        if batch_size < 2 or self.replayable is False:
+            return None
+        found = self._replays.get(batch_size)
+        if found is not None:
+            return found
+        if self._log is None:
+            self._log = self._record()
+            if self._log is None:
+                return None
+        found = self._log.replay(batch_size, self.allocator_capacity)
+        self._replays[batch_size] = found
+        return found
+
+    def _record(self) -> AllocationLog | None:
+        reason = replay_obstacle(self.template)
+        log = None
+        if reason is None:
+            try:
+                log = record(self.trainer)
+            except (KeyboardInterrupt, MemoryError):
+                raise
+            except Exception as exc:  # the per-size traces report what the model cannot do, with its own message
+                reason = f"recording the step at a batch of a billion failed ({type(exc).__name__}: {exception_first_line(exc)})"
+            else:
+                reason = log.unsuitable
+        self.replayable = reason is None
+        self.method = "one trace, replayed at each size" if reason is None else f"a trace per size: {reason}"
+        if reason is not None:
+            logger.info("memory estimates trace the step at each batch size: %s", reason)
+            return None
+        return log
 
     def overflows(self, batch_size: int) -> bool:
         """True when the allocator of :attr:`allocator_capacity` could not serve the trace at ``batch_size``."""
         self.peak(batch_size)
         return batch_size in self._overflows
+
+    def unbounded_peak(self, batch_size: int) -> int:
+        """The peak at ``batch_size`` as if the allocator had no limit (reserved bytes when :attr:`reserved`)."""
+        replay = self._log.replay(batch_size) if self.replayable and self._log is not None and batch_size >= 2 else None
+        if replay is not None:
+            return replay.peak_reserved if self.reserved else replay.peak
+        est = self.estimate_unbounded(batch_size)
+        return est.peak_reserved if self.reserved else est.peak
 
     def estimate_unbounded(self, batch_size: int) -> MemoryEstimate:
         """The breakdown at ``batch_size`` as if the allocator had no limit (for sizes that do not fit)."""
@@ -247,19 +309,29 @@ class Estimator:
 
     @property
     def known_peaks(self) -> dict[int, int]:
-        """Every peak computed so far, by batch size (reserved bytes when :attr:`reserved`)."""
-        return {size: (t.peak_reserved if self.reserved else t.peak) for size, t in sorted(self._traces.items())}
+        """Every peak computed so far (traced or replayed), by batch size (reserved bytes when :attr:`reserved`)."""
+        peaks = {size: (r.peak_reserved if self.reserved else r.peak) for size, r in self._replays.items()}
+        peaks.update({size: (t.peak_reserved if self.reserved else t.peak) for size, t in self._traces.items()})
+        return dict(sorted(peaks.items()))
 
     def largest_fitting(self, level: int, lo: int = 1, hi: int = 2**40) -> int:
         """The largest batch size in ``[lo, hi]`` whose predicted peak is at most ``level`` (``lo - 1`` if none).
 
-        Traces ``lo`` and ``64 * lo``, extends the line of each phase's peak (the optimizer step's is nearly flat,
-        the forward/backward one grows with the batch) to ``level``, and refines from there by
-        :func:`~batchfinder.guided.largest_within`: typically four to six traces in all.
+        With a recorded trace (:mod:`batchfinder.replay`) every evaluation is a replay of a few milliseconds and
+        batch size 1 is traced only when 2 does not fit. Otherwise traces ``lo`` and ``64 * lo``, extends the line of
+        each phase's peak (the optimizer step's is nearly flat, the forward/backward one grows with the batch) to
+        ``level``, and refines from there by :func:`~batchfinder.guided.largest_within`: typically four to six traces.
         """
         from .guided import largest_within
 
-        if hi < lo or self.peak(lo) > level:
+        if hi < lo:
+            return lo - 1
+        first = max(lo, 2)
+        if first <= hi and self._replay(first) is not None:
+            if self.peak(first) > level:
+                return lo if lo < first and self.peak(lo) <= level else lo - 1
+            return largest_within(self.peak, level, first, hi)
+        if self.peak(lo) > level:
             return lo - 1
         probe = min(hi, max(lo + 1, 64 * lo))
         if probe == lo:

@@ -144,6 +144,7 @@ class GuidedSearch(SearchStrategy):
         measured_model: without a prediction, steer by a line through measured peaks (True), or double and bisect as
             binsearch does (False: for peaks that move in steps, such as a caching allocator's reserved segments,
             where such a line says nothing).
+        method: says how ``predict`` computes its peaks (for :attr:`prediction_method`).
     """
 
     def __init__(
@@ -157,8 +158,10 @@ class GuidedSearch(SearchStrategy):
         first_fraction: float = 1.0,
         known: Callable[[], dict[int, int]] | None = None,
         measured_model: bool = True,
+        method: Callable[[], str | None] | None = None,
     ) -> None:
         super().__init__(bounds)
+        self._method = method
         self.measured_model = measured_model
         if not 0 < first_fraction <= 1:
             raise ValueError(f"first_fraction={first_fraction} must be in (0, 1]")
@@ -376,3 +379,8 @@ class GuidedSearch(SearchStrategy):
         if not self.predicted_peaks:
             return "unavailable"
         return "exact" if self._trusted else "recalibrated"
+
+    @property
+    def prediction_method(self) -> str | None:
+        """How the predicted peaks were computed (e.g. ``"one trace, replayed at each size"``), when told."""
+        return self._method() if self._method is not None else None

@@ -88,6 +88,11 @@ class _SearchPrediction:
     def known_peaks(self) -> dict[int, int]:
         return {} if self.estimator is None else self.estimator.known_peaks
 
+    def method(self) -> str | None:
+        if self.failed:
+            return "unavailable: the estimator could not trace the model"
+        return None if self.estimator is None else self.estimator.method
+
     def solve(self, level: int, lo: int, hi: int) -> int:
         estimator = self._get()
         if estimator is None:
@@ -126,6 +131,7 @@ def guided_strategy(bounds: SearchBounds, context: SearchContext) -> GuidedSearc
         first_fraction=1.0 if exact else 0.9,
         known=prediction.known_peaks,
         measured_model=not context.device.reserves_segments,
+        method=prediction.method,
     )
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,8 +58,8 @@ class Prediction:
     memory on), allocated bytes with ``allocator="ideal"``."""
     next_peak_bytes: int | None
     """Predicted peak at ``max_batch_size + 1`` (None when the search stopped at ``max_batch_size`` instead)."""
-    estimate: MemoryEstimate
-    """The full breakdown at :attr:`max_batch_size`."""
+    breakdown: Callable[[], MemoryEstimate] = field(repr=False)
+    """Computes the breakdown at :attr:`max_batch_size` (one more trace): read :attr:`estimate` instead."""
     safety: float = 0.8
     multiple_of: int = 1
     gpu: GPUSpec | None = None
@@ -72,7 +73,22 @@ class Prediction:
     curve: dict[int, int] = field(default_factory=dict)
     """Every batch size traced, with its predicted peak."""
     traces: int = 0
+    """Fake-tensor traces the prediction ran (the breakdown's, when :attr:`estimate` was read, not included)."""
     seconds: float = 0.0
+    method: str = ""
+    """How the peaks were computed: ``"one trace, replayed at each size"`` (:mod:`batchfinder.replay`) or
+    ``"a trace per size: <why one trace could not stand for every size>"``."""
+
+    def __post_init__(self) -> None:
+        self._estimate: MemoryEstimate | None = None
+
+    @property
+    def estimate(self) -> MemoryEstimate:
+        """The full :class:`~batchfinder.MemoryEstimate` at :attr:`max_batch_size`, computed on first use (a trace
+        with the breakdown by category; its ``peak`` is :attr:`peak_bytes`'s allocated figure)."""
+        if self._estimate is None:
+            self._estimate = self.breakdown()
+        return self._estimate
 
     @property
     def memory_bytes(self) -> int:
@@ -97,6 +113,7 @@ class Prediction:
             "traces": self.traces,
             "seconds": round(self.seconds, 3),
             "curve": {str(k): v for k, v in self.curve.items()},
+            "method": self.method,
             "estimate": self.estimate.as_dict(),
         }
 
@@ -130,7 +147,8 @@ class Prediction:
                 "",
                 f"breakdown at {self.max_batch_size:,}:",
                 est.table(),
-                f"the peak is in {est.peak_phase}; {self.traces} fake-tensor traces, {self.seconds:.1f} s, no GPU used",
+                f"the peak is in {est.peak_phase}; {self.traces} fake-tensor trace(s) ({self.method}), "
+                f"{self.seconds:.1f} s, no GPU used",
             ]
         )
 
@@ -222,10 +240,10 @@ def predict_max_batch_size(
         input_dtype=input_dtype, reserved=allocator == "caching", workspace_bytes=spec.workspace_bytes if spec else 0,
         allocator_capacity=limit if allocator == "caching" else None, sample_size=sample_size, scan_budget=scan_budget,
     )
-    estimator.detailed = True  # the breakdown at the answer then costs no extra trace
+    estimator.detailed = True  # when traced per size, the breakdown at the answer then costs no extra trace
     cap = max_batch_size if max_batch_size is not None else DEFAULT_MAX_BATCH_SIZE
-    one = estimator.peak(1)
-    if one > limit:
+    best = estimator.largest_fitting(limit, 1, cap)
+    if best < 1:
         est = estimator.estimate_unbounded(1)
         one = est.peak_reserved if allocator == "caching" else est.peak
         raise ValueError(
@@ -235,19 +253,17 @@ def predict_max_batch_size(
             f"{format_bytes(est.activations)} at the peak). Use a larger GPU, an optimizer with less state (SGD), "
             "mixed precision, or a smaller model."
         )
-    best = estimator.largest_fitting(limit, 1, cap)
     capped = best >= cap
     next_peak = None if capped else estimator.peak(best + 1)
     if not capped and estimator.overflows(best + 1):
-        next_peak = estimator.estimate_unbounded(best + 1).peak_reserved  # what it would take without the limit
-    est = estimator.estimate(best)
+        next_peak = estimator.unbounded_peak(best + 1)  # what it would take without the limit
     prediction = Prediction(
         max_batch_size=best,
         batch_size=recommend_batch_size(best, safety, multiple_of),
         capacity_bytes=limit,
         peak_bytes=estimator.peak(best),
         next_peak_bytes=next_peak,
-        estimate=est,
+        breakdown=lambda: estimator.estimate(best),
         safety=float(safety),
         multiple_of=multiple_of,
         gpu=spec,
@@ -257,6 +273,7 @@ def predict_max_batch_size(
         curve=estimator.known_peaks,
         traces=estimator.calls,
         seconds=time.perf_counter() - started,
+        method=estimator.method,
     )
     logger.info(
         "predicted largest batch size %d in %s (%d traces, %.1f s)", best, format_bytes(limit), estimator.calls, prediction.seconds

@@ -110,6 +110,9 @@ class SearchResult:
     prediction_status: str | None = None
     """``mode="guided"``: ``"exact"``, ``"recalibrated"`` (a trial surprised the model) or ``"unavailable"`` (the
     model could not be traced); None in other modes."""
+    prediction_method: str | None = None
+    """``mode="guided"``: how the predicted peaks were computed: ``"one trace, replayed at each size"``, or ``"a
+    trace per size: <why>"`` when the model's memory is not an affine function of the batch size."""
     target_batch_size: int | None = None
     """The effective batch size asked for with ``target_batch_size`` (None when none was)."""
     micro_batch_size: int = 0
@@ -234,6 +237,7 @@ class SearchResult:
             "predicted_peaks": {str(size): peak for size, peak in sorted(self.predicted_peaks.items())},
             "predicted_max_batch_size": self.predicted_max_batch_size,
             "prediction_status": self.prediction_status,
+            "prediction_method": self.prediction_method,
             "trials": [trial.as_dict() for trial in self.trials],
             "evaluation": None if self.evaluation is None else self.evaluation.as_dict(),
             "confirmations": [trial.as_dict() for trial in self.confirmations],
@@ -258,6 +262,12 @@ class SearchResult:
             f"  {self.explain()}",
             f"  {self.why_stopped()}",
         ]
+        if self.prediction_status is not None:
+            predicted = f"largest {self.predicted_max_batch_size} predicted, " if self.predicted_max_batch_size else ""
+            lines.append(
+                f"  prediction: {predicted}{self.prediction_status}"
+                + (f" ({self.prediction_method})" if self.prediction_method else "")
+            )
         if self.data_scan is not None and self.data_scan.varies:
             lines.append(f"  data: {self.data_scan.describe()}")
         if self.world_size > 1:

@@ -89,6 +89,11 @@ class SearchStrategy(ABC):
         return None
 
     @property
+    def prediction_method(self) -> str | None:
+        """How the prediction was computed, for strategies that predict (None otherwise)."""
+        return None
+
+    @property
     def done(self) -> bool:
         """True once the strategy has a stop reason."""
         return self.stop_reason is not None

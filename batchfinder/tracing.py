@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import logging
-import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,10 +31,11 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from .accounting import ChargingMode, MemoryLedger, round_allocation, tensor_storages
+from .accounting import ChargingMode, MemoryLedger, host_side_loading, round_allocation, tensor_storages
 from .allocator import CachingAllocator
 from .batching import describe_batch
-from .oom import exception_first_line, exception_text
+from .fake_errors import TORCH_FAKE_TENSOR_LOGGERS, FakeTensorUnsupportedError, is_fake_unsupported, quiet_fake_tensor_logs
+from .oom import exception_first_line
 from .optimizers import OptimizerSpec
 from .state import TrainingState
 from .steps import StepContractError, StepFn, run_training_step
@@ -54,6 +53,8 @@ __all__ = [
     "describe_template",
     "fake_output",
     "quiet_fake_tensor_logs",
+    "is_fake_unsupported",
+    "TORCH_FAKE_TENSOR_LOGGERS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -62,99 +63,11 @@ PHASES: tuple[str, ...] = ("setup", "forward", "backward", "optimizer step", "ze
 """Where in a training step a trace can peak: ``setup`` is the model plus the batch before the first step."""
 
 
-class FakeTensorUnsupportedError(ValueError):
-    """The training step cannot run under fake tensors (it reads tensor values, or uses an unsupported operation)."""
-
-
 def _new_fake_mode() -> "FakeTensorMode":
     """A fresh fake-tensor mode (imported on first use: it is not needed to import batchfinder)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     return FakeTensorMode(allow_non_fake_inputs=True)
-
-
-TORCH_FAKE_TENSOR_LOGGERS: tuple[str, ...] = ("torch._subclasses.fake_tensor", "torch._subclasses.fake_tensor.not_implemented")
-"""Torch's loggers that report, with a full traceback, every operation that fails under fake tensors."""
-
-
-class _ThreadRecordsFilter(logging.Filter):
-    """Drops the log records of one thread (the one that created the filter) and counts them."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.thread = threading.get_ident()
-        self.dropped = 0
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.thread is None or record.thread == self.thread:
-            self.dropped += 1
-            return False
-        return True
-
-
-@contextlib.contextmanager
-def quiet_fake_tensor_logs() -> Iterator[_ThreadRecordsFilter]:
-    """Within this block, drop what torch's fake-tensor loggers log from this thread.
-
-    When an operation fails under fake tensors (e.g. a batch of the wrong shape), torch logs the failure with a full
-    traceback at ERROR level (``torch._subclasses.fake_tensor``: "failed while attempting to run meta for
-    aten.mm.default" and some 17 lines of traceback) before raising it. A trace turns that exception into one clear message, so the log
-    is noise. Only the records of the calling thread are dropped; the loggers are left as they were on exit. Yields
-    the filter, whose ``dropped`` counts the records dropped.
-    """
-    records = _ThreadRecordsFilter()
-    loggers = [logging.getLogger(name) for name in TORCH_FAKE_TENSOR_LOGGERS]
-    for torch_logger in loggers:
-        torch_logger.addFilter(records)
-    try:
-        yield records
-    finally:
-        for torch_logger in loggers:
-            torch_logger.removeFilter(records)
-        if records.dropped:
-            logger.debug("dropped %d log record(s) of torch's fake tensors (the error is reported instead)", records.dropped)
-
-
-@functools.lru_cache(maxsize=1)
-def _fake_unsupported_types() -> tuple[type[BaseException], ...]:
-    from torch._subclasses.fake_tensor import (
-        DataDependentOutputException,
-        DynamicOutputShapeException,
-        UnsupportedFakeTensorException,
-        UnsupportedOperatorException,
-    )
-
-    types: list[type[BaseException]] = [
-        DataDependentOutputException,
-        DynamicOutputShapeException,
-        UnsupportedOperatorException,
-        UnsupportedFakeTensorException,
-    ]
-    try:
-        from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
-
-        types.append(GuardOnDataDependentSymNode)
-    except ImportError:  # pragma: no cover - older torch
-        pass
-    return tuple(types)
-
-
-_FAKE_HINTS = ("fake tensor", "faketensor", "tensor subclass", "meta tensor", "meta device", "device='meta'", "data pointer")
-
-
-def is_fake_unsupported(exc: BaseException) -> bool:
-    """True when ``exc`` says an operation cannot run on fake tensors (rather than that the batch is wrong)."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, _fake_unsupported_types()):
-            return True
-        text = exception_text(current).lower()
-        if any(hint in text for hint in _FAKE_HINTS):
-            return True
-        current = current.__cause__ or current.__context__
-    return False
 
 
 @dataclass
@@ -413,8 +326,29 @@ class FakeTrainer:
         finally:
             ledger.close()  # or weakref.finalize's registry keeps this trace's fake tensors alive (see _PeakLedger)
 
+    def trace_steps_with(self, ledger: _PeakLedger, step_sizes: Sequence[int]) -> None:
+        """Trace the steps into ``ledger`` (one that logs its allocations), step ``i`` at ``step_sizes[i]``: for
+        :func:`batchfinder.replay.record`. Raises what the trace raised."""
+        self.calls += 1
+        state = TrainingState.capture(self.model, values=False)
+        mode = _new_fake_mode()
+        recorder = _Recorder(False)
+        recorder.ledger = ledger
+        try:
+            with torch.enable_grad(), quiet_fake_tensor_logs():
+                self._trace_steps(step_sizes[0], mode, _FakeConverter(mode), recorder, ledger, step_sizes)
+        finally:
+            ledger.close()
+            state.restore(final=True)
+
     def _trace_steps(
-        self, batch_size: int, mode: FakeTensorMode, convert: _FakeConverter, recorder: _Recorder, ledger: _PeakLedger
+        self,
+        batch_size: int,
+        mode: FakeTensorMode,
+        convert: _FakeConverter,
+        recorder: _Recorder,
+        ledger: _PeakLedger,
+        step_sizes: Sequence[int] | None = None,
     ) -> Trace:
         with _fake_module_state(self.model, convert) as (params, buffers):
             bound = self.optimizer.bound
@@ -435,12 +369,31 @@ class FakeTrainer:
                 if optimizer is None:
                     optimizer = self.optimizer.create()
                 recorder.optimizer = optimizer
-                ledger.charge(tensor_storages(batch))  # the batch's transfer to the device
+                with getattr(ledger, "scaling", _no_scaling)(batch_size):
+                    ledger.charge(tensor_storages(batch))  # the batch's transfer to the device
                 self.model.train()
                 for index in range(1, self.steps + 1):
+                    if step_sizes is not None and step_sizes[index - 1] != batch_size:
+                        batch_size = step_sizes[index - 1]
+                        batch = self._other_batch(batch_size, mode, ledger)
                     run_training_step(self.model, batch, self.step, optimizer, recorder.phase_hook(index), check=True)
                 recorder.enter("done", self.steps)
             return recorder.result(batch_size)
+
+
+    def _other_batch(self, batch_size: int, mode: FakeTensorMode, ledger: _PeakLedger) -> Any:
+        """A batch of another size for the later steps of a recording: on the device, not in its log (a trial reuses
+        one batch)."""
+        with host_side_loading():
+            batch = _batch_of(self.template, batch_size, mode)
+        with ledger.paused():  # type: ignore[attr-defined]
+            ledger.charge(tensor_storages(batch))
+        return batch
+
+
+@contextlib.contextmanager
+def _no_scaling(_batch_size: int) -> Iterator[None]:
+    yield
 
 
 def fake_output(model: nn.Module, template: Any) -> Any:
@@ -502,6 +455,9 @@ class _Recorder:
     def enter(self, phase: str, index: int) -> None:
         ledger = self._require_ledger()
         self._close_phase()
+        mark = getattr(ledger, "mark_phase", None)  # a ledger that logs its allocations (batchfinder.replay)
+        if mark is not None:
+            mark(phase, index)
         self.phase, self.index = phase, index
         ledger.reset_peak()  # per-phase peaks; the overall peak is kept here
         self._open = ledger.allocated

@@ -54,7 +54,7 @@ def test_guided_search_frees_every_trace(fake_modes):
         result = bf.find_batch_size(model, dataset, device=bf.SimulatedGPU("8MiB"), mode="guided")
         assert result.predicted_peaks and result.num_trials >= 1
     del result
-    assert len(fake_modes) >= 6  # the guided search traced
+    assert len(fake_modes) >= 3  # the guided search traced (one recording each, replayed at every size)
     assert _alive(fake_modes) == 0
 
 
