@@ -19,6 +19,7 @@ from typing import Any
 from torch.utils.data import DataLoader, Dataset
 
 from .oom import exception_first_line
+from .precision import PRECISIONS
 from .sample_sizes import DEFAULT_SCAN_BUDGET
 from .validation import MIN_STEPS_PER_TRIAL
 
@@ -282,6 +283,10 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--scan-budget", type=_scan_budget, default=DEFAULT_SCAN_BUDGET, metavar="SECONDS",
         help="with --data: seconds the scan for its largest samples may take (default 10)",
     )
+    parser.add_argument(
+        "--precision", choices=PRECISIONS, default="32-true",
+        help="training precision, as Lightning names it (default 32-true); mixed precision follows CUDA's autocast",
+    )
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
     parser.add_argument("--plot", metavar="PNG", default=None, help="also write a plot to this PNG file")
 
@@ -340,7 +345,8 @@ def run_estimate(args: argparse.Namespace) -> int:
 
     model, optimizer, dtype = _prepare(args)
     estimates = estimate_memory_curve(
-        model, _sample(args), list(args.batch_sizes), optimizer=optimizer, input_dtype=dtype, scan_budget=args.scan_budget
+        model, _sample(args), list(args.batch_sizes), optimizer=optimizer, input_dtype=dtype, scan_budget=args.scan_budget,
+        precision=args.precision,
     )
     if args.plot:
         estimates.plot(args.plot, capacity=args.capacity)
@@ -388,6 +394,7 @@ def run_predict(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
         input_dtype=dtype,
         scan_budget=args.scan_budget,
+        precision=args.precision,
     )
     if args.plot:
         prediction.plot(args.plot)
@@ -460,6 +467,7 @@ def run_find(args: argparse.Namespace) -> int:
         progress=args.progress,
         confirm_steps=args.confirm_steps,
         scan_budget=args.scan_budget,
+        precision=args.precision,
     )
     if args.plot:
         result.plot(args.plot)

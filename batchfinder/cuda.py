@@ -77,6 +77,13 @@ class CudaDevice(DeviceBackend):
         budget = self.memory_reserved() + free
         return budget if self.memory_limit is None else min(budget, self.memory_limit)
 
+    def check_precision(self, precision: str) -> None:
+        """bfloat16 needs a GPU that supports it (compute capability 8.0 or later, or emulation)."""
+        if precision.startswith("bf16") and not torch.cuda.is_bf16_supported():
+            raise ValueError(
+                f"precision={precision!r}: {self.name} does not support bfloat16; use precision='16-mixed' instead"
+            )
+
     def memory_report(self) -> str:
         free, total = torch.cuda.mem_get_info(self.torch_device)
         reserved = self.memory_reserved()

@@ -42,6 +42,9 @@ class DeviceBackend(ABC):
     #: (a parallel wrapper's buffers) has to be charged to them explicitly.
     simulated: bool = False
 
+    def check_precision(self, precision: str) -> None:
+        """Raise a ``ValueError`` when this device cannot train in ``precision`` (every precision is fine here)."""
+
     @property
     @abstractmethod
     def name(self) -> str:

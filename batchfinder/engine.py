@@ -27,7 +27,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
@@ -40,6 +40,7 @@ from .distributed import RankAgreement, ddp_bucket_bytes, local_batch_norm, reso
 from .errors import NoBatchSizeFitsError, SearchIncompleteError
 from .modes import EVALUATION_MODES, MODES, SearchContext, check_mode
 from .optimizers import OptimizerLike, OptimizerSpec, resolve_optimizer
+from .precision import check_precision
 from .report import ProgressPrinter
 from .result import SearchResult, Trial
 from .sample_sizes import DEFAULT_SCAN_BUDGET, SampleSize, check_scan_budget
@@ -130,6 +131,11 @@ class Workload:
     extra_state: Sequence[SnapshotFactory] = ()
     ddp: nn.parallel.DistributedDataParallel | None = None
     """The DDP wrapper around ``model``, when there is one (its gradient buckets are charged)."""
+    precision: str = "32-true"
+    """The built-in step's precision (:mod:`batchfinder.precision`); a front end's own ``train_step`` runs in its
+    framework's precision instead."""
+    notes: list[str] = field(default_factory=list)
+    """What the front end did that the result should say (e.g. searched a compiled model's original module)."""
 
     @property
     def trains(self) -> bool:
@@ -165,7 +171,11 @@ def search(workload: Workload, device: DeviceBackend, options: SearchOptions) ->
     session = _session(workload, device, options)
     training = workload.trains
     source = workload.source if training else workload.eval_source
-    context = SearchContext(workload.model, source, device, workload.optimizer, workload.step, options.steps_per_trial)
+    check_precision(workload.precision)
+    device.check_precision(workload.precision)
+    context = SearchContext(
+        workload.model, source, device, workload.optimizer, workload.step, options.steps_per_trial, workload.precision
+    )
     agreement = resolve_agreement(options.distributed)
     try:
         with _open(session, agreement):
@@ -189,6 +199,7 @@ def search(workload: Workload, device: DeviceBackend, options: SearchOptions) ->
         result.micro_batch_size = plan.micro_batch_size
         result.accumulation_steps = plan.accumulation_steps
     result.data_scan = getattr(source, "scan", None)
+    result.notes = [*workload.notes, *session.notes]
     result.seconds = time.perf_counter() - started
     return result
 
@@ -263,6 +274,7 @@ def _session(workload: Workload, device: DeviceBackend, options: SearchOptions) 
         extra_optimizers=workload.extra_optimizers,
         reserved_bytes=ddp_bucket_bytes(workload.ddp) if charge_buckets and workload.ddp is not None else (),
         extra_state=workload.extra_state,
+        precision=workload.precision,
     )
 
 
@@ -406,16 +418,35 @@ def _function_workload(
     step_fn: StepFn | None,
     sample_size: SampleSize | None,
     scan_budget: float,
+    precision: str,
 ) -> Workload:
     """The user's pieces as a :class:`Workload`, each checked before anything runs."""
     check_model(model)
     check_scan_budget(scan_budget)
+    check_precision(precision)
+    model, notes = _uncompiled(model)
     module, ddp = unwrap_ddp(model)  # trials run on the unwrapped module: DDP's collectives could hang on an OOM
     check_materialised(module)
     step = make_step(loss_fn, step_fn)
     spec = resolve_optimizer(optimizer, module)
     source = BatchSource(dataset, sample_size=sample_size, scan_budget=scan_budget)
-    return Workload(module, source, step, spec, ddp=ddp)
+    return Workload(module, source, step, spec, ddp=ddp, precision=precision, notes=notes)
+
+
+def _uncompiled(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """A ``torch.compile``'d model's original module (searched instead: the compiled one would recompile at every
+    batch size, and its kernels run outside the memory accounting), with the note the result gives."""
+    original = getattr(model, "_orig_mod", None)
+    if not isinstance(original, nn.Module) or type(model).__name__ != "OptimizedModule":
+        return model, []
+    note = (
+        "torch.compile: the original (uncompiled) module was searched, once per size, instead of recompiling at "
+        "every size; compiled kernels fuse operations and usually hold less activation memory, so the size found "
+        "is on the safe side for the compiled model (compile once more after changing the batch size, or mark the "
+        "batch dimension dynamic)"
+    )
+    logger.info("%s", note)
+    return original, [note]
 
 
 def find_batch_size(
@@ -441,6 +472,7 @@ def find_batch_size(
     confirm_steps: int = MIN_STEPS_PER_TRIAL,
     sample_size: SampleSize | None = None,
     scan_budget: float = DEFAULT_SCAN_BUDGET,
+    precision: str = "32-true",
 ) -> SearchResult:
     """Find the largest batch size ``model`` can train with on ``device`` by running real training steps.
 
@@ -492,6 +524,10 @@ def find_batch_size(
             ``collate_fn``), which bounds every batch of B a shuffled epoch can draw.
         scan_budget: seconds the scan for the largest samples may take (default 10). Fixed-size data is recognised
             from 64 samples and not scanned; a partial scan is reported in ``result.data_scan`` and warned about.
+        precision: ``"32-true"`` (default), ``"16-mixed"`` (forward under autocast to float16, loss scaled by a
+            ``GradScaler``), ``"bf16-mixed"`` (autocast to bfloat16), ``"16-true"``/``"bf16-true"`` (parameters and
+            floating inputs in half precision for the search; your model is cast back). On a simulated GPU mixed
+            precision follows CUDA's autocast policies (:mod:`batchfinder.precision`), not the CPU's.
 
     Returns:
         A :class:`~batchfinder.SearchResult`. Raises :class:`~batchfinder.NoBatchSizeFitsError` when batch size 1
@@ -513,7 +549,7 @@ def find_batch_size(
         confirm_steps=confirm_steps,
     )
     options.validate()
-    workload = _function_workload(model, dataset, optimizer, loss_fn, step_fn, sample_size, scan_budget)
+    workload = _function_workload(model, dataset, optimizer, loss_fn, step_fn, sample_size, scan_budget, precision)
     return search(workload, resolve_device(device, memory_limit=memory_limit, model=workload.model), options)
 
 
@@ -530,6 +566,7 @@ def try_batch_size(
     memory_limit: int | str | None = None,
     sample_size: SampleSize | None = None,
     scan_budget: float = DEFAULT_SCAN_BUDGET,
+    precision: str = "32-true",
 ) -> Trial:
     """Run one trial: does ``batch_size`` fit? Same arguments and guarantees as :func:`find_batch_size`.
 
@@ -539,13 +576,14 @@ def try_batch_size(
     """
     check_positive_int("batch_size", batch_size)
     check_steps_per_trial(steps_per_trial)
-    workload = _function_workload(model, dataset, optimizer, loss_fn, step_fn, sample_size, scan_budget)
+    workload = _function_workload(model, dataset, optimizer, loss_fn, step_fn, sample_size, scan_budget, precision)
     if batch_size > workload.source.length:
         raise ValueError(
             f"batch_size={batch_size} is larger than the dataset ({workload.source.length} samples): "
             "a trial needs that many real samples"
         )
     backend = resolve_device(device, memory_limit=memory_limit, model=workload.model)
+    backend.check_precision(precision)
     session = _session(workload, backend, SearchOptions(steps_per_trial=steps_per_trial))
     with session:
         trial = session.run(batch_size)

@@ -47,6 +47,7 @@ from .batching import BatchSource, describe_batch, is_supported_sample, sample_b
 from .breakdown import MemoryEstimate, MemoryEstimates
 from .oom import exception_first_line
 from .optimizers import OptimizerLike, OptimizerSpec, resolve_optimizer
+from .precision import check_precision
 from .replay import AllocationLog, Replay, record, replay_obstacle
 from .sample_sizes import DEFAULT_SCAN_BUDGET, SampleSize
 from .steps import LossFn, StepFn, make_step
@@ -113,6 +114,7 @@ class Estimator:
         workspace_bytes: int = 0,
         allocator_capacity: int | None = None,
         sample_index: int | None = None,
+        precision: str = "32-true",
     ) -> None:
         self.model = model
         self.template = template
@@ -127,8 +129,9 @@ class Estimator:
         a real GPU runs out of memory, rather than the allocated peak."""
         self.trainer = FakeTrainer(
             model, template, optimizer, step, steps=steps, workspace_bytes=workspace_bytes,
-            allocator_capacity=allocator_capacity,
+            allocator_capacity=allocator_capacity, precision=precision,
         )
+        self.precision = precision
         self.steps = steps
         self.sample_label = sample_label or describe_template(template)
         self._traces: dict[int, Trace] = {}
@@ -164,8 +167,10 @@ class Estimator:
         allocator_capacity: int | None = None,
         sample_size: SampleSize | None = None,
         scan_budget: float = DEFAULT_SCAN_BUDGET,
+        precision: str = "32-true",
     ) -> "Estimator":
         """Validate the public arguments (see :func:`estimate_memory`) and build the estimator."""
+        check_precision(precision)
         check_model(model)
         check_steps_per_trial(steps_per_trial)
         step = make_step(loss_fn, step_fn)
@@ -188,6 +193,7 @@ class Estimator:
         return cls(
             model, template, spec, step, steps=steps_per_trial, sample_label=label, reserved=reserved,
             workspace_bytes=workspace_bytes, allocator_capacity=allocator_capacity, sample_index=index,
+            precision=precision,
         )
 
     @classmethod
@@ -208,6 +214,7 @@ class Estimator:
             workspace_bytes=device.workspace_bytes,
             allocator_capacity=device.capacity_bytes if exact_allocator else None,
             sample_index=index,
+            precision=getattr(context, "precision", "32-true"),
         )
 
     # -- estimates -----------------------------------------------------------------------------------------------
@@ -435,6 +442,7 @@ def estimate_memory(
     input_dtype: torch.dtype = torch.float32,
     sample_size: SampleSize | None = None,
     scan_budget: float = DEFAULT_SCAN_BUDGET,
+    precision: str = "32-true",
 ) -> MemoryEstimate:
     """Estimate the GPU memory of training ``model`` at ``batch_size``, on the CPU, in a fraction of a second.
 
@@ -458,6 +466,9 @@ def estimate_memory(
         input_dtype: the input's dtype when ``sample`` is a shape (e.g. ``torch.int64`` for token ids).
         sample_size, scan_budget: when ``sample`` is a data set, how its largest sample is found, as for
             :func:`~batchfinder.find_batch_size`.
+        precision: ``"32-true"`` (default), ``"16-mixed"``, ``"bf16-mixed"``, ``"16-true"`` or ``"bf16-true"``, as for
+            :func:`~batchfinder.find_batch_size`; mixed precision follows CUDA's autocast policies
+            (:mod:`batchfinder.precision`).
 
     Returns:
         A :class:`MemoryEstimate`. Print it for a table; its ``peak`` equals what a trial on a large enough
@@ -478,6 +489,7 @@ def estimate_memory(
     curve = estimate_memory_curve(
         model, sample, [batch_size], optimizer=optimizer, loss_fn=loss_fn, step_fn=step_fn,
         steps_per_trial=steps_per_trial, input_dtype=input_dtype, sample_size=sample_size, scan_budget=scan_budget,
+        precision=precision,
     )
     return curve[0]
 
@@ -494,13 +506,14 @@ def estimate_memory_curve(
     input_dtype: torch.dtype = torch.float32,
     sample_size: SampleSize | None = None,
     scan_budget: float = DEFAULT_SCAN_BUDGET,
+    precision: str = "32-true",
 ) -> MemoryEstimates:
     """Estimate the GPU memory of training ``model`` at each of ``batch_sizes``, as :func:`estimate_memory` does
     at one: one estimator (the sample and arguments are checked once), one fake-tensor trace per distinct size.
 
     Args:
-        model, sample, optimizer, loss_fn, step_fn, steps_per_trial, input_dtype, sample_size, scan_budget: as for
-            :func:`estimate_memory`.
+        model, sample, optimizer, loss_fn, step_fn, steps_per_trial, input_dtype, sample_size, scan_budget, precision:
+            as for :func:`estimate_memory`.
         batch_sizes: the batch sizes (a list, tuple or range of whole numbers of at least 1), e.g.
             ``[64, 256, 1024, 4096]``.
 
@@ -525,7 +538,7 @@ def estimate_memory_curve(
         raise ValueError("batch_sizes is empty; give at least one batch size, e.g. [64, 256, 1024]")
     estimator = Estimator.create(
         model, sample, optimizer=optimizer, loss_fn=loss_fn, step_fn=step_fn, steps_per_trial=steps_per_trial,
-        input_dtype=input_dtype, sample_size=sample_size, scan_budget=scan_budget,
+        input_dtype=input_dtype, sample_size=sample_size, scan_budget=scan_budget, precision=precision,
     )
     estimates = MemoryEstimates(estimator.estimate(size) for size in sizes)
     logger.debug("estimated %d batch size(s) with %d fake-tensor trace(s)", len(sizes), estimator.calls)

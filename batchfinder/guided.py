@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from typing import Any
+
 
 from .search import SearchBounds, SearchStrategy, StopReason
 

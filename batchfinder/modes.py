@@ -42,6 +42,7 @@ class SearchContext:
     step: StepFn | None
     """The loss step, ``step(model, batch) -> loss`` (None when the front end has no separate loss step)."""
     steps_per_trial: int = MIN_STEPS_PER_TRIAL
+    precision: str = "32-true"
 
 
 StrategyFactory = Callable[[SearchBounds, SearchContext], SearchStrategy]

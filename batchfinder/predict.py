@@ -199,6 +199,7 @@ def predict_max_batch_size(
     allocator: str = "caching",
     sample_size: SampleSize | None = None,
     scan_budget: float = DEFAULT_SCAN_BUDGET,
+    precision: str = "32-true",
 ) -> Prediction:
     """Predict the largest batch size ``model`` can train with in ``capacity`` bytes or on ``gpu``, without a GPU.
 
@@ -216,7 +217,7 @@ def predict_max_batch_size(
         allocator: ``"caching"`` (default): budget the bytes PyTorch's caching allocator reserves (its segments),
             on which a GPU runs out of memory; ``"ideal"``: budget allocated bytes, as ``SimulatedGPU(...,
             allocator="ideal")`` does.
-        optimizer, loss_fn, step_fn, steps_per_trial, input_dtype, sample_size, scan_budget: as for
+        optimizer, loss_fn, step_fn, steps_per_trial, input_dtype, sample_size, scan_budget, precision: as for
             :func:`~batchfinder.estimate_memory`.
         safety: the recommendation is ``floor(safety * max_batch_size)`` (default 0.8).
         multiple_of: round the recommendation down to a multiple of this.
@@ -239,6 +240,7 @@ def predict_max_batch_size(
         model, sample, optimizer=optimizer, loss_fn=loss_fn, step_fn=step_fn, steps_per_trial=steps_per_trial,
         input_dtype=input_dtype, reserved=allocator == "caching", workspace_bytes=spec.workspace_bytes if spec else 0,
         allocator_capacity=limit if allocator == "caching" else None, sample_size=sample_size, scan_budget=scan_budget,
+        precision=precision,
     )
     estimator.detailed = True  # when traced per size, the breakdown at the answer then costs no extra trace
     cap = max_batch_size if max_batch_size is not None else DEFAULT_MAX_BATCH_SIZE

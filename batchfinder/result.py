@@ -129,6 +129,9 @@ class SearchResult:
     data_scan: DataScan | None = None
     """What was learned about the sizes of the training samples: fixed-size, or how many were scanned and the largest
     (trials then ran on the largest samples)."""
+    notes: list[str] = field(default_factory=list)
+    """What the search did or noticed that bears on the answer (a compiled model searched uncompiled, a
+    checkpointed part that computes no gradients, ...)."""
 
     def __post_init__(self) -> None:
         if not self.micro_batch_size:
@@ -242,6 +245,7 @@ class SearchResult:
             "evaluation": None if self.evaluation is None else self.evaluation.as_dict(),
             "confirmations": [trial.as_dict() for trial in self.confirmations],
             "data_scan": None if self.data_scan is None else self.data_scan.as_dict(),
+            "notes": list(self.notes),
         }
 
     def plot(self, path: Any) -> Any:
@@ -270,6 +274,7 @@ class SearchResult:
             )
         if self.data_scan is not None and self.data_scan.varies:
             lines.append(f"  data: {self.data_scan.describe()}")
+        lines.extend(f"  note: {note}" for note in self.notes)
         if self.world_size > 1:
             lines.append(f"  agreed by {self.world_size} ranks: a size fits only if it fitted on every rank")
         if self.target_batch_size is not None:

@@ -73,24 +73,37 @@ def run_training_step(
     on_phase: PhaseHook | None = None,
     *,
     check: bool = False,
+    precision: Any = None,
 ) -> None:
     """One training step as trials and traces run it: forward and loss, backward, ``optimizer.step()``, and
     ``zero_grad(set_to_none=True)`` on the optimizer and the model (frozen parameters included).
 
-    ``on_phase`` is told when each phase starts; ``check`` verifies the loss with :func:`check_loss` first.
+    ``on_phase`` is told when each phase starts; ``check`` verifies the loss with :func:`check_loss` first;
+    ``precision`` (a :class:`~batchfinder.precision.StepPrecision`) runs the forward pass under autocast and scales
+    the loss where the precision asks for it.
     """
     if on_phase is not None:
         on_phase("forward")
-    loss = step(model, batch)
+    if precision is not None:
+        with precision.autocast():
+            loss = step(model, batch)
+    else:
+        loss = step(model, batch)
     if check:
         check_loss(loss)
     if on_phase is not None:
         on_phase("backward")
-    loss.backward()
+    if precision is not None:
+        precision.backward(loss)
+    else:
+        loss.backward()
     del loss
     if on_phase is not None:
         on_phase("optimizer step")
-    optimizer.step()
+    if precision is not None:
+        precision.step(optimizer)
+    else:
+        optimizer.step()
     if on_phase is not None:
         on_phase("zero_grad")
     optimizer.zero_grad(set_to_none=True)

@@ -37,6 +37,7 @@ from .batching import describe_batch
 from .fake_errors import TORCH_FAKE_TENSOR_LOGGERS, FakeTensorUnsupportedError, is_fake_unsupported, quiet_fake_tensor_logs
 from .oom import exception_first_line
 from .optimizers import OptimizerSpec
+from .precision import StepPrecision, cast_floating, check_precision, parameter_dtype
 from .state import TrainingState
 from .steps import StepContractError, StepFn, run_training_step
 from .validation import MIN_STEPS_PER_TRIAL
@@ -134,10 +135,12 @@ class _PeakLedger(MemoryLedger):
 
 
 class _FakeConverter:
-    """Fake CPU twins of real tensors, one per real tensor (tied weights stay tied)."""
+    """Fake CPU twins of real tensors, one per real tensor (tied weights stay tied); with ``dtype``, floating tensors'
+    twins are of that dtype (a ``"16-true"``/``"bf16-true"`` precision)."""
 
-    def __init__(self, mode: FakeTensorMode) -> None:
+    def __init__(self, mode: FakeTensorMode, dtype: torch.dtype | None = None) -> None:
         self.mode = mode
+        self.dtype = dtype
         self.memo: dict[int, torch.Tensor] = {}
         self._keep: list[torch.Tensor] = []  # keeps ids in memo unique while the conversion lives
 
@@ -145,11 +148,13 @@ class _FakeConverter:
         found = self.memo.get(id(tensor))
         if found is not None:
             return found
-        if tensor.device.type == "cpu" and not tensor.is_sparse:
+        cast = self.dtype is not None and tensor.is_floating_point()
+        if tensor.device.type == "cpu" and not tensor.is_sparse and not cast:
             fake = self.mode.from_tensor(tensor)
         else:
+            dtype = self.dtype if cast else tensor.dtype
             with self.mode:
-                fake = torch.empty_strided(tuple(tensor.shape), tuple(tensor.stride()), dtype=tensor.dtype, device="cpu")
+                fake = torch.empty_strided(tuple(tensor.shape), tuple(tensor.stride()), dtype=dtype, device="cpu")
             if isinstance(tensor, nn.Parameter):
                 fake = nn.Parameter(fake, requires_grad=tensor.requires_grad)
             elif tensor.requires_grad:
@@ -273,9 +278,13 @@ class FakeTrainer:
         steps: int = MIN_STEPS_PER_TRIAL,
         workspace_bytes: int = 0,
         allocator_capacity: int | None = None,
+        precision: str = "32-true",
     ) -> None:
         self.model = model
-        self.template = template
+        self.precision = check_precision(precision)
+        dtype = parameter_dtype(self.precision)
+        self.template = template if dtype is None else cast_floating(template, dtype)
+        self.param_dtype = dtype
         self.optimizer = optimizer
         self.step = step
         self.steps = steps
@@ -317,7 +326,7 @@ class FakeTrainer:
     def _trace(self, batch_size: int, breakdown: bool) -> Trace:
         self.calls += 1
         mode = _new_fake_mode()
-        convert = _FakeConverter(mode)
+        convert = _FakeConverter(mode, self.param_dtype)
         recorder = _Recorder(breakdown)
         ledger = _PeakLedger(recorder.on_peak, workspace_bytes=self.workspace_bytes, capacity=self.allocator_capacity)
         recorder.ledger = ledger
@@ -336,7 +345,7 @@ class FakeTrainer:
         recorder.ledger = ledger
         try:
             with torch.enable_grad(), quiet_fake_tensor_logs():
-                self._trace_steps(step_sizes[0], mode, _FakeConverter(mode), recorder, ledger, step_sizes)
+                self._trace_steps(step_sizes[0], mode, _FakeConverter(mode, self.param_dtype), recorder, ledger, step_sizes)
         finally:
             ledger.close()
             state.restore(final=True)
@@ -372,11 +381,15 @@ class FakeTrainer:
                 with getattr(ledger, "scaling", _no_scaling)(batch_size):
                     ledger.charge(tensor_storages(batch))  # the batch's transfer to the device
                 self.model.train()
+                precision = StepPrecision(self.precision, "cpu", tracing=True)
                 for index in range(1, self.steps + 1):
                     if step_sizes is not None and step_sizes[index - 1] != batch_size:
                         batch_size = step_sizes[index - 1]
                         batch = self._other_batch(batch_size, mode, ledger)
-                    run_training_step(self.model, batch, self.step, optimizer, recorder.phase_hook(index), check=True)
+                    run_training_step(
+                        self.model, batch, self.step, optimizer, recorder.phase_hook(index), check=True,
+                        precision=precision,
+                    )
                 recorder.enter("done", self.steps)
             return recorder.result(batch_size)
 

@@ -30,6 +30,7 @@ import contextlib
 import gc
 import logging
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -38,10 +39,11 @@ from torch import nn
 
 from .accounting import host_side_loading, round_allocation, tensor_storages
 from .batching import BatchSource, describe_batch
-from .devices import DeviceBackend
+from .devices import DeviceBackend, swapped_data
 from .errors import NoBatchSizeFitsError
 from .oom import exception_first_line, is_ambiguous_oom_error, is_fatal_device_error, is_oom_error
 from .optimizers import OptimizerSpec, lacks_state
+from .precision import StepPrecision, cast_floating, check_precision, parameter_dtype
 from .result import Trial
 from .state import SnapshotFactory, TrainingState, deferred_interrupts
 from .steps import StepFn, check_loss, run_training_step
@@ -51,6 +53,9 @@ from .validation import MIN_STEPS_PER_TRIAL
 __all__ = ["TrialSession", "TrainStepFn", "EvalStepFn"]
 
 logger = logging.getLogger(__name__)
+
+_REENTRANT_NO_GRAD = "None of the inputs have requires_grad=True"
+"""What PyTorch's reentrant checkpoint warns when the checkpointed part will get no gradients."""
 
 _MAX_EXTRA_STEPS = 8
 """Steps a trial adds, at most, while an optimizer's steps are being skipped and its state does not exist yet."""
@@ -84,10 +89,14 @@ class TrialSession:
         extra_optimizers: Sequence[torch.optim.Optimizer] = (),
         reserved_bytes: Sequence[int] = (),
         extra_state: Sequence[SnapshotFactory] = (),
+        precision: str = "32-true",
     ) -> None:
         """``step``/``optimizer`` drive the built-in training step; ``train_step`` replaces it (then ``step`` may be
-        None); with neither the session only evaluates (``eval_step`` and ``eval_source`` required). See the module
-        documentation for the other keywords."""
+        None); with neither the session only evaluates (``eval_step`` and ``eval_source`` required). ``precision``
+        (:mod:`batchfinder.precision`) applies to the built-in step: autocast and a fresh ``GradScaler`` per trial for
+        the mixed precisions; for ``"16-true"``/``"bf16-true"`` the model's floating parameters and buffers, and the
+        batches' floating tensors, are cast for the length of the session. See the module documentation for the
+        other keywords."""
         self.model = model
         self.source = source
         self.step = step
@@ -102,6 +111,12 @@ class TrialSession:
         self.extra_optimizers = list(extra_optimizers)
         self.reserved_bytes = [int(n) for n in reserved_bytes if n > 0]
         self.extra_state = list(extra_state)
+        self.precision = check_precision(precision)
+        self._param_dtype = parameter_dtype(self.precision)
+        self._cast: contextlib.ExitStack | None = None
+        self.notes: list[str] = []
+        """What the session noticed about the model that the result should say (e.g. a checkpointed part that
+        computes no gradients)."""
         if not self.trains and eval_step is None:
             raise ValueError("a TrialSession needs a training step (step and optimizer, or train_step) or an eval_step")
         self._state: TrainingState | None = None
@@ -120,6 +135,12 @@ class TrialSession:
         self._state = TrainingState.capture(self.model, [*bound, *self.extra_optimizers], extras=self.extra_state)
         try:
             self._state.clear_gradients()
+            if self._param_dtype is not None:
+                dtype = self._param_dtype
+                self._cast = contextlib.ExitStack()
+                self._cast.enter_context(
+                    swapped_data(self.model, lambda data: data.to(dtype), only=lambda tensor: tensor.is_floating_point())
+                )
             self._enter_resident()
             self._probe()
         except BaseException:
@@ -134,6 +155,9 @@ class TrialSession:
                 if self._resident is not None:
                     resident, self._resident = self._resident, None
                     resident.__exit__(None, None, None)
+                if self._cast is not None:
+                    cast, self._cast = self._cast, None
+                    cast.close()
             finally:
                 if self._state is not None:
                     self._state.restore(final=True)
@@ -178,12 +202,26 @@ class TrialSession:
 
     def _probe(self) -> None:
         """Run one forward/backward at a tiny batch outside memory accounting to check the model takes the batch."""
-        with host_side_loading():
+        with host_side_loading(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             self._probe_unaccounted()
+        for warning in caught:
+            if _REENTRANT_NO_GRAD in str(warning.message):
+                note = (
+                    "reentrant activation checkpointing (use_reentrant=True) got inputs that do not require grad: "
+                    "the checkpointed part computes no gradients and its parameters are not trained, so trials "
+                    "measure a lighter step than training it would be. Use use_reentrant=False, or make the "
+                    "checkpointed inputs require grad"
+                )
+                if note not in self.notes:
+                    self.notes.append(note)
+                    logger.warning("%s", note)
+            else:
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
     def _probe_unaccounted(self) -> None:
         size = min(2, self.source.length)
-        host_batch = self.source.batch(size)
+        host_batch = self._host(self.source.batch(size))
         state = self._require_state()
         try:
             batch = self.device.to_device(host_batch)
@@ -219,6 +257,10 @@ class TrialSession:
         finally:
             state.restore(final=False)
 
+    def _host(self, batch: Any) -> Any:
+        """A host batch as the trial feeds it: for ``"16-true"``/``"bf16-true"`` with its floating tensors cast."""
+        return batch if self._param_dtype is None else cast_floating(batch, self._param_dtype)
+
     def _require_state(self) -> TrainingState:
         if self._state is None:
             raise RuntimeError("TrialSession must be used as a context manager")
@@ -244,11 +286,13 @@ class TrialSession:
         if phase == "train":
             if not self.trains:
                 raise ValueError("this session only evaluates: use run(batch_size, phase='eval')")
-            host_batch = self.source.batch(batch_size) if host_batches is None else list(host_batches)
+            host_batch = (
+                self._host(self.source.batch(batch_size)) if host_batches is None else [self._host(b) for b in host_batches]
+            )
             if host_batches is not None and not host_batch:
                 raise ValueError("host_batches is empty: give one batch per step")
             if self.validate and self.eval_step is not None and self.eval_source is not None:
-                eval_host = self.eval_source.batch(min(batch_size, self.eval_source.length))
+                eval_host = self._host(self.eval_source.batch(min(batch_size, self.eval_source.length)))
             train_steps = self.steps_per_trial if steps is None else steps
             if host_batches is not None:
                 train_steps = len(host_batch)
@@ -256,7 +300,7 @@ class TrialSession:
             if self.eval_step is None or self.eval_source is None:
                 raise ValueError("this session has no eval step to measure")
             host_batch = self.source.batch(min(2, self.source.length)) if self.trains else None
-            eval_host = self.eval_source.batch(batch_size)
+            eval_host = self._host(self.eval_source.batch(batch_size))
             train_steps = 1
         else:
             raise ValueError(f"phase must be 'train' or 'eval', not {phase!r}")
@@ -357,13 +401,14 @@ class TrialSession:
                 del batches
             elif host_batch is not None and self.step is not None and self.optimizer is not None:
                 optimizer = self.optimizer.create()
+                precision = StepPrecision(self.precision, self.device.torch_device.type)
                 self.model.train()
                 index = 0
                 batches = _DeviceBatches(self.device, host_batch, per_step)
                 while index < steps or (index < steps + _MAX_EXTRA_STEPS and self._state_missing(optimizer)):
                     batch = batches.get(index)
                     start = time.perf_counter()
-                    run_training_step(self.model, batch, self.step, optimizer)
+                    run_training_step(self.model, batch, self.step, optimizer, precision=precision)
                     self.device.synchronize()
                     durations.append(time.perf_counter() - start)
                     index += 1

@@ -294,3 +294,16 @@ def test_data_may_be_a_list_of_samples(capsys, text_data):
     code, _, err = _run(capsys, "estimate", model, "--data", f"{where}:samples", "--batch-sizes", "4")
     # A list is a data set (not one sample); without the loader's collate_fn its samples cannot be batched.
     assert code == 1 and "dataset[0] is a tuple whose first element is list" in err
+
+
+def test_precision_is_an_option_of_every_command_and_an_unknown_one_is_refused(capsys):
+    from batchfinder.cli import main
+
+    assert main(["predict", "torchvision:resnet18", "--input", "3x64x64", "--capacity", "256MiB", "--json"]) == 0
+    full = json.loads(capsys.readouterr().out)["max_batch_size"]
+    assert main(["predict", "torchvision:resnet18", "--input", "3x64x64", "--capacity", "256MiB", "--json",
+                 "--precision", "bf16-mixed"]) == 0
+    assert json.loads(capsys.readouterr().out)["max_batch_size"] > full
+    with pytest.raises(SystemExit):
+        main(["estimate", "torchvision:resnet18", "--input", "3x32x32", "--precision", "fp8"])
+    assert "invalid choice: 'fp8'" in capsys.readouterr().err
