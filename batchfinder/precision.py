@@ -36,6 +36,7 @@ __all__ = [
     "parameter_dtype",
     "scales_loss",
     "cuda_autocast",
+    "cuda_autocast_policies",
     "CUDA_POLICIES",
     "cast_floating",
     "StepPrecision",
@@ -148,14 +149,12 @@ def _base(name: str) -> str:
 
 class _Emulation(threading.local):
     def __init__(self) -> None:
-        self.dtype: torch.dtype | None = None
         self.cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.depth = 0
 
 
 _STATE = _Emulation()
 _LOCK = threading.RLock()
-_LIBRARY: list[Any] = []  # the live registration and its users: [library, users]
+_LIBRARY: list[Any] = []  # the live registration: [library, users, torch's own clear_autocast_cache]
 _NO_AUTOCAST = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
 
 
@@ -168,8 +167,8 @@ def _cast(value: Any, dtype: torch.dtype) -> Any:
         if not _eligible(value) or value.dtype == dtype:
             return value
         cacheable = (
-            dtype == _STATE.dtype and value.dtype == torch.float32 and value.requires_grad and value.is_leaf
-            and not value._is_view()
+            dtype == torch.get_autocast_dtype("cpu") and value.dtype == torch.float32 and value.requires_grad
+            and value.is_leaf and not value._is_view() and torch.is_autocast_cache_enabled()
         )
         if not cacheable:
             return value.to(dtype)
@@ -188,7 +187,7 @@ def _kernel(op: Any, policy: str) -> Any:
 
     def kernel(*args: Any, **kwargs: Any) -> Any:
         with torch._C._ExcludeDispatchKeyGuard(_NO_AUTOCAST):
-            lower = _STATE.dtype or torch.float16
+            lower = torch.get_autocast_dtype("cpu")
             if policy == _LOWER_PRECISION:
                 return op(*_cast(list(args), lower), **{k: _cast(v, lower) for k, v in kwargs.items()})
             if policy == _FLOAT32:
@@ -246,31 +245,39 @@ def _register() -> Any:
 
 
 @contextlib.contextmanager
-def cuda_autocast(dtype: torch.dtype) -> Iterator[None]:
-    """Autocast to ``dtype`` with CUDA's policies, for CPU tensors (real or fake), for the length of the block.
-
-    Replaces the CPU's autocast kernels while any such block runs (in any thread) and restores them after the last
-    one ends; casts of parameters are cached for the outermost block, as CUDA's autocast caches them."""
+def cuda_autocast_policies() -> Iterator[None]:
+    """For the length of the block, CPU autocast (``torch.autocast("cpu", dtype)``, entered by this library or by a
+    framework such as Lightning's precision plugin) follows CUDA's policies: the CPU's autocast kernels are replaced
+    while any such block runs (in any thread) and restored after the last one ends. Casts of parameters are cached
+    until the outermost autocast region ends, as CUDA's autocast caches them."""
     with _LOCK:
         if not _LIBRARY:
-            _LIBRARY.extend([_register(), 0])
+            clear = torch.clear_autocast_cache
+
+            def clear_both() -> None:  # torch.autocast's exit clears its cache: clear the emulation's with it
+                _STATE.cache.clear()
+                clear()
+
+            torch.clear_autocast_cache = clear_both
+            _LIBRARY.extend([_register(), 0, clear])
         _LIBRARY[1] += 1
-    outer = _STATE.depth == 0
-    previous = _STATE.dtype
-    _STATE.dtype, _STATE.depth = dtype, _STATE.depth + 1
     try:
-        with torch.autocast("cpu", dtype=dtype, cache_enabled=False):
-            yield
+        yield
     finally:
-        _STATE.dtype, _STATE.depth = previous, _STATE.depth - 1
-        if outer:
-            _STATE.cache.clear()
         with _LOCK:
             _LIBRARY[1] -= 1
             if _LIBRARY[1] == 0:
-                library = _LIBRARY[0]
+                library, _, clear = _LIBRARY
                 _LIBRARY.clear()
+                torch.clear_autocast_cache = clear
                 library._destroy()
+
+
+@contextlib.contextmanager
+def cuda_autocast(dtype: torch.dtype) -> Iterator[None]:
+    """Autocast to ``dtype`` with CUDA's policies, for CPU tensors (real or fake), for the length of the block."""
+    with cuda_autocast_policies(), torch.autocast("cpu", dtype=dtype):
+        yield
 
 
 class _TracingGradScaler(torch.amp.GradScaler):

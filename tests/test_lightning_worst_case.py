@@ -256,3 +256,25 @@ def test_sample_size_that_does_not_fit_the_data_is_refused_before_any_trial(tmp_
             trainer(tmp_path, [BatchFinder(device=bf.SimulatedGPU(CAPACITY), sample_size=sample_size)]).fit(module)
         assert SEEN["train"] == [] and module.batch_size == 4
         assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+
+# -- precision ----------------------------------------------------------------------------------------------------------
+class SoftmaxDtype(TrainOnly):
+    """Records the dtype softmax returns in its training steps (float32 under CUDA's autocast, bfloat16 under the
+    CPU's)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        tokens, labels = batch
+        logits = self.net(tokens)
+        SEEN.setdefault("softmax", []).append(torch.softmax(logits, -1).dtype)
+        return nn.functional.cross_entropy(logits, labels)
+
+
+def test_the_trainers_mixed_precision_follows_cudas_autocast_on_a_simulated_gpu(tmp_path: Path) -> None:
+    module = SoftmaxDtype()
+    callback = BatchFinder(device=bf.SimulatedGPU(CAPACITY), confirm_steps=0, max_trials=3)
+    SEEN["softmax"] = []
+    trainer(tmp_path, [callback], precision="bf16-mixed").fit(module)
+    searched, trained = SEEN["softmax"][:-1], SEEN["softmax"][-1]
+    assert searched and set(searched) == {torch.float32}  # the search: CUDA's policy, as on the GPU it stands for
+    assert trained == torch.bfloat16  # the trainer's own CPU step afterwards: the CPU's policy, untouched

@@ -35,6 +35,7 @@ hooks that cache their loaders (they keep the old batch size), the profiler reco
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -48,6 +49,7 @@ from ..device_choice import resolve_device
 from ..devices import DeviceBackend, DeviceLike
 from ..engine import ProgressLike, SearchOptions, Workload, search
 from ..optimizers import OptimizerSpec
+from ..precision import cuda_autocast_policies
 from ..result import SearchResult
 from ..sample_sizes import DEFAULT_SCAN_BUDGET, SampleSize, check_scan_budget
 from ..simulated import SimulatedGPU
@@ -65,6 +67,12 @@ logger = logging.getLogger(__name__)
 
 _STAGES = ("fit", "validate", "test", "predict")
 _EVAL_HOOKS = {"validate": "validation_step", "test": "test_step", "predict": "predict_step"}
+
+def _autocast_as_on(device: DeviceBackend) -> Any:
+    """On a simulated GPU the trainer runs on the CPU, where its precision plugin enters the CPU's autocast: make that
+    follow CUDA's policies for the search, as the GPU it stands for would (:mod:`batchfinder.precision`)."""
+    return cuda_autocast_policies() if device.simulated else contextlib.nullcontext()
+
 
 class BatchFinder(Callback):
     """Find the batch size at the start of ``fit`` (and optionally of validate/test/predict) and apply it.
@@ -276,7 +284,7 @@ class BatchFinder(Callback):
         device = self._resolve_device(trainer)
         wrapped = trainer.strategy.model
         steps = LightningSteps(trainer, module, device, "validation_step")
-        with isolated(trainer, module, steps):
+        with isolated(trainer, module, steps), _autocast_as_on(device):
             source = training_source(
                 data_source(trainer, "fit").dataloader(), module, sample_size=self.sample_size,
                 scan_budget=self.scan_budget,
@@ -326,7 +334,7 @@ class BatchFinder(Callback):
         if not loaders:
             raise ValueError(f"there is no {stage} dataloader to search a batch size with")
         steps = LightningSteps(trainer, module, device, _EVAL_HOOKS[stage], eval_loaders=len(loaders))
-        with isolated(trainer, module, steps):
+        with isolated(trainer, module, steps), _autocast_as_on(device):
             workload = Workload(
                 module,
                 None,
