@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from .devices import DeviceBackend, moved_to
+from .devices import DeviceBackend, moved_to, plain_containers
 from .units import format_bytes, parse_bytes
 
 __all__ = ["CudaDevice"]
@@ -125,7 +125,7 @@ class CudaDevice(DeviceBackend):
             torch.cuda.set_per_process_memory_fraction(previous, index)
 
     def to_device(self, batch: Any) -> Any:
-        return tree_map(lambda v: v.to(self.torch_device) if isinstance(v, torch.Tensor) else v, batch)
+        return tree_map(lambda v: v.to(self.torch_device) if isinstance(v, torch.Tensor) else v, plain_containers(batch))
 
     def check_model(self, model: nn.Module) -> None:
         devices = {t.device for t in (*model.parameters(), *model.buffers())}

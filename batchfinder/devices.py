@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -17,7 +17,7 @@ from torch import nn
 
 from .allocator import CachingAllocator
 
-__all__ = ["DeviceBackend", "DeviceLike"]
+__all__ = ["DeviceBackend", "DeviceLike", "moved_to", "swapped_data", "plain_containers"]
 
 
 class DeviceBackend(ABC):
@@ -154,3 +154,16 @@ def swapped_data(
             if isinstance(tensor, nn.Parameter):
                 tensor.grad = None
             tensor.data = original
+
+
+def plain_containers(batch: Any) -> Any:
+    """``batch`` with every mapping that is not a ``dict`` (a tokenizer's ``BatchEncoding``, a ``UserDict``) turned
+    into a ``dict``, recursively, so that moving it to a device reaches every tensor inside (``tree_map`` treats an
+    unknown mapping as a single leaf)."""
+    if isinstance(batch, Mapping):
+        return {key: plain_containers(value) for key, value in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(plain_containers(value) for value in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(plain_containers(value) for value in batch)
+    return batch

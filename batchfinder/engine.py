@@ -199,6 +199,7 @@ def search(workload: Workload, device: DeviceBackend, options: SearchOptions) ->
         result.micro_batch_size = plan.micro_batch_size
         result.accumulation_steps = plan.accumulation_steps
     result.data_scan = getattr(source, "scan", None)
+    result.precision = workload.precision
     result.notes = [*workload.notes, *session.notes]
     result.seconds = time.perf_counter() - started
     return result
@@ -233,6 +234,7 @@ def _confirm(
         result.confirmations.append(trial)
         if trial.fits:
             if size != result.batch_size:
+                result.micro_batch_size = size  # (re-planned below when there is a target batch size)
                 logger.warning(
                     "batch size %d ran out of memory when confirmed (%s); recommending %d",
                     result.batch_size, result.confirmations[0].error, size,

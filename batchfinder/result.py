@@ -129,6 +129,8 @@ class SearchResult:
     data_scan: DataScan | None = None
     """What was learned about the sizes of the training samples: fixed-size, or how many were scanned and the largest
     (trials then ran on the largest samples)."""
+    precision: str = "32-true"
+    """The precision the trials trained in (``precision=``; a framework's own steps report ``"32-true"`` here)."""
     notes: list[str] = field(default_factory=list)
     """What the search did or noticed that bears on the answer (a compiled model searched uncompiled, a
     checkpointed part that computes no gradients, ...)."""
@@ -245,6 +247,7 @@ class SearchResult:
             "evaluation": None if self.evaluation is None else self.evaluation.as_dict(),
             "confirmations": [trial.as_dict() for trial in self.confirmations],
             "data_scan": None if self.data_scan is None else self.data_scan.as_dict(),
+            "precision": self.precision,
             "notes": list(self.notes),
         }
 
@@ -259,7 +262,9 @@ class SearchResult:
     def __str__(self) -> str:
         capacity = f", capacity {format_bytes(self.capacity_bytes)}" if self.capacity_bytes else ""
         lines = [
-            f"batch size search on {self.device}{capacity}, mode {self.mode}: {self.num_trials} trials, "
+            f"batch size search on {self.device}{capacity}, mode {self.mode}"
+            + (f", precision {self.precision}" if self.precision != "32-true" else "")
+            + f": {self.num_trials} trials, "
             f"{self.num_steps} steps, {self.num_ooms} out of memory, {self.seconds:.1f} s",
             self.table(),
             f"recommended batch size: {self.batch_size}",

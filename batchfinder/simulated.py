@@ -33,7 +33,7 @@ from torch.utils._pytree import tree_map
 from .accounting import ChargingMode, MemoryLedger, host_side_loading, round_allocation, tensor_storages
 from .allocator import CachingAllocator
 from .gpus import CUDA_CONTEXT_BYTES, lookup_gpu
-from .devices import DeviceBackend
+from .devices import DeviceBackend, plain_containers
 from .units import format_bytes, parse_bytes
 
 __all__ = ["SimulatedGPU", "ALLOCATORS"]
@@ -184,7 +184,7 @@ class SimulatedGPU(DeviceBackend):
             self.ledger.charge([copy.untyped_storage()])
             return copy
 
-        return tree_map(transfer, batch)
+        return tree_map(transfer, plain_containers(batch))
 
     def check_model(self, model: nn.Module) -> None:
         devices = {t.device.type for t in _model_tensors(model)}

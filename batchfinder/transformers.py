@@ -111,7 +111,8 @@ def _workload(**fields: Any) -> Workload:
     known = {f.name for f in dataclasses.fields(Workload)}
     precision = fields.get("precision", "32-true")
     if "precision" not in known and precision != "32-true":
-        raise ValueError(f"this batchfinder cannot search in precision {precision!r}: upgrade batchfinder")
+        logger.warning("this engine searches in float32 only: the Trainer's %s is searched in float32 (a larger "
+                       "footprint, so a smaller, safe size)", precision)
     return Workload(**{name: value for name, value in fields.items() if name in known})
 
 

@@ -288,3 +288,14 @@ def test_samples_that_only_the_collate_fn_turns_into_tensors_are_accepted(texts)
     assert tokens.shape == (3, 256) and labels.dtype == torch.int64
     with pytest.raises(TypeError, match="the collate_fn's batch of dataset\\[0\\]"):
         BatchSource(DataLoader(texts, collate_fn=lambda samples: [str(s) for s in samples]))
+
+
+def test_a_tokenizer_style_batch_mapping_reaches_the_device_whole():
+    from collections import UserDict
+
+    class Encoding(UserDict):  # what a tokenizer's collator returns: a mapping, not a dict
+        pass
+
+    gpu = bf.SimulatedGPU("1MiB", allocator="ideal")
+    moved = gpu.to_device(Encoding(input_ids=torch.zeros(2, 8, dtype=torch.long), labels=torch.zeros(2)))
+    assert isinstance(moved, dict) and gpu.memory_allocated() == 2 * 512

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from collections.abc import Callable, Mapping
@@ -173,9 +174,12 @@ def loss_step(trainer: Any) -> StepFn:
 
 
 def _autocast(precision: str, device_type: str) -> Callable[[], Any]:
-    """The engine's autocast for ``precision`` (what its built-in training step runs under)."""
-    from ..precision import StepPrecision
-
+    """The engine's autocast for ``precision`` (what its built-in training step runs under); none on an engine
+    without precisions."""
+    try:
+        from ..precision import StepPrecision
+    except ImportError:
+        return contextlib.nullcontext
     return StepPrecision(precision, device_type).autocast
 
 
@@ -226,4 +230,5 @@ def trial_model(trainer: Any, distributed: bool | None) -> tuple[nn.Module, Any]
     if ddp is None and distributed is not False and mode == "distributed" and _several_ranks():
         cap_mb = getattr(trainer.args, "ddp_bucket_cap_mb", None) or _DEFAULT_BUCKET_MB
         ddp = PlannedDDP(module, int(cap_mb * 1024 * 1024))
+        logger.info("charging the gradient buckets of the DistributedDataParallel wrapper train() will build")
     return module, ddp
