@@ -347,11 +347,14 @@ class TrialSession:
 
         The failed step's tensors are normally freed by reference counting as soon as the exception is gone; a
         young-generation collection catches short cycles, and a full (slow) collection runs only when memory is
-        still above the baseline after that.
+        still above the baseline after that. A backward pass that ran out of memory leaves its graph (the forward's
+        activations) with the autograd engine until the next backward on that device: a trivial one then frees it.
         """
         gc.collect(0)
         if self.device.memory_allocated() > baseline:
             gc.collect()
+        if self.device.memory_allocated() > baseline:
+            _flush_autograd(self.device)
         self.device.synchronize()
         self.device.empty_cache()
         self.device.reset_peak_memory_stats()
@@ -428,6 +431,15 @@ class TrialSession:
                             eval_durations.append(time.perf_counter() - start)
                 del batch
             del optimizer
+
+
+def _flush_autograd(device: DeviceBackend) -> None:
+    """Run a trivial backward pass on ``device``'s autograd thread: the graph of a backward pass that raised (out
+    of memory) is only released by the next backward there, and until then holds the failed step's activations."""
+    with host_side_loading():
+        leaf = torch.ones((), device=device.torch_device, requires_grad=True)
+        (leaf * 1.0).backward()
+    del leaf
 
 
 class _DeviceBatches:

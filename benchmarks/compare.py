@@ -19,10 +19,7 @@ Results go to ``benchmarks/results/<device>.json`` (for machines), ``<device>.md
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import os
-import platform
 import shlex
 import sys
 import time
@@ -32,11 +29,9 @@ from typing import Any
 
 import torch
 
-import batchfinder as bf
-from batchfinder.units import format_bytes
-from batchfinder.units import parse_bytes
-from batchfinder import nvml
+from batchfinder.units import format_bytes, parse_bytes
 
+from .common import environment, frozen_gc, load_average
 from .devices import BenchDevice, cuda_total_bytes, device_label
 from .finders import Finder, FinderRun, available_finders
 from .report import compare_deterministic, write_chart, write_json, write_markdown
@@ -49,46 +44,6 @@ SCHEMA_VERSION = 1
 REFERENCE_FINDER = "batchfinder binsearch"
 """Steps and wall time of every finder are also given as a ratio to this finder's."""
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
-
-
-def _version(module: str) -> str | None:
-    try:
-        from importlib.metadata import version
-
-        return version(module)
-    except Exception:  # not installed
-        return None
-
-
-def environment(kind: str) -> dict[str, Any]:
-    """Versions and hardware every result is recorded with (NVML's view of the GPUs included)."""
-    return {
-        "batchfinder": bf.__version__,
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
-        "cuda_available": torch.cuda.is_available(),
-        "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
-        "pytorch_lightning": _version("pytorch-lightning"),
-        "accelerate": _version("accelerate"),
-        "torchvision": _version("torchvision"),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device_kind": kind,
-        "gpu_name": torch.cuda.get_device_name(torch.cuda.current_device()) if kind == "cuda" else None,
-        "gpu_total_bytes": cuda_total_bytes() if kind == "cuda" else None,
-        "nvml": nvml.query().to_dict(),
-        "load_average": _load_average(),
-    }
-
-
-def _load_average() -> list[float] | None:
-    """The 1/5/15-minute load averages (other work on the machine slows every finder; None where unknown)."""
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
 
 
 def _ratio(value: float | None, reference: float | None) -> float | None:
@@ -244,20 +199,13 @@ def run_benchmark(
             raise SystemExit(f"unknown finder(s) {sorted(unknown)}; choose from {[f.name for f in finders]}")
         finders = [f for f in finders if f.name in finder_names]
     cases = plan(kind, list(models or WORKLOADS), capacities)
-    env_at_start = {"load_average": _load_average()}
+    env_at_start = {"load_average": load_average()}
     started = time.perf_counter()
     results = []
-    if freeze_gc:
-        _import_everything()
-        gc.collect()
-        gc.freeze()  # see the docstring: a full collection then costs milliseconds, for every finder alike
-    try:
+    with frozen_gc(freeze_gc):  # see the docstring: a full collection then costs milliseconds, for every finder alike
         for workload, device in cases:
             log(f"{workload.name} at {device.capacity_text} ({kind})")
             results.append(run_case(workload, device, finders, seed=seed, window=window, log=log))
-    finally:
-        if freeze_gc:
-            gc.unfreeze()
     label = device_label(kind)
     load_at_start = env_at_start["load_average"]
     document = {
@@ -285,17 +233,6 @@ def run_benchmark(
         if chart:
             write_chart(document, out / f"{label}.png")
     return document
-
-
-def _import_everything() -> None:
-    """Import what the finders and the chart import lazily, so that a frozen collector covers it too."""
-    import importlib
-
-    for name in ("pytorch_lightning", "pytorch_lightning.tuner", "accelerate.utils", "torchvision.models", "matplotlib"):
-        try:
-            importlib.import_module(name)
-        except ImportError:  # reported by the finder that needs it
-            pass
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -57,7 +57,10 @@ class BenchDevice:
 
     @property
     def capacity_text(self) -> str:
-        """E.g. ``64MiB`` (as the CLI takes it)."""
+        """E.g. ``64MiB`` or ``1536MiB`` (as the CLI takes it: whole MiB rather than ``1.50GiB``)."""
+        mib = 1 << 20
+        if self.capacity_bytes >= 1 << 30 and self.capacity_bytes % (1 << 30) and not self.capacity_bytes % mib:
+            return f"{self.capacity_bytes // mib}MiB"
         return format_bytes(self.capacity_bytes).replace(".00 ", "").replace(" ", "")
 
     @property

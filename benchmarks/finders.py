@@ -10,6 +10,12 @@
 
 Every training step is counted by wrapping the shared step function, and every finder is timed from the moment it
 is called to the moment it returns, on a fresh copy of the model.
+
+What data a finder gets is a :class:`FinderData`: a map-style dataset, the ``collate_fn`` its loaders use and whether
+they shuffle (with a seeded generator). A plain dataset stands for ``FinderData(dataset)``: no collate function, no
+shuffling, and batchfinder gets the dataset itself (``benchmarks.compare``). With a collate function or shuffling
+(``benchmarks.survival``) batchfinder gets ``DataLoader(dataset, batch_size=1, shuffle=..., collate_fn=...)``, and
+Lightning's ``train_dataloader`` and Accelerate's training function build the same loader at the size they try.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, Union
 
 import torch
 from torch import nn
@@ -32,12 +38,16 @@ import batchfinder as bf
 from batchfinder.modes import MODES
 
 from .devices import BenchDevice
-from .workloads import Workload, make_optimizer, training_step
+from .workloads import make_optimizer, training_step
 
 __all__ = [
     "TrialRecord",
     "FinderRun",
     "Finder",
+    "FinderData",
+    "ModelSource",
+    "StepCounter",
+    "as_finder_data",
     "available_finders",
     "ACCELERATE_STEPS",
     "ACCELERATE_START",
@@ -47,6 +57,51 @@ ACCELERATE_START = 128
 """Accelerate's default ``starting_batch_size``."""
 ACCELERATE_STEPS = 2
 """Optimizer steps the Accelerate training function runs per attempt (two, so that Adam's state is allocated)."""
+
+
+class ModelSource(Protocol):
+    """What a finder needs of a workload: an identical fresh model for every finder."""
+
+    def build_model(self, seed: int = 0) -> nn.Module:
+        """The model, with weights drawn from ``seed``."""
+        ...
+
+
+Collate = Callable[[list[Any]], Any]
+
+
+@dataclass(frozen=True)
+class FinderData:
+    """The data every finder is given, and how their loaders batch it."""
+
+    dataset: Dataset
+    """A map-style dataset."""
+    collate_fn: Collate | None = None
+    """The loaders' ``collate_fn`` (None: PyTorch's default collation)."""
+    shuffle: bool = False
+    """Whether the loaders shuffle; each loader then gets ``torch.Generator().manual_seed(seed)``."""
+    seed: int = 0
+
+    def loader(self, batch_size: int) -> DataLoader:
+        """The loader a user would train with at ``batch_size`` (a fresh seeded generator when it shuffles)."""
+        generator = torch.Generator().manual_seed(self.seed) if self.shuffle else None
+        return DataLoader(
+            self.dataset, batch_size=batch_size, shuffle=self.shuffle, collate_fn=self.collate_fn, generator=generator
+        )
+
+    def for_batchfinder(self) -> Dataset | DataLoader:
+        """What ``bf.find_batch_size`` gets: the dataset itself for plain data, else a loader of batch size 1."""
+        if self.collate_fn is None and not self.shuffle:
+            return self.dataset
+        return self.loader(1)
+
+
+DataLike = Union[Dataset, FinderData]
+
+
+def as_finder_data(data: DataLike) -> FinderData:
+    """``data`` as a :class:`FinderData` (a plain dataset: no collate function, no shuffling)."""
+    return data if isinstance(data, FinderData) else FinderData(data)
 
 
 @dataclass
@@ -82,6 +137,8 @@ class FinderRun:
     seconds: float = 0.0
     error: str | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+    """Finder-specific figures (batchfinder: its data scan and confirmation runs), JSON-ready."""
 
     @property
     def num_trials(self) -> int:
@@ -116,6 +173,12 @@ class StepCounter:
         if self.trials:
             self.trials[-1].completed += 1
 
+    def settle(self) -> None:
+        """Mark each trial as fitting when every step it started finished (a step that ran out of memory started
+        but never finished; a trial may run fewer steps than asked when the epoch has fewer batches)."""
+        for trial in self.trials:
+            trial.fits = trial.steps > 0 and trial.completed >= trial.steps
+
     def __call__(self, model: nn.Module, batch: Any) -> torch.Tensor:
         if _is_fake(batch):  # traced under fake tensors (an estimate): nothing is computed or allocated
             self.traced += 1
@@ -136,17 +199,38 @@ def _is_fake(batch: Any) -> bool:
 
 @dataclass(frozen=True)
 class Finder:
-    """A named way to find a batch size: ``run(workload, device, dataset, seed) -> FinderRun``."""
+    """A named way to find a batch size: ``run(workload, device, data, seed) -> FinderRun``.
+
+    ``data`` is a dataset or a :class:`FinderData`.
+    """
 
     name: str
     library: str
     mode: str
-    run: Callable[[Workload, BenchDevice, Dataset, int], FinderRun]
+    run: Callable[[ModelSource, BenchDevice, DataLike, int], FinderRun]
+
+
+def _batchfinder_details(result: bf.SearchResult) -> dict[str, Any]:
+    """batchfinder's data scan and confirmation runs, when the installed version reports them."""
+    details: dict[str, Any] = {}
+    scan = getattr(result, "data_scan", None)
+    if scan is not None:
+        details["data_scan"] = {
+            "describe": scan.describe(),
+            **{key: getattr(scan, key, None) for key in ("scanned", "total", "varies", "complete", "seconds")},
+        }
+    confirmations = getattr(result, "confirmations", None)
+    if confirmations is not None:
+        details["confirmations"] = [
+            {"batch_size": t.batch_size, "fits": t.fits, "steps": t.steps, "error": t.error} for t in confirmations
+        ]
+    return details
 
 
 # -- batchfinder -----------------------------------------------------------------------------------------------------
-def _batchfinder(mode: str) -> Callable[[Workload, BenchDevice, Dataset, int], FinderRun]:
-    def run(workload: Workload, device: BenchDevice, dataset: Dataset, seed: int) -> FinderRun:
+def _batchfinder(mode: str) -> Callable[[ModelSource, BenchDevice, DataLike, int], FinderRun]:
+    def run(workload: ModelSource, device: BenchDevice, data: DataLike, seed: int) -> FinderRun:
+        dataset = as_finder_data(data).for_batchfinder()
         model = workload.build_model(seed)
         counter = StepCounter()
         outcome = FinderRun(f"batchfinder {mode}", "batchfinder", mode, settings={"mode": mode, "defaults": True})
@@ -164,6 +248,7 @@ def _batchfinder(mode: str) -> Callable[[Workload, BenchDevice, Dataset, int], F
             outcome.largest_fit_tried = result.max_batch_size
             outcome.recommended = result.batch_size
             outcome.trials = [TrialRecord(t.batch_size, t.steps, t.steps, t.fits) for t in result.trials]
+            outcome.details = _batchfinder_details(result)
         outcome.steps = counter.calls
         outcome.traced_steps = counter.traced
         return outcome
@@ -201,10 +286,10 @@ def _lightning_module_class() -> type:
     class TunedModule(pl.LightningModule):
         """The model, its data and optimizer, with the ``batch_size`` attribute Lightning's finder adjusts."""
 
-        def __init__(self, model: nn.Module, dataset: Dataset, counter: StepCounter, batch_size: int = 2) -> None:
+        def __init__(self, model: nn.Module, data: FinderData, counter: StepCounter, batch_size: int = 2) -> None:
             super().__init__()
             self.model = model
-            self.dataset = dataset
+            self.data = data
             self.counter = counter
             self.batch_size = batch_size
 
@@ -224,7 +309,7 @@ def _lightning_module_class() -> type:
             return make_optimizer(self.parameters())
 
         def train_dataloader(self) -> DataLoader:
-            return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False)
+            return self.data.loader(int(self.batch_size))
 
     _LIGHTNING_MODULE = TunedModule
     return TunedModule
@@ -234,13 +319,13 @@ LIGHTNING_STEPS_PER_TRIAL = 3
 """Lightning's default ``steps_per_trial``."""
 
 
-def _lightning(mode: str) -> Callable[[Workload, BenchDevice, Dataset, int], FinderRun]:
-    def run(workload: Workload, device: BenchDevice, dataset: Dataset, seed: int) -> FinderRun:
+def _lightning(mode: str) -> Callable[[ModelSource, BenchDevice, DataLike, int], FinderRun]:
+    def run(workload: ModelSource, device: BenchDevice, data: DataLike, seed: int) -> FinderRun:
         import pytorch_lightning as pl
         from pytorch_lightning.tuner import Tuner
 
         counter = StepCounter()
-        module = _lightning_module_class()(workload.build_model(seed), dataset, counter)
+        module = _lightning_module_class()(workload.build_model(seed), as_finder_data(data), counter)
         outcome = FinderRun(f"Lightning {mode}", "pytorch_lightning", mode, settings={"mode": mode, "defaults": True})
         root = tempfile.mkdtemp(prefix="batchfinder-bench-lightning-")
         start = time.perf_counter()
@@ -264,8 +349,7 @@ def _lightning(mode: str) -> Callable[[Workload, BenchDevice, Dataset, int], Fin
         finally:
             outcome.seconds = time.perf_counter() - start
             shutil.rmtree(root, ignore_errors=True)
-        for trial in counter.trials:
-            trial.fits = trial.completed >= LIGHTNING_STEPS_PER_TRIAL
+        counter.settle()
         outcome.trials = counter.trials
         outcome.steps = counter.calls
         fitted = [t.batch_size for t in counter.trials if t.fits]
@@ -276,9 +360,10 @@ def _lightning(mode: str) -> Callable[[Workload, BenchDevice, Dataset, int], Fin
 
 
 # -- Accelerate ------------------------------------------------------------------------------------------------------
-def _accelerate(workload: Workload, device: BenchDevice, dataset: Dataset, seed: int) -> FinderRun:
+def _accelerate(workload: ModelSource, device: BenchDevice, data: DataLike, seed: int) -> FinderRun:
     from accelerate.utils import find_executable_batch_size
 
+    finder_data = as_finder_data(data)
     model = workload.build_model(seed).to(device.torch_device)
     counter = StepCounter()
     outcome = FinderRun(
@@ -291,10 +376,14 @@ def _accelerate(workload: Workload, device: BenchDevice, dataset: Dataset, seed:
         counter.begin(batch_size)
         optimizer = make_optimizer(model.parameters())
         model.train()
-        batches = iter(DataLoader(dataset, batch_size=batch_size, shuffle=False))
+        batches = iter(finder_data.loader(batch_size))  # the first batches of an epoch
         for _ in range(ACCELERATE_STEPS):
+            batch = next(batches, None)
+            if batch is None:  # fewer batches than steps: the attempt ends early
+                break
             optimizer.zero_grad(set_to_none=True)
-            loss = counter(model, device.to_device(next(batches)))
+            loss = counter(model, device.to_device(batch))
+            del batch  # held only by the graph, as when the loader's output is passed straight on
             loss.backward()
             optimizer.step()
             counter.complete()
@@ -308,8 +397,7 @@ def _accelerate(workload: Workload, device: BenchDevice, dataset: Dataset, seed:
         outcome.error = f"{type(exc).__name__}: {exc}"
     finally:
         outcome.seconds = time.perf_counter() - start
-    for trial in counter.trials:
-        trial.fits = trial.completed >= ACCELERATE_STEPS
+    counter.settle()
     outcome.trials = counter.trials
     outcome.steps = counter.calls
     fitted = [t.batch_size for t in counter.trials if t.fits]

@@ -15,6 +15,9 @@ __all__ = [
     "markdown_document",
     "deterministic_view",
     "compare_deterministic",
+    "compare_views",
+    "cell",
+    "environment_lines",
 ]
 
 DETERMINISTIC_FIELDS = ("returned", "fits", "trials", "steps", "traced_steps", "ooms")
@@ -36,7 +39,11 @@ def deterministic_view(document: dict[str, Any]) -> dict[str, Any]:
 
 def compare_deterministic(expected: dict[str, Any], actual: dict[str, Any]) -> list[str]:
     """Differences in :func:`deterministic_view` between two documents (empty when they agree)."""
-    old, new = deterministic_view(expected), deterministic_view(actual)
+    return compare_views(deterministic_view(expected), deterministic_view(actual))
+
+
+def compare_views(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """One line per key whose value differs between two deterministic views (empty when they agree)."""
     differences = []
     for key in sorted(old.keys() | new.keys()):
         if old.get(key) != new.get(key):
@@ -49,7 +56,8 @@ def write_json(document: dict[str, Any], path: Path) -> None:
     path.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
 
 
-def _cell(value: Any, digits: int = 2) -> str:
+def cell(value: Any, digits: int = 2) -> str:
+    """A table cell: ``-`` for None, ``yes`` / ``**NO**`` for booleans, thousands separators, ``digits`` decimals."""
     if value is None:
         return "-"
     if isinstance(value, bool):
@@ -72,7 +80,7 @@ def markdown_table(document: dict[str, Any]) -> str:
         truth = case["ground_truth"]["max_batch_size"]
         for i, row in enumerate(case["finders"]):
             first = i == 0
-            returned = _cell(row["returned"])
+            returned = cell(row["returned"])
             if row["error"]:
                 returned = f"error: {row['error'].split(':')[0]}"
             elif row["returned"] is not None and row["returned_was_tried"] is False:
@@ -83,17 +91,17 @@ def markdown_table(document: dict[str, Any]) -> str:
                     [
                         case["model"] if first else "",
                         case["capacity"] if first else "",
-                        _cell(truth) if first else "",
+                        cell(truth) if first else "",
                         row["finder"],
                         returned,
-                        _cell(row["ratio"], 3),
-                        _cell(row["fits"]),
-                        _cell(row["trials"]),
-                        _cell(row["steps"]) + (f" (+{row['traced_steps']} traced)" if row.get("traced_steps") else ""),
-                        _cell(row["ooms"]),
-                        _cell(row["seconds"], 1),
-                        _cell(row["steps_vs_reference"]),
-                        _cell(row["seconds_vs_reference"]),
+                        cell(row["ratio"], 3),
+                        cell(row["fits"]),
+                        cell(row["trials"]),
+                        cell(row["steps"]) + (f" (+{row['traced_steps']} traced)" if row.get("traced_steps") else ""),
+                        cell(row["ooms"]),
+                        cell(row["seconds"], 1),
+                        cell(row["steps_vs_reference"]),
+                        cell(row["seconds_vs_reference"]),
                     ]
                 )
                 + " |"
@@ -147,15 +155,16 @@ def _summary_table(document: dict[str, Any]) -> str:
     for row in summary_rows(document):
         lines.append(
             f"| {row['finder']} | {row['exact']}/{row['cases']} | {row['fit']}/{row['cases']} | "
-            f"{_cell(row['mean_ratio'], 3)} | {_cell(row['min_ratio'], 3)}-{_cell(row['max_ratio'], 3)} | "
+            f"{cell(row['mean_ratio'], 3)} | {cell(row['min_ratio'], 3)}-{cell(row['max_ratio'], 3)} | "
             f"{row['trials']:,} | {row['steps']:,} | "
-            f"{row['ooms']:,} | {row['seconds']:.1f} | {_cell(row['steps_vs_reference'])} | "
-            f"{_cell(row['seconds_vs_reference'])} |"
+            f"{row['ooms']:,} | {row['seconds']:.1f} | {cell(row['steps_vs_reference'])} | "
+            f"{cell(row['seconds_vs_reference'])} |"
         )
     return "\n".join(lines)
 
 
-def _environment_lines(document: dict[str, Any]) -> list[str]:
+def environment_lines(document: dict[str, Any], default_command: str = "python -m benchmarks.compare") -> list[str]:
+    """Markdown bullets: the device, the versions, NVML's view of the GPUs, the command, total time and load."""
     env = document["environment"]
     nvml = env["nvml"]
     if nvml["available"] and nvml["gpus"]:
@@ -177,7 +186,7 @@ def _environment_lines(document: dict[str, Any]) -> list[str]:
         f"pytorch-lightning {env['pytorch_lightning']}, accelerate {env['accelerate']}, "
         f"torchvision {env['torchvision']}, Python {env['python']}",
         f"- {gpu_line}",
-        f"- Command: `{document['command'] or 'python -m benchmarks.compare'}`; total {document['total_seconds']} s; "
+        f"- Command: `{document['command'] or default_command}`; total {document['total_seconds']} s; "
         f"load average at start {_load(env.get('load_average_at_start'))}, at the end {_load(env.get('load_average'))}",
     ]
 
@@ -192,7 +201,7 @@ def markdown_document(document: dict[str, Any]) -> str:
     parts = [
         f"# Batch-size finders compared: {document['device']}",
         "",
-        *_environment_lines(document),
+        *environment_lines(document),
         "",
         "Every finder trains the same model (fresh copy, same seed) with Adam and cross-entropy on the same synthetic "
         "data, one after another in one process, against the same device capacity. *true max* is the exact largest "

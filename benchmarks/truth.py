@@ -8,6 +8,10 @@ when the library has it and from trials on a device without the limit otherwise.
 from the guess to a size B that fits while B+1 does not (galloping, then bisecting), and finally checks the sizes
 around B densely (B-window+1 .. B+window): those up to B must fit and those above must not. On the simulated GPU all of
 this is exact and deterministic; on a real GPU it is a fine search whose dense check shows the boundary's noise.
+
+The oracle's data is a dataset or a ``DataLoader`` (batch size 1) whose ``collate_fn`` builds the batches:
+``benchmarks.survival`` passes the samples sorted largest first, so that every trial of size B runs on the worst-case
+batch of B.
 """
 
 from __future__ import annotations
@@ -17,13 +21,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from torch.utils.data import Dataset
+from typing import Any
+
+from torch.utils.data import DataLoader, Dataset
 
 import batchfinder as bf
 from batchfinder.devices import DeviceBackend
 
 from .devices import BenchDevice
-from .workloads import Workload, make_optimizer, training_step
+from .finders import ModelSource
+from .workloads import make_optimizer, training_step
 
 __all__ = ["FitOracle", "GroundTruth", "find_ground_truth"]
 
@@ -33,11 +40,17 @@ logger = logging.getLogger("benchmarks")
 class FitOracle:
     """``fits(B)`` through :func:`batchfinder.try_batch_size` on the benchmark's device and capacity (cached)."""
 
-    def __init__(self, workload: Workload, device: BenchDevice, dataset: Dataset, seed: int = 0) -> None:
+    def __init__(
+        self, workload: ModelSource, device: BenchDevice, dataset: Dataset | DataLoader, seed: int = 0
+    ) -> None:
         self.device = device
         self.dataset = dataset
+        """What ``try_batch_size`` gets: a dataset, or a loader whose ``collate_fn`` builds the batches."""
         self.model = workload.build_model(seed)
-        self.length = len(dataset)  # type: ignore[arg-type]
+        samples = dataset.dataset if isinstance(dataset, DataLoader) else dataset
+        self.length = len(samples)  # type: ignore[arg-type]
+        self.sample = samples[0]
+        """The first sample, as the dataset returns it (what the memory estimator is given for a first guess)."""
         self.results: dict[int, bool] = {}
         self.peaks: dict[int, int] = {}
         self.trials_run = 0
@@ -82,7 +95,8 @@ class GroundTruth:
     guess: int | None
     """Where the search started (None when no guess could be made and it started at 16)."""
     guess_method: str
-    """``"estimate_memory"`` (fake-tensor peaks) or ``"measured peaks"`` (trials without the limit)."""
+    """``"estimate_memory"`` (fake-tensor peaks), ``"measured peaks"`` (trials without the limit) or
+    ``"given start"``."""
     window: dict[int, bool] = field(default_factory=dict)
     """Every size within the dense window and whether it fitted."""
     consistent: bool = True
@@ -125,7 +139,9 @@ def _estimated_peak(oracle: FitOracle) -> Callable[[int], int | None] | None:
     estimate = getattr(bf, "estimate_memory", None)
     if estimate is None:
         return None
-    sample = oracle.dataset[0]
+    sample: Any = getattr(oracle, "sample", None)
+    if sample is None:
+        sample = oracle.dataset[0]
 
     def peak(batch_size: int) -> int | None:
         start = time.perf_counter()
@@ -152,14 +168,22 @@ def _first_guess(oracle: FitOracle, capacity: int) -> tuple[int | None, str]:
     return _secant(oracle.peak_without_limit, capacity, cap), "measured peaks"
 
 
-def find_ground_truth(oracle: FitOracle, capacity: int, window: int = 2) -> GroundTruth:
+def find_ground_truth(oracle: FitOracle, capacity: int, window: int = 2, start: int | None = None) -> GroundTruth:
     """The exact largest batch size B that fits, found from a guess and checked densely around it.
 
     The dense check covers B-window+1 .. B+window: ``window=1`` checks B and B+1, ``window=2`` B-1 .. B+2.
+    With ``start`` the walk starts there (galloping up or down from it, then bisecting) instead of at a guess from
+    estimated or measured peaks: for models the estimator does not trace faithfully, where a far guess would cost
+    many slow trials at large sizes.
     """
     if window < 1:
         raise ValueError(f"window={window} must be at least 1 (B and B+1 are always checked)")
-    guess, method = _first_guess(oracle, capacity)
+    if start is not None:
+        if start < 1:
+            raise ValueError(f"start={start} must be at least 1")
+        guess, method = start, "given start"
+    else:
+        guess, method = _first_guess(oracle, capacity)
     start = max(1, min(guess or 16, oracle.length - 1))
     if oracle.fits(start):
         low, step = start, 1

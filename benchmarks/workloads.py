@@ -28,6 +28,7 @@ __all__ = [
     "mnist_mlp",
     "cifar10_mlp",
     "TokenClassifier",
+    "RESNET50_CAPACITY",
 ]
 
 POOL_SIZE = 256
@@ -66,6 +67,12 @@ def _resnet18() -> nn.Module:
     from torchvision.models import resnet18
 
     return resnet18(num_classes=10)
+
+
+def _resnet50() -> nn.Module:
+    from torchvision.models import resnet50
+
+    return resnet50(num_classes=10)
 
 
 # -- data ----------------------------------------------------------------------------------------------------------------
@@ -158,6 +165,8 @@ class Workload:
 
 
 _GPU_LARGE = ("2GiB", "8GiB", "16GiB", "24GiB")
+RESNET50_CAPACITY = "1536MiB"
+"""resnet50's simulated capacity: the exact largest batch size at 3x224x224 with Adam is 13 there."""
 
 WORKLOADS: dict[str, Workload] = {
     w.name: w
@@ -200,6 +209,17 @@ WORKLOADS: dict[str, Workload] = {
             2,
             {"simulated": ("32MiB",), "cuda": _GPU_LARGE},
             vocab_size=1000,
+        ),
+        Workload(
+            "resnet50",
+            "torchvision resnet50, 10 classes, 224x224 input",
+            _resnet50,
+            (3, 224, 224),
+            "image",
+            10,
+            # 1.5 GiB: the exact largest size is 13 (bf.predict_max_batch_size agrees), so a trial is a few seconds
+            # of CPU per step, the cost that decides between a search of ~10 trials and a prediction with 2.
+            {"simulated": (RESNET50_CAPACITY,), "cuda": _GPU_LARGE},
         ),
     )
 }

@@ -8,18 +8,23 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+import torch
+
+import batchfinder as bf
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmarks/ is a top-level package of the repository, not of the library
 
 from benchmarks import compare  # noqa: E402
 from benchmarks.truth import find_ground_truth  # noqa: E402
+from benchmarks.workloads import RESNET50_CAPACITY, WORKLOADS  # noqa: E402
 
 FINDER_KEYS = {
     "finder", "library", "mode", "settings", "returned", "recommended", "largest_fit_tried", "ratio", "fits",
@@ -82,12 +87,31 @@ def test_smoke_run_on_the_smallest_model_and_capacity(tmp_path: Path) -> None:
     assert (tmp_path / "simulated-cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_resnet50_is_in_the_zoo_at_a_capacity_where_about_a_dozen_fit() -> None:
+    """The expensive-trial workload: its default simulated capacity keeps the exact largest size at 8-16, so that a
+    trial costs seconds of CPU and the number of trials decides a finder's wall time."""
+    workload = WORKLOADS["resnet50"]
+    assert list(WORKLOADS)[-1] == "resnet50"  # the expensive one runs last
+    assert workload.input_shape == (3, 224, 224) and workload.input_kind == "image" and workload.num_classes == 10
+    assert workload.default_capacities["simulated"] == (RESNET50_CAPACITY,)
+    cases = compare.plan("simulated", list(WORKLOADS), None)
+    assert [(w.name, d.capacity_text) for w, d in cases][-1] == ("resnet50", "1536MiB")
+    model = workload.build_model(0)
+    assert model.fc.out_features == 10
+    # exact for the default caching SimulatedGPU, for the cost of about one traced step
+    prediction = bf.predict_max_batch_size(
+        model, workload.input_shape, capacity=RESNET50_CAPACITY, optimizer=torch.optim.Adam
+    )
+    assert 8 <= prediction.max_batch_size <= 16
+
+
 def test_help_runs_as_a_module() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.compare", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr
     assert "--capacity" in done.stdout and "Default capacities" in done.stdout
+    assert re.search(r"resnet50\s+1536MiB", done.stdout)
 
 
 class _StandInOracle:

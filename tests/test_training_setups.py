@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -74,3 +75,16 @@ def test_reentrant_checkpointing_that_computes_no_gradients_is_warned_about(capl
         result = bf.find_batch_size(Deep("reentrant"), _data(), device=bf.SimulatedGPU("16MiB"), confirm_steps=0)
     assert any("computes no gradients" in note for note in result.notes)
     assert any("use_reentrant=False" in record.getMessage() for record in caplog.records)
+
+
+def test_a_backward_pass_that_ran_out_of_memory_does_not_keep_its_activations():
+    """resnet50 at 16 runs out of memory inside loss.backward() on 1.5 GiB: the autograd engine keeps that graph (1.27
+    GB of activations) until the next backward on its thread, so without a flush every later trial failed too."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50(num_classes=10)
+    data = TensorDataset(torch.randn(16, 3, 224, 224), torch.randint(0, 10, (16,)))
+    result = bf.find_batch_size(model, data, device=bf.SimulatedGPU("1536MiB"), confirm_steps=0, max_trials=2)
+    first, second = result.trials
+    assert (first.batch_size, first.fits, second.batch_size, second.fits) == (16, False, 8, True)
+    assert first.leaked_bytes == 0
