@@ -148,3 +148,21 @@ def test_an_unknown_precision_is_refused_with_the_valid_ones():
     ):
         with pytest.raises(ValueError, match=r"is not a training precision; choose one of \['32-true', '16-mixed'"):
             call()
+
+
+def test_the_charged_memory_follows_cudas_lists_not_the_cpus():
+    torch.manual_seed(0)
+    x, w = torch.randn(256, 128), torch.randn(512, 128)
+
+    def charged_by_softmax(autocast: object) -> int:
+        with bf.SimulatedGPU("64MiB", allocator="ideal") as gpu, autocast:
+            scores = nn.functional.linear(x, w)  # lower precision under both policies
+            before = gpu.memory_allocated()
+            probabilities = torch.softmax(scores, -1)
+            charged = gpu.memory_allocated() - before
+            del probabilities, scores
+        return charged
+
+    cuda = charged_by_softmax(cuda_autocast(torch.bfloat16))
+    cpu = charged_by_softmax(torch.autocast("cpu", dtype=torch.bfloat16))
+    assert cuda == 256 * 512 * 4 and cpu == 256 * 512 * 2  # float32 probabilities on CUDA, bfloat16 on the CPU
