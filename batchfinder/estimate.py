@@ -334,10 +334,12 @@ class Estimator:
         if hi < lo:
             return lo - 1
         first = max(lo, 2)
-        if first <= hi and self._replay(first) is not None:
+        if first <= hi and self._replay(first) is not None and self._log is not None:
             if self.peak(first) > level:
                 return lo if lo < first and self.peak(lo) <= level else lo - 1
-            return largest_within(self.peak, level, first, hi)
+            # Reserved bytes are never below allocated ones: the allocated answer (cheap replays) bounds the search.
+            top = self._log.largest_within_allocated(level, first, hi)
+            return largest_within(self.peak, level, first, top, start=top) if top > first else first
         if self.peak(lo) > level:
             return lo - 1
         probe = min(hi, max(lo + 1, 64 * lo))

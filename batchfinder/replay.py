@@ -168,6 +168,38 @@ class AllocationLog:
         unsuitable = _fit(steps, at)
         return cls([tuple(call) for call in calls], unsuitable)
 
+    def allocated_peak(self, batch_size: int) -> int:
+        """The allocated peak alone at ``batch_size`` (no allocator model: a fraction of :meth:`replay`'s cost). It
+        never decreases with the batch size, and the reserved peak is never below it."""
+        sizes: dict[int, int] = {}
+        allocated = best = 0
+        for call in self.calls:
+            kind = call[0]
+            if kind == _MALLOC:
+                size = round_allocation(call[2] * batch_size + call[3])
+                sizes[call[1]] = size
+                allocated += size
+            elif kind == _FREE:
+                allocated -= sizes.pop(call[1], 0)
+            elif kind == _CHARGED:
+                if allocated > best:
+                    best = allocated
+        return best
+
+    def largest_within_allocated(self, level: int, lo: int, hi: int) -> int:
+        """The largest batch size in ``[lo, hi]`` whose allocated peak is at most ``level`` (``lo - 1`` if none), by
+        bisection on :meth:`allocated_peak`."""
+        if self.allocated_peak(lo) > level:
+            return lo - 1
+        good, bad = lo, hi + 1
+        while bad - good > 1:
+            middle = (good + bad) // 2
+            if self.allocated_peak(middle) <= level:
+                good = middle
+            else:
+                bad = middle
+        return good
+
     def replay(self, batch_size: int, capacity: int | None = None) -> Replay:
         """The peaks a trace at ``batch_size`` would report, on an allocator of ``capacity`` (None: unlimited)."""
         allocator = CachingAllocator(capacity)
