@@ -33,7 +33,6 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.weak import WeakIdKeyDictionary
 
 from .allocator import AllocatorOutOfMemory, CachingAllocator
 from .units import format_bytes
@@ -78,7 +77,10 @@ class MemoryLedger:
         """The workspaces charged so far, by pass (``"forward"``, ``"backward"``); they live as long as the ledger,
         as cuBLAS keeps its workspaces for the life of the process."""
         self._handles: dict[int, int] = {}  # token -> the allocator's block handle
-        self._tokens: WeakIdKeyDictionary = WeakIdKeyDictionary()  # storage -> token
+        # id(storage) -> token. A storage's entry goes when its finalizer runs, which is while the storage object is
+        # being deallocated, before its id can be reused; a plain dict is several times faster than a weak one.
+        self._tokens: dict[int, int] = {}
+        self._ids: dict[int, int] = {}  # token -> id(storage)
         self._sizes: dict[int, int] = {}  # token -> charged bytes
         self._finalizers: dict[int, weakref.finalize] = {}
         self._lock = threading.RLock()
@@ -89,11 +91,11 @@ class MemoryLedger:
     # -- queries -------------------------------------------------------------------------------------------
     def is_charged(self, storage: torch.UntypedStorage) -> bool:
         """True when ``storage`` is currently charged."""
-        return storage in self._tokens
+        return id(storage) in self._tokens
 
     def charged_bytes(self, storage: torch.UntypedStorage) -> int:
         """Bytes charged for ``storage`` (0 when it is not charged)."""
-        token = self._tokens.get(storage)
+        token = self._tokens.get(id(storage))
         return 0 if token is None else self._sizes.get(token, 0)
 
     @property
@@ -155,9 +157,10 @@ class MemoryLedger:
     def release(self, storage: torch.UntypedStorage) -> int:
         """Stop charging ``storage`` now (it left the device); returns the bytes released."""
         with self._lock:
-            token = self._tokens.pop(storage, None)
+            token = self._tokens.pop(id(storage), None)
             if token is None:
                 return 0
+            self._ids.pop(token, None)
             finalizer = self._finalizers.pop(token, None)
             if finalizer is not None:
                 finalizer.detach()
@@ -199,7 +202,7 @@ class MemoryLedger:
             self.allocator.free(handle)
 
     def _record(self, storage: torch.UntypedStorage, size: int, handle: int | None = None) -> None:
-        token = self._tokens.get(storage)
+        token = self._tokens.get(id(storage))
         if token is not None:
             self._free(token)  # a storage that grew: its new block replaces the old one, as a resize would
             self._sizes[token] = size
@@ -208,7 +211,8 @@ class MemoryLedger:
             return
         token = self._next_token
         self._next_token += 1
-        self._tokens[storage] = token
+        self._tokens[id(storage)] = token
+        self._ids[token] = id(storage)
         self._sizes[token] = size
         if handle is not None:
             self._handles[token] = handle
@@ -217,6 +221,9 @@ class MemoryLedger:
     def _freed(self, token: int) -> None:
         with self._lock:
             self._finalizers.pop(token, None)
+            key = self._ids.pop(token, None)
+            if key is not None and self._tokens.get(key) == token:
+                del self._tokens[key]
             self._free(token)
             self.allocated -= self._sizes.pop(token, 0)
 

@@ -12,6 +12,7 @@ the confirmation run). Samples are cached in host memory (up to a budget) so tha
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from itertools import islice
 from typing import Any
@@ -29,7 +30,7 @@ from torch.utils.data import (
 from torch.utils.data._utils.collate import default_collate, default_convert
 
 from .accounting import host_side_loading
-from .sample_sizes import DEFAULT_SCAN_BUDGET, SampleSize, scan_sizes
+from .sample_sizes import DEFAULT_SCAN_BUDGET, FIXED_CHECK_SECONDS, SampleSize, scan_sizes, shapes_differ_further
 
 __all__ = ["BatchSource", "describe_batch", "sample_bytes", "is_supported_sample"]
 
@@ -99,6 +100,7 @@ class BatchSource:
         *,
         sample_size: SampleSize | None = None,
         scan_budget: float = DEFAULT_SCAN_BUDGET,
+        defer_fixed_check: bool = False,
     ) -> None:
         collate: Callable[[list[Any]], Any] = default_collate
         dataset = data
@@ -129,12 +131,42 @@ class BatchSource:
             first = self.sample(0)
             if self.collate is default_collate:
                 _check_sample(first)
+            probe_only = isinstance(dataset, TensorDataset)
             self.scan, self.order = scan_sizes(
-                self._load, length, sample_size=sample_size, budget=scan_budget,
-                probe_only=isinstance(dataset, TensorDataset),
+                self._load, length, sample_size=sample_size, budget=scan_budget, probe_only=probe_only,
+                fixed_check=None if defer_fixed_check else FIXED_CHECK_SECONDS,
             )
+        self._scan_budget = scan_budget
+        self._looked_at: int | None = None
+        """Samples the deferred check of fixed-size data has looked at (None: nothing left to check)."""
+        if defer_fixed_check and sample_size is None and not probe_only and self.order is None:
+            self._looked_at = self.scan.scanned if self.scan.scanned < length else None
         if self.collate is not default_collate:
             _check_sample_or_collated(first, self.collate)
+
+    def look_further(self, seconds: float) -> bool:
+        """With ``defer_fixed_check``: go on looking for a sample of other shapes than the rest, for at most
+        ``seconds`` (once). True when one turned up: the data set is then scanned as variable-size data (trials run
+        on the largest samples) and the batches of any earlier trial were not the worst case."""
+        if self._looked_at is None or seconds <= 0:
+            return False
+        skip, self._looked_at = self._looked_at, None
+        with host_side_loading():
+            found, looked = shapes_differ_further(self._load, self.length, skip, seconds)
+        if not found:
+            self.scan = dataclasses.replace(self.scan, scanned=self.scan.scanned + looked)
+            return False
+        self.rescan()
+        return True
+
+    def rescan(self) -> None:
+        """Scan the sizes of every sample again, as for data whose sizes vary (looking for one of other shapes for
+        up to the scan budget while all are the same)."""
+        self._looked_at = None
+        with host_side_loading():
+            self.scan, self.order = scan_sizes(
+                self._load, self.length, budget=self._scan_budget, fixed_check=self._scan_budget
+            )
 
     @property
     def varies(self) -> bool:

@@ -107,6 +107,10 @@ class RankAgreement:
         flat = vector.cpu().tolist()
         return [flat[r * width : (r + 1) * width] for r in range(self.world_size)]
 
+    def any(self, flag: bool) -> bool:
+        """True when ``flag`` is true on any rank."""
+        return any(row[0] for row in self._slots([int(bool(flag))]))
+
     def check(self, ok: bool, what: str) -> None:
         """Agree that every rank got through ``what``; raise :class:`RankFailedError` on the others if one did not.
 

@@ -36,6 +36,7 @@ from .accumulation import plan_accumulation, validate_target_batch_size
 from .batching import BatchSource
 from .device_choice import resolve_device
 from .devices import DeviceBackend, DeviceLike
+from .confirmation import confirm
 from .distributed import RankAgreement, ddp_bucket_bytes, local_batch_norm, resolve_agreement, unwrap_ddp
 from .errors import NoBatchSizeFitsError, SearchIncompleteError
 from .modes import EVALUATION_MODES, MODES, SearchContext, check_mode
@@ -43,8 +44,8 @@ from .optimizers import OptimizerLike, OptimizerSpec, resolve_optimizer
 from .precision import check_precision
 from .report import ProgressPrinter
 from .result import SearchResult, Trial
-from .sample_sizes import DEFAULT_SCAN_BUDGET, SampleSize, check_scan_budget
-from .search import SearchBounds, StopReason, recommend_batch_size
+from .sample_sizes import DEFAULT_SCAN_BUDGET, FIXED_CHECK_SECONDS, SampleSize, check_scan_budget
+from .search import SearchBounds, SearchStrategy, StopReason, recommend_batch_size
 from .state import SnapshotFactory
 from .steps import LossFn, StepFn, make_step
 from .trial import EvalStepFn, TrainStepFn, TrialSession
@@ -174,20 +175,28 @@ def search(workload: Workload, device: DeviceBackend, options: SearchOptions) ->
     check_precision(workload.precision)
     device.check_precision(workload.precision)
     context = SearchContext(
-        workload.model, source, device, workload.optimizer, workload.step, options.steps_per_trial, workload.precision
+        workload.model, source, device, workload.optimizer, workload.step, options.steps_per_trial, workload.precision,
+        record=session.record_allocations if training else None,
     )
     agreement = resolve_agreement(options.distributed)
     try:
         with _open(session, agreement):
-            result = _run(session, context, options, agreement, phase="train" if training else "eval", length=source.length)
+            phase = "train" if training else "eval"
+            result, strategy = _run(session, context, options, agreement, phase=phase, length=source.length)
+            if _looked_further(source, time.perf_counter() - started, agreement):
+                session.notes.append(
+                    f"a sample of other shapes than the rest turned up after the search ({source.scan.describe()}): "
+                    "the search ran again on the largest samples"
+                )
+                result, strategy = _run(session, context, options, agreement, phase=phase, length=source.length)
             if training and workload.search_evaluation and workload.eval_source is not None:
                 eval_options = _evaluation_options(options, min(result.max_batch_size, workload.eval_source.length))
-                result.evaluation = _run(
+                result.evaluation, _ = _run(
                     session, context, eval_options, agreement, phase="eval", length=workload.eval_source.length
                 )
                 result.evaluation.data_scan = getattr(workload.eval_source, "scan", None)
             if training and options.confirm_steps:
-                _confirm(session, source, result, options, agreement)
+                confirm(session, source, result, options, agreement, strategy)
     finally:
         if agreement is not None:
             agreement.close()
@@ -205,51 +214,23 @@ def search(workload: Workload, device: DeviceBackend, options: SearchOptions) ->
     return result
 
 
-_CONFIRMATION_ATTEMPTS = 3
-
-
-def _confirmation_batches(source: Any, batch_size: int, steps: int) -> list[Any] | None:
-    """For data whose sample sizes vary: the first ``steps`` batches in the order the user's loader yields them,
-    then the worst-case batch (the largest samples), one per step. None for fixed-size data (every batch is alike:
-    the confirmation repeats one)."""
-    if not getattr(source, "varies", False):
-        return None
-    return [*source.loader_batches(batch_size, steps), source.batch(batch_size)]
-
-
-def _confirm(
-    session: TrialSession, source: Any, result: SearchResult, options: SearchOptions, agreement: RankAgreement | None
-) -> None:
-    """Run ``options.confirm_steps`` steps at the recommended size in one trial, the allocator's cache kept between
-    them, so that memory the steps leave cached and fragmented shows (for variable-size data: batches in the
-    loader's order, then the worst-case batch); when it runs out of memory, lower the recommendation by the safety
-    factor again and confirm that (up to three times), saying so in the result."""
-    size = result.batch_size
-    for _ in range(_CONFIRMATION_ATTEMPTS):
-        batches = _confirmation_batches(source, size, options.confirm_steps)
-        trial = session.run(size, steps=max(options.confirm_steps, MIN_STEPS_PER_TRIAL), host_batches=batches)
-        del batches
-        if agreement is not None:
-            trial, _peak = agreement.agree_trial(trial, f"the confirmation at batch size {size}")
-        result.confirmations.append(trial)
-        if trial.fits:
-            if size != result.batch_size:
-                result.micro_batch_size = size  # (re-planned below when there is a target batch size)
-                logger.warning(
-                    "batch size %d ran out of memory when confirmed (%s); recommending %d",
-                    result.batch_size, result.confirmations[0].error, size,
-                )
-                result.batch_size = size
-            return
-        smaller = recommend_batch_size(size, options.safety, options.multiple_of)
-        if smaller >= size:
-            break
-        size = smaller
-    raise SearchIncompleteError(
-        f"the recommended batch size {result.batch_size} and {len(result.confirmations) - 1} smaller one(s) ran out of "
-        f"memory when confirmed over {options.confirm_steps} steps: memory grows from step to step (a leak, or "
-        "fragmentation); look at the trial table and the confirmations"
-    )
+def _looked_further(source: Any, elapsed: float, agreement: RankAgreement | None) -> bool:
+    """The deferred check of fixed-size data (:meth:`~batchfinder.batching.BatchSource.look_further`), given a
+    quarter of the time the search took (at most ``FIXED_CHECK_SECONDS``): True when a sample of other shapes turned
+    up, so that the search must run again on the largest samples."""
+    further = getattr(source, "look_further", None)
+    if further is None:
+        return False
+    found = bool(further(min(FIXED_CHECK_SECONDS, elapsed / 4)))
+    if agreement is not None and agreement.any(found) and not found:
+        source.rescan()  # another rank found one: every rank searches the same largest samples
+        found = True
+    if found:
+        logger.warning(
+            "a sample of other shapes than the rest turned up after the search (%s): searching again on the largest "
+            "samples", source.scan.describe(),
+        )
+    return found
 
 
 def _evaluation_options(options: SearchOptions, init_batch_size: int) -> SearchOptions:
@@ -317,8 +298,8 @@ def _run(
     *,
     phase: str,
     length: int,
-) -> SearchResult:
-    """One search loop (training or evaluation batch sizes) on an open session."""
+) -> tuple[SearchResult, SearchStrategy]:
+    """One search loop (training or evaluation batch sizes) on an open session; the result and the strategy."""
     report = progress_callback(options.progress)
     started = time.perf_counter()
     cap = options.max_batch_size
@@ -362,7 +343,7 @@ def _run(
         if agreement is not None:
             trial, peak = agreement.agree_trial(trial, f"the trial at batch size {size}")
         trials.append(trial)
-        strategy.record(size, trial.fits, peak)
+        strategy.record(size, trial.fits, peak, peak_allocated=trial.peak_bytes)
         logger.info("batch size %d: %s", size, "fits" if trial.fits else "out of memory")
         if report is not None:
             report(trial)
@@ -373,7 +354,7 @@ def _run(
             f"the search stopped ({strategy.stop_reason}) after {len(trials)} trial(s) before any batch size fitted; "
             "raise max_trials / time_budget or lower init_batch_size"
         )
-    return SearchResult(
+    result = SearchResult(
         max_batch_size=strategy.largest_fit,
         batch_size=recommend_batch_size(strategy.largest_fit, options.safety, options.multiple_of),
         trials=trials,
@@ -391,6 +372,7 @@ def _run(
         prediction_method=strategy.prediction_method,
         world_size=agreement.world_size if agreement is not None else 1,
     )
+    return result, strategy
 
 
 def _nothing_fits(trials: list[Trial], device: DeviceBackend) -> NoBatchSizeFitsError:
@@ -421,8 +403,10 @@ def _function_workload(
     sample_size: SampleSize | None,
     scan_budget: float,
     precision: str,
+    defer_fixed_check: bool = True,
 ) -> Workload:
-    """The user's pieces as a :class:`Workload`, each checked before anything runs."""
+    """The user's pieces as a :class:`Workload`, each checked before anything runs (``defer_fixed_check``: see
+    :class:`~batchfinder.batching.BatchSource`; a search looks further after it ran)."""
     check_model(model)
     check_scan_budget(scan_budget)
     check_precision(precision)
@@ -431,7 +415,7 @@ def _function_workload(
     check_materialised(module)
     step = make_step(loss_fn, step_fn)
     spec = resolve_optimizer(optimizer, module)
-    source = BatchSource(dataset, sample_size=sample_size, scan_budget=scan_budget)
+    source = BatchSource(dataset, sample_size=sample_size, scan_budget=scan_budget, defer_fixed_check=defer_fixed_check)
     return Workload(module, source, step, spec, ddp=ddp, precision=precision, notes=notes)
 
 
@@ -491,8 +475,8 @@ def find_batch_size(
         device: ``"cuda"``, ``"cuda:N"``, a ``torch.device``, a :class:`~batchfinder.SimulatedGPU`, or
             ``"sim:16GiB"``. Default: the current CUDA GPU.
         mode: ``"binsearch"`` (double, then bisect to a resolution of 1), ``"power"`` (last doubling that fits) or
-            ``"guided"`` (jump to the size the fake-tensor estimator predicts, then verify and close the bracket with
-            real trials: two trials on the simulated GPU).
+            ``"guided"`` (jump to the size the memory prediction gives, then verify it with real trials: on the
+            simulated GPU usually one trial, whose peaks confirm the prediction to the byte).
         init_batch_size: first size tried (default 16); when it does not fit the search walks down.
         max_batch_size: never try more than this.
         safety: the recommendation is ``floor(safety * max_batch_size)`` (default 0.8).
@@ -578,7 +562,7 @@ def try_batch_size(
     """
     check_positive_int("batch_size", batch_size)
     check_steps_per_trial(steps_per_trial)
-    workload = _function_workload(model, dataset, optimizer, loss_fn, step_fn, sample_size, scan_budget, precision)
+    workload = _function_workload(model, dataset, optimizer, loss_fn, step_fn, sample_size, scan_budget, precision, defer_fixed_check=False)
     if batch_size > workload.source.length:
         raise ValueError(
             f"batch_size={batch_size} is larger than the dataset ({workload.source.length} samples): "

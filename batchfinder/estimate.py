@@ -274,6 +274,15 @@ class Estimator:
         self._replays[batch_size] = found
         return found
 
+    def use_log(self, log: AllocationLog, method: str) -> None:
+        """Predict from ``log`` (a fitted recording made elsewhere, e.g. of a real trial on the simulated GPU) instead
+        of tracing one; ``method`` says how it was made (:attr:`method`)."""
+        if log.unsuitable is not None:
+            raise ValueError(f"the allocation log cannot stand for other batch sizes: {log.unsuitable}")
+        self._log, self.replayable, self.method = log, True, method
+        self._replays.clear()
+        self._overflows.clear()
+
     def _record(self) -> AllocationLog | None:
         reason = replay_obstacle(self.template)
         log = None
@@ -292,6 +301,19 @@ class Estimator:
             logger.info("memory estimates trace the step at each batch size: %s", reason)
             return None
         return log
+
+    def replay_at(self, batch_size: int) -> Replay | None:
+        """The replay of the recorded log at ``batch_size`` on the allocator of :attr:`allocator_capacity` (None
+        where there is no log that replays, or at batch size 1)."""
+        return self._replay(batch_size) if self.replayable else None
+
+    def predicted_pair(self, batch_size: int) -> tuple[int, int] | None:
+        """(allocated, reserved) peaks predicted at ``batch_size`` from what is computed already (None: not computed,
+        or the allocator of :attr:`allocator_capacity` overflowed there)."""
+        if batch_size in self._overflows:
+            return None
+        found: Any = self._replays.get(batch_size) or self._traces.get(batch_size)
+        return None if found is None else (found.peak, found.peak_reserved)
 
     def overflows(self, batch_size: int) -> bool:
         """True when the allocator of :attr:`allocator_capacity` could not serve the trace at ``batch_size``."""
@@ -325,7 +347,9 @@ class Estimator:
         """The largest batch size in ``[lo, hi]`` whose predicted peak is at most ``level`` (``lo - 1`` if none).
 
         With a recorded trace (:mod:`batchfinder.replay`) every evaluation is a replay of a few milliseconds and
-        batch size 1 is traced only when 2 does not fit. Otherwise traces ``lo`` and ``64 * lo``, extends the line of
+        batch size 1 is traced only when 2 does not fit: the allocated peaks (cheaper replays) bound the answer from
+        above, and the reserved peaks are searched from there downwards, so that where they are not monotonic the
+        answer is the largest size that fits. Otherwise traces ``lo`` and ``64 * lo``, extends the line of
         each phase's peak (the optimizer step's is nearly flat, the forward/backward one grows with the batch) to
         ``level``, and refines from there by :func:`~batchfinder.guided.largest_within`: typically four to six traces.
         """
@@ -339,7 +363,7 @@ class Estimator:
                 return lo if lo < first and self.peak(lo) <= level else lo - 1
             # Reserved bytes are never below allocated ones: the allocated answer (cheap replays) bounds the search.
             top = self._log.largest_within_allocated(level, first, hi)
-            return largest_within(self.peak, level, first, top, start=top) if top > first else first
+            return self._largest_from_above(level, first, top)
         if self.peak(lo) > level:
             return lo - 1
         probe = min(hi, max(lo + 1, 64 * lo))
@@ -348,6 +372,29 @@ class Estimator:
         self.peak(probe)
         start = self._phase_guess(level, lo, probe) if probe in self._traces else None
         return largest_within(self.peak, level, lo, hi, start=start)
+
+    def _largest_from_above(self, level: int, good: int, top: int) -> int:
+        """The largest size in ``[good, top]`` whose peak is at most ``level``, where ``good`` is such a size and no
+        size above ``top`` is, searched from the top down: ``top``, then steps down that double, then a bisection of
+        the last step. Reserved peaks are not monotonic in the batch size (a size can need one more segment than
+        the next, where its blocks pack worse), and starting from above finds the largest size that fits rather
+        than the first crossing from below."""
+        bad = top + 1
+        step = 1
+        while bad - good > 1:
+            candidate = max(bad - step, good + 1)
+            if self.peak(candidate) <= level:
+                good = candidate
+                break
+            bad = candidate
+            step *= 2
+        while bad - good > 1:
+            middle = (good + bad) // 2
+            if self.peak(middle) <= level:
+                good = middle
+            else:
+                bad = middle
+        return good
 
     def _phase_guess(self, level: int, b1: int, b2: int) -> int:
         """Where the lines through each phase's peaks at ``b1`` and ``b2`` first reach ``level``."""

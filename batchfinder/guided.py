@@ -26,7 +26,9 @@ How it searches:
    next size is the midpoint of the bracket, so the search never does much worse than a bisection of what is left.
 
 On the simulated GPU the prediction is exact, so a search takes two trials (the predicted largest size, which
-fits, and one more, which runs out of memory) and at most one out-of-memory trial.
+fits, and one more, which runs out of memory) and at most one out-of-memory trial; with ``confirms`` (the engine
+gives it there) one: when the first trial reaches the predicted peaks to the byte, the size above, predicted to run
+out of memory, is not tried (stop reason ``"prediction confirmed"``).
 """
 
 from __future__ import annotations
@@ -38,10 +40,12 @@ from collections.abc import Callable
 
 from .search import SearchBounds, SearchStrategy, StopReason
 
-__all__ = ["GuidedSearch", "largest_within", "PeakFn", "SolveFn"]
+__all__ = ["GuidedSearch", "largest_within", "PeakFn", "SolveFn", "ReplayedTrial"]
 
 logger = logging.getLogger(__name__)
 
+ReplayedTrial = tuple[bool, int, int, str]
+"""``(fits, peak allocated, peak reserved, the phase of the peak)`` of a trial as a recording replays it."""
 PeakFn = Callable[[int], "int | None"]
 """``predict(batch_size) -> peak bytes`` (None when no prediction can be made)."""
 SolveFn = Callable[[int, int, int], int]
@@ -145,6 +149,10 @@ class GuidedSearch(SearchStrategy):
             binsearch does (False: for peaks that move in steps, such as a caching allocator's reserved segments,
             where such a line says nothing).
         method: says how ``predict`` computes its peaks (for :attr:`prediction_method`).
+        confirms: ``confirms(B, peak_allocated, peak_reserved)``: whether a trial's peaks are exactly the predicted
+            ones. Where the prediction is exact by construction (``first_fraction == 1``) and the first trial confirms
+            it, the next size, predicted to run out of memory, is not tried (stop reason ``"prediction confirmed"``).
+        replay: ``replay(B)``: a trial at B as the prediction replays it, for :meth:`replay_trial`.
     """
 
     def __init__(
@@ -159,8 +167,12 @@ class GuidedSearch(SearchStrategy):
         known: Callable[[], dict[int, int]] | None = None,
         measured_model: bool = True,
         method: Callable[[], str | None] | None = None,
+        confirms: Callable[[int, int, int], bool] | None = None,
+        replay: Callable[[int], "ReplayedTrial | None"] | None = None,
     ) -> None:
         super().__init__(bounds)
+        self._confirms = confirms
+        self._replay = replay
         self._method = method
         self.measured_model = measured_model
         if not 0 < first_fraction <= 1:
@@ -332,6 +344,14 @@ class GuidedSearch(SearchStrategy):
         return (lo + hi) // 2
 
     def _after_record(self, batch_size: int, fits: bool, peak_bytes: int | None) -> None:
+        if self._confirmed(batch_size, fits, peak_bytes):
+            self.smallest_failure = batch_size + 1
+            self.stop_reason = StopReason.PREDICTION_CONFIRMED
+            logger.info(
+                "guided search: batch size %d reached the predicted peaks to the byte; %d is predicted to run out of "
+                "memory", batch_size, batch_size + 1,
+            )
+            return
         peak = int(peak_bytes) if peak_bytes is not None else None
         if fits and peak is not None:
             self._measured[batch_size] = peak
@@ -359,6 +379,41 @@ class GuidedSearch(SearchStrategy):
             self._surprises = 0
         self._expect = None
         self._expected_need = None
+
+    def _confirmed(self, batch_size: int, fits: bool, peak_bytes: int | None) -> bool:
+        """True when the first trial, at the predicted largest size of an exact prediction, reached the predicted
+        peaks exactly and the next size is predicted not to fit."""
+        if (
+            self._confirms is None
+            or self._proposals != 1
+            or not fits
+            or self._expect is not True
+            or self.first_fraction != 1.0
+            or self.limit is None
+            or peak_bytes is None
+            or self.last_peak_allocated is None
+            or batch_size != self.predicted_max
+            or batch_size >= self.bounds.cap
+        ):
+            return False
+        try:
+            if not self._confirms(batch_size, int(self.last_peak_allocated), int(peak_bytes)):
+                return False
+            above = self._predict(batch_size + 1)
+        except Exception:  # the prediction is an optimisation: close the bracket with a trial instead
+            return False
+        return above is not None and above > self.limit
+
+    def replay_trial(self, batch_size: int) -> ReplayedTrial | None:
+        """A trial at ``batch_size`` as the prediction replays it, once the search stopped with its prediction
+        confirmed (None otherwise, or where the prediction cannot replay that size)."""
+        if self.stop_reason != StopReason.PREDICTION_CONFIRMED or self._replay is None:
+            return None
+        try:
+            return self._replay(batch_size)
+        except Exception as exc:  # the confirmation then runs the steps
+            logger.info("guided search: the replay at batch size %d failed (%s)", batch_size, exc)
+            return None
 
     # -- reporting ---------------------------------------------------------------------------------------------
     @property

@@ -21,6 +21,7 @@ from .gpus import CUDA_CONTEXT_BYTES
 from .guided import GuidedSearch
 from .oom import exception_first_line
 from .optimizers import OptimizerSpec
+from .replay import AllocationLog
 from .search import BisectingSearch, SearchBounds, SearchStrategy
 from .steps import StepFn
 from .validation import MIN_STEPS_PER_TRIAL
@@ -43,10 +44,15 @@ class SearchContext:
     """The loss step, ``step(model, batch) -> loss`` (None when the front end has no separate loss step)."""
     steps_per_trial: int = MIN_STEPS_PER_TRIAL
     precision: str = "32-true"
+    record: Callable[[], AllocationLog | None] | None = None
+    """Records a real trial's allocator calls (:meth:`~batchfinder.trial.TrialSession.record_allocations`), where
+    the device allows it: ``"guided"`` then predicts from that log instead of a fake-tensor trace."""
 
 
 StrategyFactory = Callable[[SearchBounds, SearchContext], SearchStrategy]
 
+
+_RECORDED_METHOD = "one recorded trial (batch sizes 2 and 3), replayed at each size"
 
 # -- the engine side of mode="guided" ---------------------------------------------------------------------------------
 class _SearchPrediction:
@@ -62,10 +68,44 @@ class _SearchPrediction:
             return None
         if self.estimator is None:
             try:
-                self.estimator = Estimator.for_search(self.context)
+                estimator = Estimator.for_search(self.context)
+                log = self._recorded()
+                if log is not None:
+                    estimator.use_log(log, _RECORDED_METHOD)
+                self.estimator = estimator
             except Exception as exc:
                 return self._fail(exc)
         return self.estimator
+
+    def _recorded(self) -> AllocationLog | None:
+        """The log of a recorded real trial when the context can make one that replays (None: trace instead)."""
+        if self.context.record is None:
+            return None
+        try:
+            log = self.context.record()
+        except Exception as exc:  # the fake-tensor trace reports what the model cannot do, with its own message
+            logger.info("guided search: recording a trial failed (%s: %s); tracing instead", type(exc).__name__, exc)
+            return None
+        if log is not None and log.unsuitable is not None:
+            logger.info("guided search: the recorded trial cannot be replayed (%s); tracing instead", log.unsuitable)
+            return None
+        return log
+
+    def replay(self, batch_size: int) -> tuple[bool, int, int, str] | None:
+        """A trial at ``batch_size`` as the recorded log replays it on the device's allocator (None without one)."""
+        if self.estimator is None:
+            return None
+        found = self.estimator.replay_at(batch_size)
+        if found is None:
+            return None
+        return not found.overflows, found.peak, found.peak_reserved, found.peak_phase
+
+    def confirms(self, batch_size: int, peak_allocated: int, peak_reserved: int) -> bool:
+        """True when a trial at ``batch_size`` reached exactly the predicted allocated and reserved peaks."""
+        if self.estimator is None:
+            return False
+        predicted = self.estimator.predicted_pair(batch_size)
+        return predicted == (peak_allocated, peak_reserved)
 
     def _fail(self, exc: BaseException) -> None:
         self.failed = True
@@ -133,6 +173,8 @@ def guided_strategy(bounds: SearchBounds, context: SearchContext) -> GuidedSearc
         known=prediction.known_peaks,
         measured_model=not context.device.reserves_segments,
         method=prediction.method,
+        confirms=prediction.confirms if exact else None,
+        replay=prediction.replay if exact else None,
     )
 
 

@@ -39,7 +39,7 @@ from .accounting import round_allocation
 from .allocator import AllocatorOutOfMemory, CachingAllocator
 from .tracing import FakeTrainer, _PeakLedger
 
-__all__ = ["AllocationLog", "Replay", "record", "replay_obstacle", "UnsuitableForReplay", "P1", "P2", "MAX_EVENTS"]
+__all__ = ["AllocationLog", "Replay", "RecordingLedger", "record", "replay_obstacle", "UnsuitableForReplay", "P1", "P2", "MAX_EVENTS"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,11 +73,35 @@ class Replay:
     phase_peaks: dict[str, int]
 
 
-class _RecordingLedger(_PeakLedger):
-    """The trace's ledger, also logging every allocator call with the raw size and how it scales."""
+class _HandlesOnly:
+    """An allocator that only hands out handles: a recording logs the calls, the replays model the allocator."""
+
+    reserved = peak_reserved = 0
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def malloc(self, nbytes: int, stream: int = 0) -> int:
+        self._next += 1
+        return self._next
+
+    def free(self, handle: int) -> None:
+        pass
+
+    def reset_peak(self) -> None:
+        pass
+
+    def empty_cache(self) -> None:
+        pass
+
+
+class RecordingLedger(_PeakLedger):
+    """A ledger logging every allocator call with the raw size and how it scales (for a fake-tensor trace or a real
+    trial); it models no allocator itself (its reserved bytes read 0)."""
 
     def __init__(self, step_sizes: tuple[int, ...], *, workspace_bytes: int = 0) -> None:
         super().__init__(None, workspace_bytes=workspace_bytes, capacity=None)
+        self.allocator = _HandlesOnly()  # type: ignore[assignment]
         self.step_sizes = step_sizes
         self.events: list[tuple[Any, ...]] = []
         self.scale: int | None = None
@@ -122,6 +146,15 @@ class _RecordingLedger(_PeakLedger):
                 raise UnsuitableForReplay(f"the step made more than {MAX_EVENTS:,} allocations at a billion samples")
         return handles
 
+    def forget(self) -> None:
+        """Stop watching the storages charged so far (a recording of real tensors, such as the model's parameters,
+        which outlive it: their finalizers would otherwise keep this ledger and its log alive)."""
+        with self._lock:
+            for finalizer in self._finalizers.values():
+                finalizer.detach()
+            self._finalizers.clear()
+        self.close()
+
     def _free(self, token: int) -> None:
         handle = self._handles.get(token)
         super()._free(token)
@@ -140,8 +173,9 @@ class AllocationLog:
     seconds: float = 0.0
 
     @classmethod
-    def from_events(cls, events: list[tuple[Any, ...]]) -> "AllocationLog":
-        """Fit ``k`` and ``c`` to every logged allocation and check that the steps agree."""
+    def from_events(cls, events: list[tuple[Any, ...]], sizes: tuple[int, int] = (P1, P2)) -> "AllocationLog":
+        """Fit ``k`` and ``c`` to every logged allocation and check that the steps agree (step 1 recorded at batch
+        size ``sizes[0]``, the later steps at ``sizes[1]``)."""
         calls: list[list[Any]] = []
         steps: dict[int, list[tuple[Any, ...]]] = {}
         at: dict[int, list[list[Any]]] = {}  # the step's forward/backward mallocs, in order
@@ -165,7 +199,7 @@ class AllocationLog:
             if phase in _SCALING_PHASES:
                 steps.setdefault(index, []).append((kind,))
             calls.append(list(event))
-        unsuitable = _fit(steps, at)
+        unsuitable = _fit(steps, at, sizes)
         return cls([tuple(call) for call in calls], unsuitable)
 
     def allocated_peak(self, batch_size: int) -> int:
@@ -242,15 +276,18 @@ class AllocationLog:
         return Replay(batch_size, best, reserved_peak, overflows, peak_phase, phase_peaks)
 
 
-def _fit(steps: dict[int, list[tuple[Any, ...]]], at: dict[int, list[list[Any]]]) -> str | None:
-    """Set ``k`` and ``c`` of every forward/backward allocation from the same allocation at ``P1`` (step 1) and at
-    ``P2`` (step 2); the reason the steps cannot stand for other sizes, or None."""
+def _fit(
+    steps: dict[int, list[tuple[Any, ...]]], at: dict[int, list[list[Any]]], sizes: tuple[int, int]
+) -> str | None:
+    """Set ``k`` and ``c`` of every forward/backward allocation from the same allocation at ``sizes[0]`` (step 1)
+    and at ``sizes[1]`` (step 2); the reason the steps cannot stand for other sizes, or None."""
+    p1, p2 = sizes
     if 1 not in steps or 2 not in steps:
-        return "fewer than two training steps were traced"
+        return "fewer than two training steps were recorded"
     first, second = steps[1], steps[2]
     differ = (
-        f"the forward and backward passes of training step 2 (traced at a batch of {P2:,}) made other allocations "
-        f"than step 1 (at {P1:,}): memory is not an affine function of the batch size"
+        f"the forward and backward passes of training step 2 (recorded at a batch of {p2:,}) made other allocations "
+        f"than step 1 (at {p1:,}): memory is not an affine function of the batch size"
     )
     if [e[0] for e in first] != [e[0] for e in second] or any(steps[i] != second for i in steps if i > 2):
         return differ
@@ -258,8 +295,8 @@ def _fit(steps: dict[int, list[tuple[Any, ...]]], at: dict[int, list[list[Any]]]
     for (kind, *raw1), (_, *raw2) in zip(first, second):
         if kind != _MALLOC:
             continue
-        k, rest = divmod(raw2[0] - raw1[0], P2 - P1)
-        c = raw1[0] - k * P1
+        k, rest = divmod(raw2[0] - raw1[0], p2 - p1)
+        c = raw1[0] - k * p1
         if rest or k < 0 or c < 0:
             return differ
         fitted.append((k, c))
@@ -286,6 +323,6 @@ def record(trainer: FakeTrainer) -> AllocationLog:
 
     Raises :class:`UnsuitableForReplay` (or what the trace raised) when the recording could not be made."""
     sizes = (P1, *([P2] * (trainer.steps - 1)))
-    ledger = _RecordingLedger(sizes, workspace_bytes=trainer.workspace_bytes)
+    ledger = RecordingLedger(sizes, workspace_bytes=trainer.workspace_bytes)
     trainer.trace_steps_with(ledger, sizes)
     return AllocationLog.from_events(ledger.events)

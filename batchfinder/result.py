@@ -46,6 +46,9 @@ class Trial:
     data_scan: DataScan | None = None
     """From :func:`~batchfinder.try_batch_size`: what was learned about the sizes of the samples (None in a
     search's trials: the search result has it)."""
+    replayed: bool = False
+    """True when the figures come from replaying a recorded trial through the simulated GPU's allocator model, not
+    from running steps (a confirmation after ``mode="guided"`` confirmed its prediction to the byte)."""
 
     @property
     def samples_per_second(self) -> float | None:
@@ -76,6 +79,7 @@ class Trial:
             "baseline_bytes": self.baseline_bytes,
             "leaked_bytes": self.leaked_bytes,
             "error": self.error,
+            "replayed": self.replayed,
             **({"data_scan": self.data_scan.as_dict()} if self.data_scan is not None else {}),
         }
 
@@ -102,7 +106,8 @@ class SearchResult:
     seconds: float = 0.0
     """Wall time of the whole search."""
     smallest_failure: int | None = None
-    """Smallest batch size that ran out of memory (None when none did)."""
+    """Smallest batch size that ran out of memory (None when none did); with the stop reason ``"prediction
+    confirmed"``, the size the confirmed prediction says runs out of memory (not tried)."""
     predicted_peaks: dict[int, int] = field(default_factory=dict)
     """``mode="guided"``: every predicted peak the search computed, by batch size (empty in other modes)."""
     predicted_max_batch_size: int | None = None
@@ -210,7 +215,12 @@ class SearchResult:
     def why_stopped(self) -> str:
         """Why the search ended, with the smallest size that ran out of memory when there is one."""
         text = f"stopped: {self.stop_reason.value}"
-        if self.smallest_failure is not None:
+        if self.stop_reason == StopReason.PREDICTION_CONFIRMED:
+            text += (
+                f" (the trial at {self.max_batch_size} reached the predicted peaks to the byte); "
+                f"{self.smallest_failure} is predicted to run out of memory (not tried)"
+            )
+        elif self.smallest_failure is not None:
             text += f"; smallest that ran out of memory: {self.smallest_failure}"
         return text
 
@@ -300,6 +310,7 @@ class SearchResult:
             lines.append(
                 f"  confirmed: {last.steps} steps at {last.batch_size} with the cache kept"
                 + (" (batches in the loader's order, then the largest samples)" if varies else "")
+                + (" (replayed from the recorded trial, which the search's trial matched to the byte)" if last.replayed else "")
                 + f", peak allocated {format_bytes(last.peak_bytes)}"
                 + (f" ({allocated:.0%})" if allocated is not None else "")
                 + f", reserved {format_bytes(last.peak_reserved_bytes)}"

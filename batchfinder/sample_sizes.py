@@ -8,8 +8,9 @@ sees), which bounds every batch of ``B`` the loader can produce, shuffled, bucke
 
 :func:`scan_sizes` finds them:
 
-1. It looks at a spread of ``PROBE_SAMPLES`` items (the first, the last and evenly spaced ones), then at more in a
-   private random order for at most ``FIXED_CHECK_SECONDS`` while all have the same shapes (a ``TensorDataset``'s
+1. It looks at a spread of ``PROBE_SAMPLES`` items (the first, the last and evenly spaced ones), then at up to
+   ``FIXED_CHECK_SAMPLES`` more in a private random order for at most ``FIXED_CHECK_SECONDS`` while all have the
+   same shapes (a ``TensorDataset``'s
    always do: it stops after the probe). When all have the same shapes the data is taken as fixed-size: batches are
    the first ``B`` samples, as for any fixed-size data.
 2. Otherwise it measures every sample's size, in a private random order, until it has seen them all or
@@ -23,18 +24,19 @@ sample (a length column they already have), which is then used for every sample 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import numbers
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
 
-__all__ = ["DataScan", "SampleSize", "scan_sizes", "element_count", "check_scan_budget", "DEFAULT_SCAN_BUDGET"]
+__all__ = ["DataScan", "SampleSize", "scan_sizes", "shapes_differ_further", "element_count", "check_scan_budget", "DEFAULT_SCAN_BUDGET"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +45,10 @@ DEFAULT_SCAN_BUDGET = 10.0
 PROBE_SAMPLES = 64
 """Items looked at first to decide whether sample sizes vary."""
 FIXED_CHECK_SECONDS = 0.25
-"""How long more samples are looked at when the probe's all have the same shapes."""
+"""How long more samples are looked at, at most, when the probe's all have the same shapes."""
+FIXED_CHECK_SAMPLES = 1_024
+"""How many more samples are looked at, at most, when the probe's all have the same shapes (a kind of sample that
+makes up 0.3% of the data set is among them 19 times in 20)."""
 
 SampleSize = Callable[[int], float] | Sequence[float]
 """``sample_size``: a callable ``index -> number`` or one number per sample."""
@@ -193,10 +198,13 @@ def _probe_indices(total: int) -> list[int]:
     return sorted({(i * (total - 1)) // (PROBE_SAMPLES - 1) for i in range(PROBE_SAMPLES)})
 
 
-def _private_order(total: int) -> list[int]:
+_ORDER_CHUNK = 4_096
+
+
+def _private_permutation(total: int) -> torch.Tensor:
     """Every index in a fixed pseudo-random order (a private generator: the user's random state is not touched)."""
     generator = torch.Generator().manual_seed(0x5EED)
-    return torch.randperm(total, generator=generator).tolist()
+    return torch.randperm(total, generator=generator)
 
 
 def scan_sizes(
@@ -206,12 +214,15 @@ def scan_sizes(
     sample_size: SampleSize | None = None,
     budget: float = DEFAULT_SCAN_BUDGET,
     probe_only: bool = False,
+    fixed_check: float | None = FIXED_CHECK_SECONDS,
 ) -> tuple[DataScan, list[int] | None]:
     """Find the largest samples of a data set of ``total`` items that ``load(index)`` returns.
 
     Returns the :class:`DataScan` and the indices largest first (``None`` when the sizes do not vary: batches are
     then the first samples). After a partial scan the samples not scanned follow the scanned ones in index order.
     ``probe_only``: samples are known to share their shapes when the probe's do (a ``TensorDataset``).
+    ``fixed_check``: seconds to go on looking while every shape is the same (None: ``FIXED_CHECK_SAMPLES`` more
+    samples, at most ``FIXED_CHECK_SECONDS``; the caller may look further with :func:`shapes_differ_further`).
     Raises ``TypeError``/``ValueError`` naming ``sample_size`` or ``scan_budget`` when they are not valid.
     """
     budget = check_scan_budget(budget)
@@ -221,7 +232,7 @@ def scan_sizes(
         sizes: dict[int, float] | None = _user_sizes(sample_size, total, started + budget)
         measure, looked_at = "sample_size", total
     else:
-        sizes, looked_at = _measured_sizes(load, total, started + budget, probe_only)
+        sizes, looked_at = _measured_sizes(load, total, started + budget, probe_only, fixed_check)
         measure = "elements"
     if sizes is None:
         return _fixed_scan(load, total, started, looked_at), None
@@ -262,23 +273,32 @@ def _user_sizes(sample_size: SampleSize, total: int, deadline: float) -> dict[in
     return sizes
 
 
-def _scan_order(total: int) -> list[int]:
-    """The probe's indices first, then every other index in a private random order."""
+def _scan_order(total: int) -> Iterator[int]:
+    """The probe's indices first, then every other index in a private random order (made as it is read: a scan that
+    stops early does not pay for the whole order)."""
     probe = _probe_indices(total)
     seen = set(probe)
-    return probe + [i for i in _private_order(total) if i not in seen]
+    yield from probe
+    order = _private_permutation(total)
+    for start in range(0, total, _ORDER_CHUNK):
+        for index in order[start : start + _ORDER_CHUNK].tolist():
+            if index not in seen:
+                yield index
 
 
 def _measured_sizes(
-    load: Callable[[int], Any], total: int, deadline: float, probe_only: bool
+    load: Callable[[int], Any], total: int, deadline: float, probe_only: bool, fixed_check: float | None
 ) -> tuple[dict[int, float] | None, int]:
     """(element counts by index, or None when every sample looked at had the same shapes; samples looked at).
 
-    The probe is always read. While every shape is the same, reading goes on only for ``FIXED_CHECK_SECONDS`` (a
-    rare larger sample among identical ones is found when samples are cheap to load); once two differ, until every
-    sample is measured or the deadline passes."""
+    The probe is always read. While every shape is the same, reading goes on for ``fixed_check`` seconds (None:
+    ``FIXED_CHECK_SAMPLES`` more samples, for at most ``FIXED_CHECK_SECONDS``; a rare larger sample among identical
+    ones is found when samples are cheap to load); once two differ, until every sample is measured or the deadline
+    passes."""
     probe = min(PROBE_SAMPLES, total)
-    fixed_deadline = min(deadline, time.perf_counter() + FIXED_CHECK_SECONDS)
+    now = time.perf_counter()
+    fixed_deadline = min(deadline, now + (FIXED_CHECK_SECONDS if fixed_check is None else fixed_check))
+    fixed_samples = probe + FIXED_CHECK_SAMPLES if fixed_check is None else total
     sizes: dict[int, float] = {}
     shapes: set[Any] = set()
     for index in _scan_order(total):
@@ -289,11 +309,28 @@ def _measured_sizes(
         del sample
         if len(sizes) < probe:
             continue
-        if len(shapes) < 2 and (probe_only or time.perf_counter() >= fixed_deadline):
+        if len(shapes) < 2 and (
+            probe_only or len(sizes) >= fixed_samples or time.perf_counter() >= fixed_deadline
+        ):
             break
         if time.perf_counter() >= deadline:
             break
     return (sizes if len(shapes) > 1 else None), len(sizes)
+
+
+def shapes_differ_further(load: Callable[[int], Any], total: int, skip: int, seconds: float) -> tuple[bool, int]:
+    """Go on looking for a sample whose shapes differ from the first's, past the ``skip`` samples of the scan order
+    already looked at, for at most ``seconds``: (whether one was found, samples looked at now)."""
+    deadline = time.perf_counter() + seconds
+    reference = _shapes(load(0))
+    looked = 0
+    for index in itertools.islice(_scan_order(total), skip, None):
+        looked += 1
+        if _shapes(load(index)) != reference:
+            return True, looked
+        if looked % 64 == 0 and time.perf_counter() >= deadline:
+            break
+    return False, looked
 
 
 def _fixed_scan(load: Callable[[int], Any], total: int, started: float, looked_at: int) -> DataScan:

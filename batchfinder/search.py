@@ -45,6 +45,10 @@ class StopReason(str, enum.Enum):
     """The time budget ran out before the bracket closed."""
     NOTHING_FITS = "nothing fits"
     """Batch size 1 did not fit."""
+    PREDICTION_CONFIRMED = "prediction confirmed"
+    """``mode="guided"`` on a device whose memory the prediction models exactly (the simulated GPU): the trial at the
+    predicted largest size reached the predicted allocated and reserved peaks to the byte, and the next size is
+    predicted to run out of memory (it is not tried)."""
 
     def __str__(self) -> str:
         return self.value
@@ -77,6 +81,8 @@ class SearchStrategy(ABC):
         self.stop_reason: StopReason | None = None
         self.predicted_max: int | None = None
         """The largest batch size the strategy predicted to fit, for strategies that predict (None otherwise)."""
+        self.last_peak_allocated: int | None = None
+        """The allocated peak of the trial recorded last, when told."""
 
     @property
     def predicted_peaks(self) -> dict[int, int]:
@@ -102,8 +108,12 @@ class SearchStrategy(ABC):
     def propose(self) -> int | None:
         """Return the next batch size to try, or None once the search is over (see :attr:`stop_reason`)."""
 
-    def record(self, batch_size: int, fits: bool, peak_bytes: int | None = None) -> None:
-        """Tell the strategy how a trial at ``batch_size`` went (``peak_bytes``: peak memory, when measured)."""
+    def record(
+        self, batch_size: int, fits: bool, peak_bytes: int | None = None, *, peak_allocated: int | None = None
+    ) -> None:
+        """Tell the strategy how a trial at ``batch_size`` went (``peak_bytes``: the peak memory the device decides
+        on, when measured; ``peak_allocated``: the peak of allocated bytes, when it differs)."""
+        self.last_peak_allocated = peak_allocated
         if fits:
             self.largest_fit = max(self.largest_fit, batch_size)
         elif self.smallest_failure is None or batch_size < self.smallest_failure:

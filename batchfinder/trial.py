@@ -36,19 +36,24 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
-from .accounting import host_side_loading, round_allocation, tensor_storages
+from .accounting import ChargingMode, host_side_loading, round_allocation, tensor_storages
 from .batching import BatchSource, describe_batch
-from .devices import DeviceBackend, swapped_data
+from .devices import DeviceBackend, plain_containers, swapped_data
 from .errors import NoBatchSizeFitsError
 from .oom import exception_first_line, is_ambiguous_oom_error, is_fatal_device_error, is_oom_error
 from .optimizers import OptimizerSpec, lacks_state
 from .precision import StepPrecision, cast_floating, check_precision, parameter_dtype
+from .replay import AllocationLog, RecordingLedger
 from .result import Trial
 from .state import SnapshotFactory, TrainingState, deferred_interrupts
 from .steps import StepFn, check_loss, run_training_step
 from .units import format_bytes
 from .validation import MIN_STEPS_PER_TRIAL
+
+RECORDED_SIZES = (2, 3)
+"""The batch sizes of :meth:`TrialSession.record_allocations`' first and later steps."""
 
 __all__ = ["TrialSession", "TrainStepFn", "EvalStepFn"]
 
@@ -122,6 +127,7 @@ class TrialSession:
         self._state: TrainingState | None = None
         self._resident: Any = None
         self._reserved: list[torch.Tensor] = []
+        self._entry_allocated = 0
 
     @property
     def trains(self) -> bool:
@@ -131,6 +137,7 @@ class TrialSession:
     # -- lifetime ------------------------------------------------------------------------------------------------
     def __enter__(self) -> "TrialSession":
         self.device.check_model(self.model)
+        self._entry_allocated = self.device.memory_allocated()
         bound = [self.optimizer.bound] if self.optimizer is not None and self.optimizer.bound is not None else []
         self._state = TrainingState.capture(self.model, [*bound, *self.extra_optimizers], extras=self.extra_state)
         try:
@@ -161,7 +168,11 @@ class TrialSession:
             finally:
                 if self._state is not None:
                     self._state.restore(final=True)
-        gc.collect()
+        # Short cycles of the trials go now; a full collection (0.05-0.8 s in a large process) only when something
+        # the session put on the device is still held.
+        gc.collect(0)
+        if self.device.memory_allocated() > self._entry_allocated:
+            gc.collect()
 
     def _enter_resident(self) -> None:
         bound = self.optimizer.bound if self.optimizer is not None else None
@@ -342,6 +353,63 @@ class TrialSession:
             peak_reserved_bytes=peak_reserved,
         )
 
+    def record_allocations(self, sizes: tuple[int, int] = RECORDED_SIZES) -> AllocationLog | None:
+        """Run one training trial with every allocator call logged, its first step at batch size ``sizes[0]`` and
+        the later ones at ``sizes[1]``, and fit the log (:class:`~batchfinder.replay.AllocationLog`): replayed at
+        any batch size it gives, to the byte, what a trial on the simulated GPU measures there.
+
+        The steps are real and run on the CPU, charged to a ledger of their own (the device's accounting is not
+        touched); the user's state is restored afterwards. A trial at two or three samples costs a fraction of a
+        fake-tensor trace for small and mid-sized models. Returns None where the log cannot stand for the trials:
+        the device is not simulated, the session has its own ``train_step`` (no phases to mark), evaluation steps
+        run in every trial, the data set has fewer samples than ``sizes[1]``, or the precision is ``"16-mixed"``
+        (whose gradient scaler may skip steps). Raises what the step raised.
+        """
+        if (
+            not self.device.accounting_is_exact
+            or self.train_step is not None
+            or self.step is None
+            or self.optimizer is None
+            or (self.validate and self.eval_step is not None)
+            or self.source.length < max(sizes)
+            or self.precision == "16-mixed"  # a gradient scaler's skipped steps: the trial's steps vary
+        ):
+            return None
+        state = self._require_state()
+        steps = [sizes[0], *[sizes[1]] * (max(self.steps_per_trial, 2) - 1)]
+        ledger = RecordingLedger(tuple(steps), workspace_bytes=self.device.workspace_bytes)
+        hosts = {size: self._host(self.source.batch(size)) for size in sizes}
+        bound = self.optimizer.bound
+        try:  # what the session holds, in the order the device charged it when the session opened
+            ledger.charge(tensor_storages([*self.model.parameters(), *self.model.buffers(), *_state_tensors(bound)]))
+            ledger.charge_workspace("forward")
+            ledger.charge_workspace("backward")
+            for extra in self.extra_optimizers:
+                ledger.charge(tensor_storages(_state_tensors(extra)))
+            ledger.charge(tensor_storages(self._reserved))
+            with ChargingMode(ledger):
+                ledger.mark_phase("setup", 0)
+                optimizer = self.optimizer.create()
+                precision = StepPrecision(self.precision, self.device.torch_device.type)
+                self.model.train()
+                with ledger.scaling(sizes[0]):
+                    first = _charged_copy(hosts[sizes[0]], ledger)
+                batch = first
+                for index, size in enumerate(steps, 1):
+                    if index == 2:
+                        with ledger.paused():  # a trial moves one batch: the later steps' own is not in the log
+                            batch = _charged_copy(hosts[size], ledger)
+                    run_training_step(
+                        self.model, batch, self.step, optimizer, lambda phase, i=index: ledger.mark_phase(phase, i),
+                        precision=precision,
+                    )
+                ledger.mark_phase("done", len(steps))
+                del batch, first, optimizer
+        finally:
+            ledger.forget()
+            state.restore(final=False)
+        return AllocationLog.from_events(ledger.events, sizes)
+
     def _release(self, baseline: int) -> int:
         """Free what the trial left behind; returns the bytes still held beyond ``baseline``.
 
@@ -440,6 +508,26 @@ def _flush_autograd(device: DeviceBackend) -> None:
         leaf = torch.ones((), device=device.torch_device, requires_grad=True)
         (leaf * 1.0).backward()
     del leaf
+
+
+def _state_tensors(optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
+    if optimizer is None:
+        return []
+    return [t for entry in optimizer.state.values() for t in entry.values() if isinstance(t, torch.Tensor)]
+
+
+def _charged_copy(host: Any, ledger: RecordingLedger) -> Any:
+    """A copy of each tensor of a host batch, charged to ``ledger`` as a transfer to the device would be."""
+
+    def transfer(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        with host_side_loading():
+            copy = value.clone()
+        ledger.charge([copy.untyped_storage()])
+        return copy
+
+    return tree_map(transfer, plain_containers(host))
 
 
 class _DeviceBatches:

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import batchfinder as bf
+from batchfinder.trial import TrialSession
 from batchfinder.guided import GuidedSearch, largest_within
 from batchfinder.modes import _guided_limit
 from batchfinder.search import BisectingSearch, SearchBounds, StopReason
@@ -214,6 +215,14 @@ def test_guided_finds_the_binsearch_max_in_few_trials():
         if result.stop_reason == StopReason.BRACKET_CLOSED:  # the largest fit and the next size up, both tried
             assert result.trial_for(result.max_batch_size).fits
             assert not result.trial_for(result.max_batch_size + 1).fits
+        elif result.stop_reason == StopReason.PREDICTION_CONFIRMED:  # the trial reached the predicted peaks exactly
+            trial = result.trial_for(result.max_batch_size)
+            assert result.num_trials == 1 and result.num_ooms == 0 and trial.fits
+            assert result.predicted_peaks[result.max_batch_size] == trial.peak_reserved_bytes
+            assert result.smallest_failure == result.max_batch_size + 1
+            above = bf.try_batch_size(model, dataset, result.max_batch_size + 1, optimizer=optimizer,
+                                      device=bf.SimulatedGPU(capacity))
+            assert not above.fits  # what the confirmed prediction said of the size it did not try
         else:
             assert result.stop_reason == StopReason.DATASET_LENGTH and result.max_batch_size == len(dataset)
         assert result.predicted_max_batch_size == result.max_batch_size
@@ -245,10 +254,22 @@ class ReadsValues(nn.Module):
         return self.fc2(torch.relu(self.fc1(x)))
 
 
-def test_guided_without_an_estimate_uses_measured_peaks(caplog):
+def test_a_model_fake_tensors_cannot_run_is_predicted_from_a_recorded_trial():
+    torch.manual_seed(0)
+    dataset = TensorDataset(torch.randn(6000, 64), torch.randint(0, 4, (6000,)))
+    device = bf.SimulatedGPU("4MiB")
+    guided = bf.find_batch_size(ReadsValues(), dataset, optimizer=torch.optim.SGD, device=device, mode="guided")
+    reference = bf.find_batch_size(ReadsValues(), dataset, optimizer=torch.optim.SGD, device=device, mode="binsearch")
+    assert guided.max_batch_size == reference.max_batch_size and guided.num_trials == 1 and guided.num_ooms == 0
+    assert guided.prediction_method.startswith("one recorded trial") and guided.prediction_status == "exact"
+
+
+def test_guided_without_an_estimate_uses_measured_peaks(caplog, monkeypatch):
     torch.manual_seed(0)
     dataset = TensorDataset(torch.randn(6000, 64), torch.randint(0, 4, (6000,)))
     model = ReadsValues()
+    # No recorded trial (as on a real GPU) and a model fake tensors cannot run: no prediction at all.
+    monkeypatch.setattr(TrialSession, "record_allocations", lambda self, sizes=(2, 3): None)
     with caplog.at_level(logging.WARNING, logger="batchfinder"):
         # Allocated bytes only: smooth measured peaks that a line through them can steer by.
         guided = bf.find_batch_size(model, dataset, optimizer=torch.optim.SGD, device=bf.SimulatedGPU("4MiB", allocator="ideal"), mode="guided")

@@ -10,6 +10,7 @@ from torch.utils.data import TensorDataset
 import batchfinder as bf
 import batchfinder.estimate as estimate_module
 from batchfinder.estimate import Estimator
+from batchfinder.search import StopReason
 from batchfinder.replay import P1, P2, record, replay_obstacle
 
 from conftest import DictLossModel, PartlyFrozen, SmallCNN
@@ -121,9 +122,15 @@ def test_memory_that_is_not_affine_in_the_batch_size_is_traced_per_size_and_stay
           for size in (prediction.max_batch_size, prediction.max_batch_size + 1)]
     assert at[0] <= 2**20 < at[1]  # what tracing each size says
     data = TensorDataset(torch.randn(20_000, 16), torch.zeros(20_000))
-    guided = bf.find_batch_size(model, data, device=bf.SimulatedGPU("1MiB", allocator="ideal"), mode="guided",
-                                optimizer=torch.optim.SGD, step_fn=step, confirm_steps=0)
-    assert guided.prediction_method == prediction.method and guided.trial_for(guided.max_batch_size).fits
+    device = bf.SimulatedGPU("1MiB", allocator="ideal")
+    guided = bf.find_batch_size(model, data, device=device, mode="guided", optimizer=torch.optim.SGD, step_fn=step,
+                                confirm_steps=0)
+    binsearch = bf.find_batch_size(model, data, device=device, optimizer=torch.optim.SGD, step_fn=step, confirm_steps=0)
+    # A recorded trial at 2 and 3 samples holds one chunk and looks affine (the quadratic one does not, and falls back
+    # to tracing each size): the trial at the predicted size does not reach the predicted peaks, so the search
+    # closes its bracket with real trials, and stays exact.
+    assert guided.max_batch_size == binsearch.max_batch_size and guided.trial_for(guided.max_batch_size).fits
+    assert guided.stop_reason == StopReason.BRACKET_CLOSED and guided.trial_for(guided.max_batch_size + 1) is not None
 
 
 def test_batch_size_one_is_traced_because_size_one_dimensions_copy_less():
@@ -140,8 +147,11 @@ def test_guided_search_records_once_and_says_how_it_predicted():
     data = TensorDataset(torch.randn(8000, 1, 8, 8), torch.randint(0, 10, (8000,)))
     result = bf.find_batch_size(model, data, device=bf.SimulatedGPU("8MiB"), mode="guided")
     binsearch = bf.find_batch_size(model, data, device=bf.SimulatedGPU("8MiB"))
-    assert result.max_batch_size == binsearch.max_batch_size and result.num_ooms <= 1
-    assert result.prediction_method == "one trace, replayed at each size"
+    assert result.max_batch_size == binsearch.max_batch_size and result.num_ooms == 0 and result.num_trials == 1
+    assert result.prediction_method == "one recorded trial (batch sizes 2 and 3), replayed at each size"
+    assert result.stop_reason == StopReason.PREDICTION_CONFIRMED and result.smallest_failure == result.max_batch_size + 1
+    assert "is predicted to run out of memory (not tried)" in result.why_stopped()
+    assert result.confirmations[-1].replayed and result.confirmations[-1].fits
     assert "prediction: largest" in str(result) and result.as_dict()["prediction_method"] == result.prediction_method
 
 
@@ -149,3 +159,63 @@ def test_batches_of_plain_values_are_not_made_at_a_billion_samples():
     assert replay_obstacle((torch.zeros(1, 3), ["a caption"])) is not None
     assert replay_obstacle({"x": torch.zeros(1, 3), "y": torch.zeros(1)}) is None
     assert P1 != P2 and all(p % d for p in (P1, P2) for d in range(2, 1000))  # two primes
+
+
+def _dataset_of(sample: object, length: int) -> list:
+    """``length`` samples shaped like ``sample`` (same shapes and dtypes, varied values)."""
+    torch.manual_seed(1)
+
+    def varied(value: object) -> object:
+        if isinstance(value, dict):
+            return {key: varied(item) for key, item in value.items()}
+        if isinstance(value, tuple):
+            return tuple(varied(item) for item in value)
+        if value.is_floating_point():
+            return torch.randn_like(value)
+        return torch.randint_like(value, 0, max(int(value.max()) + 1, 2))
+
+    return [varied(sample) for _ in range(length)]
+
+
+@pytest.mark.parametrize("name", [case[0] for case in _cases()])
+def test_a_recorded_real_trial_replays_what_trials_measure_to_the_byte(name):
+    from batchfinder.batching import BatchSource
+    from batchfinder.optimizers import resolve_optimizer
+    from batchfinder.steps import make_step
+    from batchfinder.trial import TrialSession
+
+    _, model, sample, optimizer = next(case for case in _cases() if case[0] == name)
+    shape = isinstance(sample, tuple) and all(isinstance(n, int) for n in sample)
+    data = _dataset_of((torch.randn(sample), torch.tensor(1)) if shape else sample, 1200)
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    device = bf.SimulatedGPU("24MiB")
+    session = TrialSession(model, BatchSource(data), make_step(), resolve_optimizer(optimizer, model), device)
+    with session:
+        log = session.record_allocations()
+        assert log is not None and log.unsuitable is None, log and log.unsuitable
+        for size in (2, 3, 17, 64, 257, 1000):
+            replay = log.replay(size, device.capacity_bytes)
+            trial = session.run(size)
+            assert trial.fits == (not replay.overflows), (name, size)
+            if trial.fits:
+                assert (replay.peak, replay.peak_reserved) == (trial.peak_bytes, trial.peak_reserved_bytes), (name, size)
+    assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())  # state restored
+    assert device.memory_allocated() == 0  # the recording charged nothing to the device
+
+
+def test_no_recording_where_it_cannot_stand_for_the_trials():
+    from batchfinder.batching import BatchSource
+    from batchfinder.optimizers import resolve_optimizer
+    from batchfinder.steps import make_step
+    from batchfinder.trial import TrialSession
+
+    model = nn.Sequential(nn.Linear(8, 4))
+    data = TensorDataset(torch.randn(100, 8), torch.randint(0, 4, (100,)))
+    spec = resolve_optimizer(torch.optim.SGD, model)
+    with TrialSession(model, BatchSource(data), make_step(), spec, bf.SimulatedGPU("8MiB", allocator="ideal")) as session:
+        assert session.record_allocations() is not None
+    with TrialSession(model, BatchSource(data), make_step(), spec, bf.SimulatedGPU("8MiB"), precision="16-mixed") as session:
+        assert session.record_allocations() is None  # a gradient scaler may skip steps
+    tiny = TensorDataset(torch.randn(2, 8), torch.randint(0, 4, (2,)))
+    with TrialSession(model, BatchSource(tiny), make_step(), spec, bf.SimulatedGPU("8MiB")) as session:
+        assert session.record_allocations() is None  # fewer samples than the recording's second size

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -9,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, TensorDataset
 
@@ -299,3 +301,32 @@ def test_a_tokenizer_style_batch_mapping_reaches_the_device_whole():
     gpu = bf.SimulatedGPU("1MiB", allocator="ideal")
     moved = gpu.to_device(Encoding(input_ids=torch.zeros(2, 8, dtype=torch.long), labels=torch.zeros(2)))
     assert isinstance(moved, dict) and gpu.memory_allocated() == 2 * 512
+
+
+def test_a_search_looks_further_for_a_rare_larger_sample_after_it_ran_and_searches_again():
+    from batchfinder.sample_sizes import FIXED_CHECK_SAMPLES, _scan_order
+
+    total = 20_000
+    order = list(itertools.islice(_scan_order(total), PROBE_SAMPLES + FIXED_CHECK_SAMPLES + 200))
+    rare = order[PROBE_SAMPLES + FIXED_CHECK_SAMPLES + 100]  # beyond what the scan looks at before the search
+
+    class MostlySmall(Dataset):
+        def __len__(self) -> int:
+            return total
+
+        def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+            return torch.zeros(256 if index == rare else 16), 0
+
+    def collate(batch: list) -> tuple[torch.Tensor, torch.Tensor]:  # pads to the longest, as text collates do
+        width = max(len(x) for x, _ in batch)
+        return torch.stack([F.pad(x, (0, width - len(x))) for x, _ in batch]), torch.tensor([y for _, y in batch])
+
+    model = nn.Sequential(nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 2))
+    loader = DataLoader(MostlySmall(), batch_size=8, collate_fn=collate)
+    step = lambda m, batch: F.cross_entropy(m(F.pad(batch[0], (0, 256 - batch[0].shape[1]))), batch[1])  # noqa: E731
+    result = bf.find_batch_size(model, loader, optimizer=torch.optim.SGD, step_fn=step, device=bf.SimulatedGPU("4MiB"))
+    assert result.data_scan.varies and result.data_scan.largest_index == rare
+    assert any("the search ran again on the largest samples" in note for note in result.notes)
+    worst = bf.try_batch_size(model, loader, result.max_batch_size, optimizer=torch.optim.SGD, step_fn=step,
+                              device=bf.SimulatedGPU("4MiB"))
+    assert worst.fits and worst.data_scan.largest_index == rare  # every batch of the maximum fits, the rare one too
