@@ -178,7 +178,7 @@ def search_figure(result: SearchResult) -> Figure:
     axes.set_ylabel(f"peak memory ({unit})")
     axes.set_ylim(bottom=0)
     axes.set_title(
-        f"batch size search ({result.mode}) on {result.device}: {result.num_trials} trials, "
+        f"batch size search ({result.mode}) on {result.device}: {result.num_trials} trial{'' if result.num_trials == 1 else 's'}, "
         f"{result.num_ooms} out of memory",
         fontsize=11,
     )

@@ -274,7 +274,7 @@ class SearchResult:
         lines = [
             f"batch size search on {self.device}{capacity}, mode {self.mode}"
             + (f", precision {self.precision}" if self.precision != "32-true" else "")
-            + f": {self.num_trials} trials, "
+            + f": {self.num_trials} trial{'' if self.num_trials == 1 else 's'}, "
             f"{self.num_steps} steps, {self.num_ooms} out of memory, {self.seconds:.1f} s",
             self.table(),
             f"recommended batch size: {self.batch_size}",

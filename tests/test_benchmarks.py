@@ -168,3 +168,20 @@ def test_the_library_does_not_import_benchmarks_or_examples() -> None:
                 names = [node.module]
             for name in names:
                 assert name.split(".")[0] not in ("benchmarks", "examples"), f"{path} imports {name}"
+
+
+def test_prediction_cost_measures_a_prediction_against_an_estimate() -> None:
+    from benchmarks import prediction_cost
+
+    measured = prediction_cost.measure("small_encoder_2x64", "estimate")
+    seconds = measured["seconds"]
+    assert set(seconds) == {"estimate (cold)", "predict (cold)", "estimate (warm)", "predict (warm)"}
+    assert all(value > 0 for value in seconds.values())
+    assert measured["traces"] == 1 and measured["method"] == "one trace, replayed at each size"
+    assert measured["max_batch_size"] > 1000  # a small encoder on an A100-40GB
+    row = {"model": "small_encoder_2x64", "max_batch_size": measured["max_batch_size"], "traces": 1,
+           "estimate_cold": 1.0, "predict_cold": 1.2, "ratio_cold": 1.2, "estimate_warm": 0.5, "predict_warm": 0.5,
+           "ratio_warm": 1.0}
+    table = prediction_cost.markdown([row, {"model": "gpt2_small", "error": "ModuleNotFoundError"}],
+                                     {"torch": "x", "python": "y", "cpu_count": 2})
+    assert "| small_encoder_2x64 |" in table and "**1.20x**" in table and "error: ModuleNotFoundError" in table
