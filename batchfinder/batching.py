@@ -126,6 +126,8 @@ class BatchSource:
         self.collate = collate
         self.length = length
         self._cache: dict[int, Any] = {}
+        self._fixed_bytes: int | None = None
+        self.order: list[int] | None = None
         self._cached_bytes = 0
         with host_side_loading():
             first = self.sample(0)
@@ -137,6 +139,7 @@ class BatchSource:
                 fixed_check=None if defer_fixed_check else FIXED_CHECK_SECONDS,
             )
         self._scan_budget = scan_budget
+        self._fixed_bytes = sample_bytes(first) if self.order is None else None
         self._looked_at: int | None = None
         """Samples the deferred check of fixed-size data has looked at (None: nothing left to check)."""
         if defer_fixed_check and sample_size is None and not probe_only and self.order is None:
@@ -189,7 +192,11 @@ class BatchSource:
         sample = self.dataset[index]
         if self._cached_bytes < _CACHE_BUDGET_BYTES:
             self._cache[index] = sample
-            self._cached_bytes += sample_bytes(sample)
+            # Samples of fixed-size data all hold as many bytes as the first: count them once.
+            if self.order is None and self._fixed_bytes is not None:
+                self._cached_bytes += self._fixed_bytes
+            else:
+                self._cached_bytes += sample_bytes(sample)
         return sample
 
     def indices(self, batch_size: int) -> Sequence[int]:
