@@ -20,9 +20,15 @@ size) or a step that allocates differently from the next make the log unsuitable
 says why): the estimator then traces at each batch size instead. What the first step makes besides (the optimizer's
 state) is constant; the batch scales with ``P1``.
 
-Known limitations: an affine fit through two points is taken at its word (a size that is affine at 4,099 and 8,191
-but not elsewhere would be replayed wrongly); batch size 1 is not replayed (dimensions of size 1 make some copies
-unnecessary) but traced; a model that makes more than ``MAX_EVENTS`` allocations per recording is traced per size.
+The same log can come from a real trial instead of a trace: on the simulated GPU the guided search records one
+(:meth:`~batchfinder.trial.TrialSession.record_allocations`, step 1 at batch size 2, step 2 at 3), which costs about
+one small trial and runs models fake tensors cannot.
+
+Known limitations: an affine fit through two points is taken at its word (a recording at 2 and 3 cannot see a
+model that processes its batch in chunks of 256: it predicts one chunk's line; the guided search notices, because
+its trial then does not reach the predicted peaks to the byte, and closes its bracket with real trials; a size that
+is affine at 4,099 and 8,191 but not elsewhere would be replayed wrongly); batch size 1 is not replayed (dimensions
+of size 1 make some copies unnecessary) but traced; a model that makes more than ``MAX_EVENTS`` allocations per recording is traced per size.
 """
 
 from __future__ import annotations
