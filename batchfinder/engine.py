@@ -258,6 +258,7 @@ def _session(workload: Workload, device: DeviceBackend, options: SearchOptions) 
         reserved_bytes=ddp_bucket_bytes(workload.ddp) if charge_buckets and workload.ddp is not None else (),
         extra_state=workload.extra_state,
         precision=workload.precision,
+        record_on_entry=options.mode == "guided" and workload.trains,
     )
 
 

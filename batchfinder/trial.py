@@ -95,13 +95,15 @@ class TrialSession:
         reserved_bytes: Sequence[int] = (),
         extra_state: Sequence[SnapshotFactory] = (),
         precision: str = "32-true",
+        record_on_entry: bool = False,
     ) -> None:
         """``step``/``optimizer`` drive the built-in training step; ``train_step`` replaces it (then ``step`` may be
         None); with neither the session only evaluates (``eval_step`` and ``eval_source`` required). ``precision``
         (:mod:`batchfinder.precision`) applies to the built-in step: autocast and a fresh ``GradScaler`` per trial for
         the mixed precisions; for ``"16-true"``/``"bf16-true"`` the model's floating parameters and buffers, and the
-        batches' floating tensors, are cast for the length of the session. See the module documentation for the
-        other keywords."""
+        batches' floating tensors, are cast for the length of the session. ``record_on_entry``: the model check on
+        entry is the recorded trial of :meth:`record_allocations` where one can be made (one real step less for a
+        guided search). See the module documentation for the other keywords."""
         self.model = model
         self.source = source
         self.step = step
@@ -117,6 +119,9 @@ class TrialSession:
         self.reserved_bytes = [int(n) for n in reserved_bytes if n > 0]
         self.extra_state = list(extra_state)
         self.precision = check_precision(precision)
+        self.record_on_entry = record_on_entry
+        self._entry_log: AllocationLog | None = None
+        self._entry_recording_failed = False
         self._param_dtype = parameter_dtype(self.precision)
         self._cast: contextlib.ExitStack | None = None
         self.notes: list[str] = []
@@ -212,10 +217,13 @@ class TrialSession:
         )
 
     def _probe(self) -> None:
-        """Run one forward/backward at a tiny batch outside memory accounting to check the model takes the batch."""
-        with host_side_loading(), warnings.catch_warnings(record=True) as caught:
+        """Check that the model takes the batch: one forward/backward at a tiny batch outside memory accounting, or
+        with ``record_on_entry`` the recorded trial where one can be made."""
+        with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            self._probe_unaccounted()
+            if not self._recorded_on_entry():
+                with host_side_loading():
+                    self._probe_unaccounted()
         for warning in caught:
             if _REENTRANT_NO_GRAD in str(warning.message):
                 note = (
@@ -229,6 +237,22 @@ class TrialSession:
                     logger.warning("%s", note)
             else:
                 warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+
+    def _recorded_on_entry(self) -> bool:
+        """With ``record_on_entry``: make the recorded trial, which runs the model on real batches and so checks it
+        as the probe would. False where none can be made or it failed (the plain probe then says what is wrong)."""
+        if not (self.record_on_entry and self._can_record(RECORDED_SIZES)):
+            return False
+        try:
+            self._entry_log = self._record(RECORDED_SIZES)
+        except Exception as exc:  # the plain probe that follows reports what the model cannot do, with its message
+            logger.info(
+                "recording a trial on entry failed (%s: %s); checking the model with one plain step",
+                type(exc).__name__, exception_first_line(exc),
+            )
+            self._entry_recording_failed = True
+            return False
+        return True
 
     def _probe_unaccounted(self) -> None:
         size = min(2, self.source.length)
@@ -364,8 +388,18 @@ class TrialSession:
         the device is not simulated, the session has its own ``train_step`` (no phases to mark), evaluation steps
         run in every trial, the data set has fewer samples than ``sizes[1]``, or the precision is ``"16-mixed"``
         (whose gradient scaler may skip steps). Raises what the step raised.
+
+        A session opened with ``record_on_entry`` made this recording as its model check: the first call at the
+        default sizes returns it (None where it failed there).
         """
-        if (
+        if sizes == RECORDED_SIZES and (self._entry_log is not None or self._entry_recording_failed):
+            log, self._entry_log, self._entry_recording_failed = self._entry_log, None, False
+            return log
+        return self._record(sizes) if self._can_record(sizes) else None
+
+    def _can_record(self, sizes: tuple[int, int]) -> bool:
+        """Whether :meth:`record_allocations` can make a log that stands for this session's trials."""
+        return not (
             not self.device.accounting_is_exact
             or self.train_step is not None
             or self.step is None
@@ -373,8 +407,11 @@ class TrialSession:
             or (self.validate and self.eval_step is not None)
             or self.source.length < max(sizes)
             or self.precision == "16-mixed"  # a gradient scaler's skipped steps: the trial's steps vary
-        ):
-            return None
+        )
+
+    def _record(self, sizes: tuple[int, int]) -> AllocationLog:
+        if self.step is None or self.optimizer is None:
+            raise RuntimeError("recording needs the built-in training step (step and optimizer)")
         state = self._require_state()
         steps = [sizes[0], *[sizes[1]] * (max(self.steps_per_trial, 2) - 1)]
         ledger = RecordingLedger(tuple(steps), workspace_bytes=self.device.workspace_bytes)

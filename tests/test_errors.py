@@ -89,9 +89,10 @@ def test_model_that_does_not_accept_the_batch(mlp):
     model, _ = mlp
     wrong = TensorDataset(torch.randn(100, 1, 7, 7), torch.randint(0, 10, (100,)))
     before = snapshot(model)
-    with pytest.raises(ValueError, match=r"could not train on a batch.*Tensor\[2, 1, 7, 7\] float32.*shapes cannot be multiplied"):
-        bf.find_batch_size(model, wrong, device=bf.SimulatedGPU(CAPACITY))
-    assert_unchanged(before, model)
+    for mode in ("binsearch", "guided"):  # guided checks the model with a recorded trial, then with a plain step
+        with pytest.raises(ValueError, match=r"could not train on a batch.*Tensor\[2, 1, 7, 7\] float32.*shapes cannot be multiplied"):
+            bf.find_batch_size(model, wrong, device=bf.SimulatedGPU(CAPACITY), mode=mode)
+        assert_unchanged(before, model)
     with pytest.raises(TypeError, match="model must be a torch.nn.Module, not function"):
         bf.find_batch_size(lambda x: x, wrong, device=bf.SimulatedGPU(CAPACITY))
     with pytest.raises(TypeError, match="not a scalar loss"):

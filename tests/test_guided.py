@@ -264,6 +264,28 @@ def test_a_model_fake_tensors_cannot_run_is_predicted_from_a_recorded_trial():
     assert guided.prediction_method.startswith("one recorded trial") and guided.prediction_status == "exact"
 
 
+def test_a_guided_search_checks_the_model_with_its_recorded_trial_not_an_extra_step():
+    torch.manual_seed(0)
+    dataset = TensorDataset(torch.randn(6000, 64), torch.randint(0, 4, (6000,)))
+    sizes: dict[str, list[int]] = {"guided": [], "binsearch": []}
+
+    def counting(mode: str):
+        def step(model: nn.Module, batch: list) -> torch.Tensor:
+            sizes[mode].append(len(batch[0]))
+            return nn.functional.cross_entropy(model(batch[0]), batch[1])
+        return step
+
+    model = ReadsValues()
+    for mode in sizes:
+        result = bf.find_batch_size(model, dataset, optimizer=torch.optim.SGD, step_fn=counting(mode),
+                                    device=bf.SimulatedGPU("4MiB"), mode=mode, confirm_steps=0)
+        if mode == "guided":
+            guided = result
+    # binsearch: a plain check at 2, then its trials; guided: the recorded trial (2, then 3) is the check.
+    assert sizes["binsearch"][:3] == [2, result.trials[0].batch_size, result.trials[0].batch_size]
+    assert sizes["guided"] == [2, 3, guided.max_batch_size, guided.max_batch_size] and guided.num_trials == 1
+
+
 def test_guided_without_an_estimate_uses_measured_peaks(caplog, monkeypatch):
     torch.manual_seed(0)
     dataset = TensorDataset(torch.randn(6000, 64), torch.randint(0, 4, (6000,)))

@@ -203,6 +203,31 @@ def test_a_recorded_real_trial_replays_what_trials_measure_to_the_byte(name):
     assert device.memory_allocated() == 0  # the recording charged nothing to the device
 
 
+def test_the_recording_made_as_the_model_check_on_entry_is_the_one_a_later_call_makes():
+    from batchfinder.batching import BatchSource
+    from batchfinder.optimizers import resolve_optimizer
+    from batchfinder.steps import make_step
+    from batchfinder.trial import TrialSession
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.BatchNorm1d(64), nn.Linear(64, 4))
+    data = TensorDataset(torch.randn(500, 32), torch.randint(0, 4, (500,)))
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    spec = resolve_optimizer(torch.optim.Adam, model)
+    device = bf.SimulatedGPU("8MiB")
+    with TrialSession(model, BatchSource(data), make_step(), spec, device, record_on_entry=True) as session:
+        on_entry = session.record_allocations()  # handed over once
+        later = session.record_allocations()  # recorded now
+        assert on_entry is not None and later is not None and on_entry is not later
+        for size in (2, 3, 40, 333):
+            first, second = on_entry.replay(size, device.capacity_bytes), later.replay(size, device.capacity_bytes)
+            assert (first.peak, first.peak_reserved) == (second.peak, second.peak_reserved)
+            trial = session.run(size)
+            assert (trial.peak_bytes, trial.peak_reserved_bytes) == (first.peak, first.peak_reserved)
+    assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
+    assert device.memory_allocated() == 0
+
+
 def test_no_recording_where_it_cannot_stand_for_the_trials():
     from batchfinder.batching import BatchSource
     from batchfinder.optimizers import resolve_optimizer

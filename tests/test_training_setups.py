@@ -69,10 +69,13 @@ def test_non_reentrant_checkpointing_fits_more_and_is_estimated_exactly():
     assert trial.peak_bytes == bf.estimate_memory(checkpointed, data, 1000).peak
 
 
-def test_reentrant_checkpointing_that_computes_no_gradients_is_warned_about(caplog):
+@pytest.mark.parametrize("mode", ["binsearch", "guided"])  # guided: the model check is the recorded trial
+def test_reentrant_checkpointing_that_computes_no_gradients_is_warned_about(caplog, mode):
     torch.manual_seed(0)
     with caplog.at_level(logging.WARNING, logger="batchfinder"):
-        result = bf.find_batch_size(Deep("reentrant"), _data(), device=bf.SimulatedGPU("16MiB"), confirm_steps=0)
+        result = bf.find_batch_size(
+            Deep("reentrant"), _data(), device=bf.SimulatedGPU("16MiB"), confirm_steps=0, mode=mode
+        )
     assert any("computes no gradients" in note for note in result.notes)
     assert any("use_reentrant=False" in record.getMessage() for record in caplog.records)
 
