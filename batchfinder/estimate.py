@@ -137,6 +137,8 @@ class Estimator:
         self._traces: dict[int, Trace] = {}
         self._log: AllocationLog | None = None
         self._replays: dict[int, Replay] = {}
+        self._unbounded: dict[int, int] = {}
+        """Peaks of overflowing replays without a limit (for :attr:`known_peaks`), by batch size."""
         self.replayable: bool | None = None
         """Whether one recorded trace stands for every batch size (None until first needed; see
         :mod:`batchfinder.replay`)."""
@@ -281,6 +283,7 @@ class Estimator:
             raise ValueError(f"the allocation log cannot stand for other batch sizes: {log.unsuitable}")
         self._log, self.replayable, self.method = log, True, method
         self._replays.clear()
+        self._unbounded.clear()
         self._overflows.clear()
 
     def _record(self) -> AllocationLog | None:
@@ -338,10 +341,22 @@ class Estimator:
 
     @property
     def known_peaks(self) -> dict[int, int]:
-        """Every peak computed so far (traced or replayed), by batch size (reserved bytes when :attr:`reserved`)."""
-        peaks = {size: (r.peak_reserved if self.reserved else r.peak) for size, r in self._replays.items()}
+        """Every peak computed so far (traced or replayed), by batch size (reserved bytes when :attr:`reserved`).
+
+        A size the allocator of :attr:`allocator_capacity` could not serve has the peak its replay reaches without a
+        limit, at least one byte above the capacity (not the lower peak reached before running out)."""
+        peaks = {size: self._reported(size, r) for size, r in self._replays.items()}
         peaks.update({size: (t.peak_reserved if self.reserved else t.peak) for size, t in self._traces.items()})
         return dict(sorted(peaks.items()))
+
+    def _reported(self, batch_size: int, replay: Replay) -> int:
+        if not replay.overflows or self._log is None:
+            return replay.peak_reserved if self.reserved else replay.peak
+        found = self._unbounded.get(batch_size)
+        if found is None:
+            unlimited = self._log.replay(batch_size)
+            found = self._unbounded[batch_size] = unlimited.peak_reserved if self.reserved else unlimited.peak
+        return max(found, (self.allocator_capacity or 0) + 1)
 
     def largest_fitting(self, level: int, lo: int = 1, hi: int = 2**40) -> int:
         """The largest batch size in ``[lo, hi]`` whose predicted peak is at most ``level`` (``lo - 1`` if none).
@@ -353,7 +368,7 @@ class Estimator:
         each phase's peak (the optimizer step's is nearly flat, the forward/backward one grows with the batch) to
         ``level``, and refines from there by :func:`~batchfinder.guided.largest_within`: typically four to six traces.
         """
-        from .guided import largest_within
+        from .guided import largest_from_above, largest_within
 
         if hi < lo:
             return lo - 1
@@ -363,7 +378,7 @@ class Estimator:
                 return lo if lo < first and self.peak(lo) <= level else lo - 1
             # Reserved bytes are never below allocated ones: the allocated answer (cheap replays) bounds the search.
             top = self._log.largest_within_allocated(level, first, hi)
-            return self._largest_from_above(level, first, top)
+            return largest_from_above(self.peak, level, first, top)
         if self.peak(lo) > level:
             return lo - 1
         probe = min(hi, max(lo + 1, 64 * lo))
@@ -372,29 +387,6 @@ class Estimator:
         self.peak(probe)
         start = self._phase_guess(level, lo, probe) if probe in self._traces else None
         return largest_within(self.peak, level, lo, hi, start=start)
-
-    def _largest_from_above(self, level: int, good: int, top: int) -> int:
-        """The largest size in ``[good, top]`` whose peak is at most ``level``, where ``good`` is such a size and no
-        size above ``top`` is, searched from the top down: ``top``, then steps down that double, then a bisection of
-        the last step. Reserved peaks are not monotonic in the batch size (a size can need one more segment than
-        the next, where its blocks pack worse), and starting from above finds the largest size that fits rather
-        than the first crossing from below."""
-        bad = top + 1
-        step = 1
-        while bad - good > 1:
-            candidate = max(bad - step, good + 1)
-            if self.peak(candidate) <= level:
-                good = candidate
-                break
-            bad = candidate
-            step *= 2
-        while bad - good > 1:
-            middle = (good + bad) // 2
-            if self.peak(middle) <= level:
-                good = middle
-            else:
-                bad = middle
-        return good
 
     def _phase_guess(self, level: int, b1: int, b2: int) -> int:
         """Where the lines through each phase's peaks at ``b1`` and ``b2`` first reach ``level``."""

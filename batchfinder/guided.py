@@ -40,7 +40,7 @@ from collections.abc import Callable
 
 from .search import SearchBounds, SearchStrategy, StopReason
 
-__all__ = ["GuidedSearch", "largest_within", "PeakFn", "SolveFn", "ReplayedTrial"]
+__all__ = ["GuidedSearch", "largest_within", "largest_from_above", "PeakFn", "SolveFn", "ReplayedTrial"]
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +115,30 @@ def largest_within(f: Callable[[int], float], level: float, lo: int, hi: int, *,
             bad = candidate
         if bad is not None:
             sides.append(fits)
+
+
+def largest_from_above(f: Callable[[int], float], level: float, good: int, top: int) -> int:
+    """The largest ``b`` in ``[good, top]`` with ``f(b) <= level``, where ``f(good) <= level`` and no size above
+    ``top`` is within the level, searched from the top down: ``top``, then steps down that double, then a bisection
+    of the last step. For an ``f`` that is not monotonic (reserved bytes: a size can need one more allocator segment
+    than the next, where its blocks pack worse) this finds the largest size within the level rather than the first
+    crossing from below."""
+    bad = top + 1
+    step = 1
+    while bad - good > 1:
+        candidate = max(bad - step, good + 1)
+        if f(candidate) <= level:
+            good = candidate
+            break
+        bad = candidate
+        step *= 2
+    while bad - good > 1:
+        middle = (good + bad) // 2
+        if f(middle) <= level:
+            good = middle
+        else:
+            bad = middle
+    return good
 
 
 def _from_above(cache: dict[int, float], level: float, good: int) -> int | None:

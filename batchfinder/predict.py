@@ -71,7 +71,8 @@ class Prediction:
     capped: bool = False
     """True when the largest size considered (``max_batch_size=``) still fitted."""
     curve: dict[int, int] = field(default_factory=dict)
-    """Every batch size traced, with its predicted peak."""
+    """Every batch size traced or replayed, with its predicted peak (a size that does not fit: the peak it would
+    need without a limit, above the capacity)."""
     traces: int = 0
     """Fake-tensor traces the prediction ran (the breakdown's, when :attr:`estimate` was read, not included)."""
     seconds: float = 0.0

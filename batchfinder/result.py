@@ -109,7 +109,8 @@ class SearchResult:
     """Smallest batch size that ran out of memory (None when none did); with the stop reason ``"prediction
     confirmed"``, the size the confirmed prediction says runs out of memory (not tried)."""
     predicted_peaks: dict[int, int] = field(default_factory=dict)
-    """``mode="guided"``: every predicted peak the search computed, by batch size (empty in other modes)."""
+    """``mode="guided"``: every predicted peak the search computed, by batch size (empty in other modes); a size
+    predicted not to fit has the peak it would need without a limit (above the capacity)."""
     predicted_max_batch_size: int | None = None
     """``mode="guided"``: the largest size the prediction alone put within the limit (None in other modes)."""
     prediction_status: str | None = None

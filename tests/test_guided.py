@@ -16,7 +16,7 @@ from torch.utils.data import TensorDataset
 
 import batchfinder as bf
 from batchfinder.trial import TrialSession
-from batchfinder.guided import GuidedSearch, largest_within
+from batchfinder.guided import GuidedSearch, largest_from_above, largest_within
 from batchfinder.modes import _guided_limit
 from batchfinder.search import BisectingSearch, SearchBounds, StopReason
 from conftest import make_case
@@ -146,6 +146,21 @@ def test_largest_within_needs_few_evaluations():
         assert largest_within(f, level, 1, 10**6) == expected
         assert len(set(calls)) <= 25
     assert largest_within(f, 10, 1, 100) == 0
+
+
+def test_largest_from_above_finds_the_largest_size_within_the_level_where_fitting_is_not_monotonic():
+    # As resnet18's reserved peaks at 224 MiB: 14, 16, 18 and 19 fit, 15, 17 and 20 do not.
+    fits = set(range(2, 15)) | {16, 18, 19}
+    calls: list[int] = []
+
+    def peak(b: int) -> float:
+        calls.append(b)
+        return 100.0 if b in fits else 101.0
+
+    assert largest_from_above(peak, 100.0, 2, 34) == 19
+    assert len(calls) <= 12 and 20 in calls and 19 in calls
+    assert largest_within(lambda b: 100.0 if b in fits else 101.0, 100.0, 2, 34) in (14, 16, 18, 19)
+    assert largest_from_above(peak, 100.0, 7, 7) == 7  # nothing to search
 
 
 def test_guided_module_does_not_import_torch():

@@ -30,6 +30,21 @@ def test_prediction_equals_the_binsearch_result_on_the_simulated_gpu():
     assert prediction.batch_size == result.batch_size == int(0.8 * result.max_batch_size)
 
 
+def test_sizes_that_do_not_fit_are_reported_with_the_peak_they_would_need_not_the_one_reached_before_failing():
+    # At 16 MiB the MNIST MLP's batch of 335 needs a 20 MiB segment (an allocation over 1 MiB): it fails at once, after
+    # reaching about 2 MiB. Reported peaks of such sizes are above the capacity, in the prediction and in the search.
+    capacity = 16 * 2**20
+    prediction = bf.predict_max_batch_size(zoo.mnist_mlp(), (1, 28, 28), capacity="16MiB", optimizer=torch.optim.Adam)
+    result = bf.find_batch_size(zoo.mnist_mlp(), _mnist_data(4000), optimizer=torch.optim.Adam,
+                                device=bf.SimulatedGPU("16MiB"), mode="guided")
+    assert prediction.max_batch_size == result.max_batch_size == 334
+    for curve in (prediction.curve, result.predicted_peaks):
+        assert any(size > 334 for size in curve) and any(size <= 334 for size in curve)
+        assert all((peak > capacity) == (size > 334) for size, peak in curve.items()), curve
+        assert curve[335] >= 20 * 2**20  # the segment it cannot get
+    assert prediction.next_peak_bytes > capacity
+
+
 @pytest.mark.parametrize(
     "name, capacity, optimizer",
     [("cnn", "5MiB", torch.optim.Adam), ("dict", "3MiB", torch.optim.SGD), ("frozen", "2MiB", torch.optim.AdamW), ("mlp", "1MiB", torch.optim.Adam)],
