@@ -563,7 +563,9 @@ def try_batch_size(
     """
     check_positive_int("batch_size", batch_size)
     check_steps_per_trial(steps_per_trial)
-    workload = _function_workload(model, dataset, optimizer, loss_fn, step_fn, sample_size, scan_budget, precision, defer_fixed_check=False)
+    workload = _function_workload(
+        model, dataset, optimizer, loss_fn, step_fn, sample_size, scan_budget, precision, defer_fixed_check=False
+    )
     if batch_size > workload.source.length:
         raise ValueError(
             f"batch_size={batch_size} is larger than the dataset ({workload.source.length} samples): "

@@ -18,7 +18,7 @@ from torch import nn
 from .devices import DeviceBackend
 from .estimate import Estimator
 from .gpus import CUDA_CONTEXT_BYTES
-from .guided import GuidedSearch
+from .guided import GuidedSearch, ReplayedTrial
 from .oom import exception_first_line
 from .optimizers import OptimizerSpec
 from .replay import AllocationLog
@@ -91,7 +91,7 @@ class _SearchPrediction:
             return None
         return log
 
-    def replay(self, batch_size: int) -> tuple[bool, int, int, str] | None:
+    def replay(self, batch_size: int) -> ReplayedTrial | None:
         """A trial at ``batch_size`` as the recorded log replays it on the device's allocator (None without one)."""
         if self.estimator is None:
             return None

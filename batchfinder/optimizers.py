@@ -11,7 +11,7 @@ from torch import nn
 
 from .accounting import host_side_loading
 
-__all__ = ["OptimizerSpec", "OptimizerLike", "resolve_optimizer", "lacks_state"]
+__all__ = ["OptimizerSpec", "OptimizerLike", "resolve_optimizer", "lacks_state", "state_tensors"]
 
 OptimizerLike = type[torch.optim.Optimizer] | Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | torch.optim.Optimizer | None
 
@@ -32,6 +32,13 @@ class OptimizerSpec:
                 f"optimizer factory {self.label} returned {type(optimizer).__name__}, not a torch.optim.Optimizer"
             )
         return optimizer
+
+
+def state_tensors(optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
+    """The tensors an optimizer's state holds (Adam's moments, a momentum buffer, ...); none for None."""
+    if optimizer is None:
+        return []
+    return [t for entry in optimizer.state.values() for t in entry.values() if isinstance(t, torch.Tensor)]
 
 
 def _trainable(model: nn.Module) -> list[nn.Parameter]:

@@ -33,6 +33,7 @@ from torch.utils._pytree import tree_map
 from .accounting import ChargingMode, MemoryLedger, host_side_loading, round_allocation, tensor_storages
 from .allocator import CachingAllocator
 from .gpus import CUDA_CONTEXT_BYTES, lookup_gpu
+from .optimizers import state_tensors
 from .devices import DeviceBackend, plain_containers
 from .units import format_bytes, parse_bytes
 
@@ -199,7 +200,7 @@ class SimulatedGPU(DeviceBackend):
         """Charge the model's parameters and buffers (and the optimizer's existing state) while the search runs."""
         tensors = list(_model_tensors(model))
         if optimizer is not None:
-            tensors.extend(t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor))
+            tensors.extend(state_tensors(optimizer))
         fresh = [s for s in {id(s): s for s in tensor_storages(tensors)}.values() if not self.ledger.is_charged(s)]
         self.ledger.charge(fresh)
         # As CudaDevice warms cuBLAS up: its workspaces belong to every trial's baseline, not to the first trial.

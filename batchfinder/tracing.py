@@ -36,7 +36,7 @@ from .allocator import CachingAllocator
 from .batching import describe_batch
 from .fake_errors import TORCH_FAKE_TENSOR_LOGGERS, FakeTensorUnsupportedError, is_fake_unsupported, quiet_fake_tensor_logs
 from .oom import exception_first_line
-from .optimizers import OptimizerSpec
+from .optimizers import OptimizerSpec, state_tensors
 from .precision import StepPrecision, cast_floating, check_precision, parameter_dtype
 from .state import TrainingState
 from .steps import StepContractError, StepFn, run_training_step
@@ -367,7 +367,7 @@ class FakeTrainer:
             recorder.params, recorder.buffers = params, buffers
             resident = [*params, *buffers]
             if optimizer is not None:
-                resident += [v for entries in optimizer.state.values() for v in entries.values() if isinstance(v, torch.Tensor)]
+                resident += state_tensors(optimizer)
             ledger.charge(tensor_storages(resident))  # the model (and existing optimizer state) on the device
             ledger.charge_workspace("forward")  # cuBLAS's workspaces, as a GPU-shaped device holds them from the start
             ledger.charge_workspace("backward")
@@ -497,9 +497,7 @@ class _Recorder:
         return [p.grad for p in self.params if p.grad is not None]
 
     def _state(self) -> list[torch.Tensor]:
-        if self.optimizer is None:
-            return []
-        return [v for entries in self.optimizer.state.values() for v in entries.values() if isinstance(v, torch.Tensor)]
+        return state_tensors(self.optimizer)
 
     def _split(self, ledger: MemoryLedger) -> dict[str, int]:
         split = {

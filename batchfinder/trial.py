@@ -43,7 +43,7 @@ from .batching import BatchSource, describe_batch
 from .devices import DeviceBackend, plain_containers, swapped_data
 from .errors import NoBatchSizeFitsError
 from .oom import exception_first_line, is_ambiguous_oom_error, is_fatal_device_error, is_oom_error
-from .optimizers import OptimizerSpec, lacks_state
+from .optimizers import OptimizerSpec, lacks_state, state_tensors
 from .precision import StepPrecision, cast_floating, check_precision, parameter_dtype
 from .replay import AllocationLog, RecordingLedger
 from .result import Trial
@@ -198,7 +198,7 @@ class TrialSession:
         """The error for a model whose resident part (parameters, buffers, existing optimizer state, a wrapper's
         buffers) exceeds the device, with what it needs: each storage rounded up as the CUDA allocator rounds it."""
         tensors = [*self.model.parameters(), *self.model.buffers()]
-        tensors += [t for o in optimizers for entry in o.state.values() for t in entry.values() if isinstance(t, torch.Tensor)]
+        tensors += [t for optimizer in optimizers for t in state_tensors(optimizer)]
         storages = {id(s): s for s in tensor_storages(tensors)}
         sizes = [s.nbytes() for s in storages.values()] + list(self.reserved_bytes)
         held = sum(round_allocation(size) for size in sizes)
@@ -399,14 +399,14 @@ class TrialSession:
 
     def _can_record(self, sizes: tuple[int, int]) -> bool:
         """Whether :meth:`record_allocations` can make a log that stands for this session's trials."""
-        return not (
-            not self.device.accounting_is_exact
-            or self.train_step is not None
-            or self.step is None
-            or self.optimizer is None
-            or (self.validate and self.eval_step is not None)
-            or self.source.length < max(sizes)
-            or self.precision == "16-mixed"  # a gradient scaler's skipped steps: the trial's steps vary
+        return (
+            self.device.accounting_is_exact
+            and self.train_step is None
+            and self.step is not None
+            and self.optimizer is not None
+            and not (self.validate and self.eval_step is not None)
+            and self.source.length >= max(sizes)
+            and self.precision != "16-mixed"  # a gradient scaler's skipped steps: the trial's steps vary
         )
 
     def _record(self, sizes: tuple[int, int]) -> AllocationLog:
@@ -418,11 +418,11 @@ class TrialSession:
         hosts = {size: self._host(self.source.batch(size)) for size in sizes}
         bound = self.optimizer.bound
         try:  # what the session holds, in the order the device charged it when the session opened
-            ledger.charge(tensor_storages([*self.model.parameters(), *self.model.buffers(), *_state_tensors(bound)]))
+            ledger.charge(tensor_storages([*self.model.parameters(), *self.model.buffers(), *state_tensors(bound)]))
             ledger.charge_workspace("forward")
             ledger.charge_workspace("backward")
             for extra in self.extra_optimizers:
-                ledger.charge(tensor_storages(_state_tensors(extra)))
+                ledger.charge(tensor_storages(state_tensors(extra)))
             ledger.charge(tensor_storages(self._reserved))
             with ChargingMode(ledger):
                 ledger.mark_phase("setup", 0)
@@ -545,12 +545,6 @@ def _flush_autograd(device: DeviceBackend) -> None:
         leaf = torch.ones((), device=device.torch_device, requires_grad=True)
         (leaf * 1.0).backward()
     del leaf
-
-
-def _state_tensors(optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
-    if optimizer is None:
-        return []
-    return [t for entry in optimizer.state.values() for t in entry.values() if isinstance(t, torch.Tensor)]
 
 
 def _charged_copy(host: Any, ledger: RecordingLedger) -> Any:

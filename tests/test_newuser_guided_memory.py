@@ -46,6 +46,16 @@ def _small_mlp() -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 10))
 
 
+def _three_guided_searches() -> None:
+    """Three guided searches of one model on one data set, each with a prediction; nothing of them is kept."""
+    g = torch.Generator().manual_seed(0)
+    dataset = TensorDataset(torch.randn(4000, 1, 8, 8, generator=g), torch.randint(0, 10, (4000,), generator=g))
+    model = _small_mlp()
+    for _ in range(3):
+        result = bf.find_batch_size(model, dataset, device=bf.SimulatedGPU("8MiB"), mode="guided")
+        assert result.predicted_peaks and result.num_trials >= 1
+
+
 def test_guided_search_frees_every_recording(monkeypatch):
     import batchfinder.trial
 
@@ -57,13 +67,7 @@ def test_guided_search_frees_every_recording(monkeypatch):
             ledgers.append(weakref.ref(self))
 
     monkeypatch.setattr(batchfinder.trial, "RecordingLedger", Watched)
-    g = torch.Generator().manual_seed(0)
-    dataset = TensorDataset(torch.randn(4000, 1, 8, 8, generator=g), torch.randint(0, 10, (4000,), generator=g))
-    model = _small_mlp()
-    for _ in range(3):
-        result = bf.find_batch_size(model, dataset, device=bf.SimulatedGPU("8MiB"), mode="guided")
-        assert result.predicted_peaks and result.num_trials >= 1
-    del result
+    _three_guided_searches()
     assert len(ledgers) == 3  # one recorded trial per search, replayed at every size
     assert _alive(ledgers) == 0  # the model's parameters, charged to each, do not keep them alive
 
@@ -72,13 +76,7 @@ def test_guided_search_frees_every_trace(fake_modes, monkeypatch):
     from batchfinder.trial import TrialSession
 
     monkeypatch.setattr(TrialSession, "record_allocations", lambda self, sizes=(2, 3): None)  # trace instead
-    g = torch.Generator().manual_seed(0)
-    dataset = TensorDataset(torch.randn(4000, 1, 8, 8, generator=g), torch.randint(0, 10, (4000,), generator=g))
-    model = _small_mlp()
-    for _ in range(3):
-        result = bf.find_batch_size(model, dataset, device=bf.SimulatedGPU("8MiB"), mode="guided")
-        assert result.predicted_peaks and result.num_trials >= 1
-    del result
+    _three_guided_searches()
     assert len(fake_modes) >= 3  # the guided search traced (one recording each, replayed at every size)
     assert _alive(fake_modes) == 0
 
