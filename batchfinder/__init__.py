@@ -24,15 +24,19 @@ from __future__ import annotations
 
 import logging
 
-from .distributed import RankFailedError
-from .engine import find_batch_size, try_batch_size
-from .errors import BatchFinderError, NoBatchSizeFitsError, SearchIncompleteError
-from .estimate import MemoryEstimate, estimate_memory
-from .oom import is_oom_error
-from .predict import Prediction, predict_max_batch_size
+from .api import find_batch_size, try_batch_size
+from .devices.simulated import SimulatedGPU
+from .engine.oom import is_oom_error
+from .errors import (
+    BatchFinderError,
+    FakeTensorUnsupportedError,
+    NoBatchSizeFitsError,
+    RankFailedError,
+    SearchIncompleteError,
+)
+from .memory.estimate import MemoryEstimate, estimate_memory
+from .memory.predict import Prediction, predict_max_batch_size
 from .result import SearchResult, Trial
-from .simulated import SimulatedGPU
-from .tracing import FakeTensorUnsupportedError
 
 __version__ = "0.1.0"
 

@@ -18,10 +18,10 @@ from typing import Any
 
 from torch.utils.data import DataLoader, Dataset
 
-from .oom import exception_first_line
-from .precision import PRECISIONS
-from .sample_sizes import DEFAULT_SCAN_BUDGET
-from .validation import MIN_STEPS_PER_TRIAL
+from .errors import exception_first_line
+from .search.checks import MIN_STEPS_PER_TRIAL
+from .training.precision import PRECISIONS
+from .training.sample_sizes import DEFAULT_SCAN_BUDGET
 
 __all__ = ["main", "build_parser", "load_model", "load_data", "SUBCOMMANDS"]
 
@@ -213,7 +213,7 @@ def _batch_sizes(text: str) -> list[int]:
 
 
 def _shape(text: str) -> tuple[int, ...]:
-    from .synthetic import parse_shape
+    from .training.synthetic import parse_shape
 
     try:
         return parse_shape(text, argument="--input")
@@ -237,7 +237,7 @@ def _json_object(flag: str) -> Callable[[str], dict[str, Any]]:
 
 
 def _scan_budget(text: str) -> float:
-    from .sample_sizes import check_scan_budget
+    from .training.sample_sizes import check_scan_budget
 
     try:
         seconds = float(text)
@@ -293,7 +293,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _prepare(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """(model, optimizer class, input dtype) from the shared arguments."""
-    from .synthetic import DTYPES
+    from .training.synthetic import DTYPES
 
     if args.data is not None and args.dtype is not None:
         raise CommandError("--dtype sets the dtype of synthetic --input data; with --data the dataset's dtypes are used")
@@ -341,7 +341,7 @@ def add_estimate(subparsers: Any) -> None:
 
 def run_estimate(args: argparse.Namespace) -> int:
     """Print the estimates at ``--batch-sizes`` (a table, or one estimate's breakdown), optionally plot them."""
-    from .estimate import estimate_memory_curve
+    from .memory.estimate import estimate_memory_curve
 
     model, optimizer, dtype = _prepare(args)
     estimates = estimate_memory_curve(
@@ -360,7 +360,7 @@ def run_estimate(args: argparse.Namespace) -> int:
 # -- predict ------------------------------------------------------------------------------------------------------
 def add_predict(subparsers: Any) -> None:
     """``batchfinder predict``: the largest batch size predicted to fit."""
-    from .gpus import known_gpu_names
+    from .memory.gpus import known_gpu_names
 
     parser = subparsers.add_parser(
         "predict",
@@ -381,7 +381,7 @@ def add_predict(subparsers: Any) -> None:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from .predict import predict_max_batch_size
+    from .memory.predict import predict_max_batch_size
 
     model, optimizer, dtype = _prepare(args)
     prediction = predict_max_batch_size(
@@ -432,7 +432,7 @@ def add_find(subparsers: Any) -> None:
 def run_find(args: argparse.Namespace) -> int:
     import torch
 
-    from .engine import find_batch_size
+    from .api import find_batch_size
 
     model, optimizer, dtype = _prepare(args)
     if args.data is not None and args.samples is not None:
@@ -446,7 +446,8 @@ def run_find(args: argparse.Namespace) -> int:
             raise CommandError("no CUDA GPU here: pass --device sim:SIZE (e.g. sim:16GiB) to search on a simulated GPU")
         device = "cuda"
     if args.data is None:
-        from .synthetic import SyntheticDataset, target_for_shape
+        from .memory.shapes import target_for_shape
+        from .training.synthetic import SyntheticDataset
 
         target = target_for_shape(model, args.input, dtype)
         dataset = SyntheticDataset(args.input, samples, target=target, dtype=dtype)
@@ -496,7 +497,7 @@ def add_gpus(subparsers: Any) -> None:
 
 
 def run_gpus(args: argparse.Namespace) -> int:
-    from . import nvml
+    from .devices import nvml
 
     report = nvml.query()
     _emit(args, report.to_dict(), nvml.format_report(report))

@@ -1,8 +1,40 @@
-"""Exceptions the search raises for outcomes that are not programming errors."""
+"""Every exception batchfinder raises of its own, and how an exception is described in its messages.
+
+The hierarchy::
+
+    RuntimeError
+    └── BatchFinderError              batchfinder's own runtime outcomes (not programming errors)
+        ├── NoBatchSizeFitsError      even batch size 1 (or the model alone) does not fit on the device
+        ├── SearchIncompleteError     a trial or time budget ended the search before any size fitted
+        └── RankFailedError           another rank failed; this one stops too instead of waiting for it
+    ValueError
+    └── FakeTensorUnsupportedError    the step cannot run under fake tensors (estimate and predict)
+    Exception
+    └── StepContractError             the training step broke its contract
+        ├── LossTypeError  (also a TypeError)    the step did not return a single-element tensor
+        └── LossValueError (also a ValueError)   the loss does not require grad
+
+Bad arguments raise ``ValueError`` or ``TypeError`` naming the argument and what would be valid; an error of the
+user's own code propagates with its own type. Out-of-memory errors are recognised, not raised:
+:func:`batchfinder.is_oom_error` (:mod:`batchfinder.engine.oom`).
+
+This module imports nothing, so every layer may use it.
+"""
 
 from __future__ import annotations
 
-__all__ = ["BatchFinderError", "NoBatchSizeFitsError", "SearchIncompleteError"]
+__all__ = [
+    "BatchFinderError",
+    "NoBatchSizeFitsError",
+    "SearchIncompleteError",
+    "RankFailedError",
+    "FakeTensorUnsupportedError",
+    "StepContractError",
+    "LossTypeError",
+    "LossValueError",
+    "exception_text",
+    "exception_first_line",
+]
 
 
 class BatchFinderError(RuntimeError):
@@ -24,3 +56,55 @@ class NoBatchSizeFitsError(BatchFinderError):
 
 class SearchIncompleteError(BatchFinderError):
     """The trial or time budget ran out before any batch size was shown to fit."""
+
+
+class RankFailedError(BatchFinderError):
+    """Another rank failed during the search; this rank stops too instead of waiting for it."""
+
+
+class FakeTensorUnsupportedError(ValueError):
+    """The training step cannot run under fake tensors (it reads tensor values, or uses an unsupported operation)."""
+
+
+class StepContractError(Exception):
+    """Marks errors about the step's own contract (a loss that is not a scalar, or that needs no grad)."""
+
+
+class LossTypeError(TypeError, StepContractError):
+    """The step did not return a single-element tensor."""
+
+
+class LossValueError(ValueError, StepContractError):
+    """The loss does not require grad."""
+
+
+def exception_text(exc: BaseException) -> str:
+    """Return the text of an exception, tolerating non-string args and a failing ``__str__``."""
+    parts: list[str] = []
+    for arg in getattr(exc, "args", ()) or ():
+        if isinstance(arg, str):
+            parts.append(arg)
+        elif isinstance(arg, bytes):
+            parts.append(arg.decode("utf-8", errors="replace"))
+        else:
+            try:
+                parts.append(repr(arg))
+            except Exception:  # a broken __repr__ must not hide the rest of the message
+                continue
+    try:
+        parts.append(str(exc))
+    except Exception:
+        pass
+    return "\n".join(parts)
+
+
+def exception_first_line(exc: BaseException) -> str:
+    """Return the first non-blank line of :func:`exception_text` (``""`` when the exception says nothing).
+
+    >>> exception_first_line(RuntimeError("CUDA out of memory. Tried to allocate 2.00 MiB\\nsee the docs"))
+    'CUDA out of memory. Tried to allocate 2.00 MiB'
+    """
+    for line in exception_text(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    return ""

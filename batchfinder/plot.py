@@ -30,8 +30,8 @@ from .units import binary_unit, format_bytes, parse_bytes
 if TYPE_CHECKING:  # pragma: no cover - types only: plotting never imports the search engine at run time
     from matplotlib.figure import Figure
 
-    from .estimate import MemoryEstimate
-    from .predict import Prediction
+    from .memory.estimate import MemoryEstimate
+    from .memory.predict import Prediction
     from .result import SearchResult
 
 __all__ = ["plot_search", "search_figure", "plot_estimates", "plot_prediction"]

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .report import trial_table
-from .sample_sizes import DataScan
-from .search import StopReason, scaled_batch_size
+from .search.strategies import StopReason, scaled_batch_size
+from .training.sample_sizes import DataScan
 from .units import format_bytes, parse_bytes
 
 __all__ = ["Trial", "SearchResult"]

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 import batchfinder as bf
-from batchfinder import nvml
+from batchfinder.devices import nvml
 
 from .devices import cuda_total_bytes
 

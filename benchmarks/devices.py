@@ -19,9 +19,9 @@ import torch
 from torch.utils._pytree import tree_map
 
 import batchfinder as bf
+from batchfinder.devices.base import DeviceBackend
+from batchfinder.devices.cuda import CudaDevice
 from batchfinder.units import format_bytes
-from batchfinder.cuda import CudaDevice
-from batchfinder.devices import DeviceBackend
 
 __all__ = ["BenchDevice", "device_label", "cuda_total_bytes"]
 

@@ -1,6 +1,6 @@
 """The finders compared, each driving the same model, data, optimizer and training step on the same device.
 
-* batchfinder ``find_batch_size`` in every mode of ``batchfinder.modes.MODES`` that the benchmark knows
+* batchfinder ``find_batch_size`` in every mode of ``batchfinder.engine.modes.MODES`` that the benchmark knows
   (``binsearch``, ``power`` and ``guided``), with the library's defaults;
 * Lightning ``Tuner.scale_batch_size`` with ``mode="binsearch"`` and ``mode="power"`` and its defaults (start 2,
   3 steps per trial, at most 25 trials, ``max_val`` 8192, a 5% margin in binsearch), on a LightningModule with a
@@ -35,7 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import batchfinder as bf
-from batchfinder.modes import MODES
+from batchfinder.engine.modes import MODES
 
 from .devices import BenchDevice
 from .workloads import make_optimizer, training_step
@@ -408,7 +408,7 @@ def _accelerate(workload: ModelSource, device: BenchDevice, data: DataLike, seed
 
 # -- registry --------------------------------------------------------------------------------------------------------
 BATCHFINDER_MODES = ("binsearch", "power", "guided")
-"""batchfinder modes the benchmark runs when ``batchfinder.modes.MODES`` has them, in this order."""
+"""batchfinder modes the benchmark runs when ``batchfinder.engine.modes.MODES`` has them, in this order."""
 
 
 def available_finders() -> list[Finder]:

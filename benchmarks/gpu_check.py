@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import batchfinder as bf
-from batchfinder import nvml
+from batchfinder.devices import nvml
 from batchfinder.units import format_bytes, parse_bytes
 from batchfinder.zoo import mnist_mlp
 
@@ -122,7 +122,9 @@ class BatchNormCNN(nn.Module):
 
 
 def _resnet18() -> nn.Module:
-    from torchvision.models import resnet18  # ImportError when torchvision is missing: the model is skipped
+    from torchvision.models import (
+        resnet18,  # ImportError when torchvision is missing: the model is skipped
+    )
 
     return resnet18(num_classes=10)
 

@@ -116,7 +116,7 @@ def epoch_survives(data: list[dict[str, Any]], size: int, capacity: str, seed: i
 
 
 def run_batchfinder(data: list[dict[str, Any]], capacity: str, start: int, out: str) -> dict[str, Any]:
-    from batchfinder.transformers import find_trainer_batch_size
+    from batchfinder.hf.trainer import find_trainer_batch_size
 
     trainer = make_trainer(data, out, 0, per_device_train_batch_size=start)
     started = time.perf_counter()

@@ -2,7 +2,7 @@
 
 ``predict_max_batch_size(model, sample, gpu=...)`` searches every batch size for the largest that fits a GPU;
 ``estimate_memory(model, sample, batch_size)`` traces the training step at one size. The prediction traces the step
-once and replays its allocations at every size (:mod:`batchfinder.replay`), so it should cost about one estimate.
+once and replays its allocations at every size (:mod:`batchfinder.memory.replay`), so it should cost about one estimate.
 Each call runs first in a fresh Python process (nothing cached), and again in the same process (warm).
 
 Run from the repository root::

@@ -58,7 +58,12 @@ from .common import environment, frozen_gc, load_average
 from .devices import BenchDevice
 from .finders import Finder, FinderData, FinderRun, available_finders
 from .report import write_json
-from .survival_report import markdown_document, markdown_tables, verify_differences, write_chart
+from .survival_report import (
+    markdown_document,
+    markdown_tables,
+    verify_differences,
+    write_chart,
+)
 from .truth import FitOracle, GroundTruth, find_ground_truth
 from .varlen import (
     SURVIVAL_WORKLOADS,
@@ -418,7 +423,7 @@ def measure_scan_speed(
     generation order, behind ``DataLoader(batch_size=1, shuffle=True, collate_fn=pad_tokens)``. Timed, on the text
     workload's model and capacity:
 
-    * ``scan_seconds``: constructing ``batchfinder.batching.BatchSource(loader)``, which is where the library scans the
+    * ``scan_seconds``: constructing ``batchfinder.training.batching.BatchSource(loader)``, which is where the library scans the
       samples' sizes (``source.scan`` says what it found);
     * ``find_seconds``: ``bf.find_batch_size(model, loader, optimizer=torch.optim.Adam, device=SimulatedGPU(...))``
       with its defaults (scan and search);
@@ -491,7 +496,7 @@ def measure_scan_speed(
 
 def _time_scan(loader: DataLoader) -> tuple[float, str | None]:
     """Seconds to construct ``BatchSource(loader)`` (where the scan happens), and what its scan reports."""
-    from batchfinder.batching import BatchSource
+    from batchfinder.training.batching import BatchSource
 
     start = time.perf_counter()
     source = BatchSource(loader)

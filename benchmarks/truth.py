@@ -20,13 +20,12 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
 from typing import Any
 
 from torch.utils.data import DataLoader, Dataset
 
 import batchfinder as bf
-from batchfinder.devices import DeviceBackend
+from batchfinder.devices.base import DeviceBackend
 
 from .devices import BenchDevice
 from .finders import ModelSource

@@ -9,11 +9,10 @@ CIFAR-10's shape. On CUDA when present, otherwise on a simulated GPU of 256 MiB.
 from __future__ import annotations
 
 import torch
+from common import load_dataset, parse_args, search_and_report
 from torchvision import datasets
 
 from batchfinder.zoo import cifar10_mlp
-
-from common import load_dataset, parse_args, search_and_report
 
 
 def main() -> None:

@@ -12,10 +12,10 @@ import torch
 from torchvision import datasets, transforms
 
 import batchfinder as bf
-from batchfinder.units import format_bytes
-from batchfinder.device_choice import resolve_device
-from batchfinder.devices import DeviceBackend
+from batchfinder.devices.base import DeviceBackend
+from batchfinder.devices.resolve import resolve_device
 from batchfinder.report import ProgressPrinter
+from batchfinder.units import format_bytes
 
 DATA_ROOT = os.environ.get("BATCHFINDER_DATA", os.path.join(os.path.dirname(__file__), "..", "data"))
 

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 
 import batchfinder as bf
-from batchfinder.device_choice import resolve_device
+from batchfinder.devices.resolve import resolve_device
+from batchfinder.hf.trainer import find_trainer_batch_size
 from batchfinder.report import ProgressPrinter
-from batchfinder.transformers import find_trainer_batch_size
 
 VOCAB = 500
 

@@ -24,9 +24,9 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 import batchfinder as bf
-from batchfinder.units import format_bytes
-from batchfinder.device_choice import resolve_device
+from batchfinder.devices.resolve import resolve_device
 from batchfinder.lightning import BatchFinder
+from batchfinder.units import format_bytes
 
 DATA_ROOT = os.environ.get("BATCHFINDER_DATA", os.path.join(os.path.dirname(__file__), "..", "data"))
 

@@ -12,11 +12,10 @@ parts: parameters and gradients, optimizer state, the data batch, and activation
 from __future__ import annotations
 
 import torch
+from common import load_dataset, parse_args, search_and_report
 from torchvision import datasets
 
 from batchfinder.zoo import mnist_mlp
-
-from common import load_dataset, parse_args, search_and_report
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Gradient accumulation planning (batchfinder.accumulation) and target_batch_size in find_batch_size."""
+"""Gradient accumulation planning (batchfinder.search.accumulation) and target_batch_size in find_batch_size."""
 
 from __future__ import annotations
 
@@ -7,14 +7,17 @@ import math
 import subprocess
 import sys
 
-
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
 import batchfinder as bf
-from batchfinder.accumulation import AccumulationPlan, plan_accumulation, validate_target_batch_size
+from batchfinder.search.accumulation import (
+    AccumulationPlan,
+    plan_accumulation,
+    validate_target_batch_size,
+)
 
 
 def _brute_force_best_waste(target: int, safe: int, multiple_of: int) -> int:
@@ -81,7 +84,7 @@ def test_accumulation_module_does_not_import_torch() -> None:
     code = (
         "import sys, types, importlib.util, pathlib; root = pathlib.Path('batchfinder'); "
         "sys.modules['batchfinder'] = types.ModuleType('batchfinder'); sys.modules['batchfinder'].__path__ = [str(root)]; "
-        "m = importlib.import_module('batchfinder.accumulation'); "
+        "m = importlib.import_module('batchfinder.search.accumulation'); "
         "print('torch' in sys.modules, m.plan_accumulation(100, 48).micro_batch_size)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

@@ -12,8 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from batchfinder import allocator as allocator_module
-from batchfinder.allocator import AllocatorOutOfMemory, CachingAllocator, pool_of, round_size, segment_size
+from batchfinder.memory import allocator as allocator_module
+from batchfinder.memory.allocator import (
+    AllocatorOutOfMemory,
+    CachingAllocator,
+    pool_of,
+    round_size,
+    segment_size,
+)
 
 KiB = 1024
 MiB = 1024 * 1024

@@ -87,7 +87,7 @@ def _cycles() -> list[list[str]]:
 
 def test_the_import_graph_reads_function_level_imports():
     # The reader itself: cli imports most commands inside functions, and those edges must be in the graph.
-    assert "batchfinder.predict" in GRAPH["batchfinder.cli"]
+    assert "batchfinder.memory.predict" in GRAPH["batchfinder.cli"]
     assert "batchfinder.plot" in GRAPH["batchfinder.result"]  # a function-level import
     assert "batchfinder.result" not in GRAPH["batchfinder.plot"]  # only under TYPE_CHECKING there
 
@@ -98,7 +98,7 @@ def test_no_import_cycles():
 
 def test_search_modes_are_registered_in_one_place():
     sources = {name: path.read_text() for name, path in MODULES.items()}
-    assert [name for name, text in sources.items() if re.search(r"^MODES\b", text, re.M)] == ["batchfinder.modes"]
+    assert [name for name, text in sources.items() if re.search(r"^MODES\b", text, re.M)] == ["batchfinder.engine.modes"]
     assert not any(re.search(r"MODES\s*\[[^\]]+\]\s*=|MODES\.(setdefault|update)\(", text) for text in sources.values())
 
 

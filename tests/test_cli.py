@@ -12,10 +12,9 @@ import pytest
 import torch
 
 import batchfinder as bf
-from batchfinder import zoo
-from batchfinder import cli
+from batchfinder import cli, zoo
 from batchfinder.cli import SUBCOMMANDS, build_parser, load_model, main
-from batchfinder.estimate import estimate_memory_curve
+from batchfinder.memory.estimate import estimate_memory_curve
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import MLP, assert_unchanged, snapshot
 from torch import nn
 from torch.utils.data import TensorDataset
 
 import batchfinder as bf
-from batchfinder.cuda import CudaDevice
-from conftest import MLP, assert_unchanged, snapshot
+from batchfinder.devices.cuda import CudaDevice
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

@@ -13,11 +13,13 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import batchfinder as bf
-from batchfinder.batching import BatchSource
-from batchfinder.cuda import CudaDevice
-from batchfinder.engine import SearchOptions, Workload, search
-from batchfinder.optimizers import resolve_optimizer
-from batchfinder.state import AttributeSnapshot
+from batchfinder.devices.cuda import CudaDevice
+from batchfinder.engine.options import SearchOptions
+from batchfinder.engine.run import search
+from batchfinder.engine.workload import Workload
+from batchfinder.training.batching import BatchSource
+from batchfinder.training.optimizers import resolve_optimizer
+from batchfinder.training.state import AttributeSnapshot
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

@@ -17,15 +17,17 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import batchfinder as bf
-from batchfinder.cuda import CudaDevice
-from batchfinder.device_choice import resolve_device
-from batchfinder.devices import swapped_data
-from batchfinder.distributed import RankAgreement
-from batchfinder.engine import SearchOptions, Workload, search
-from batchfinder.modes import _guided_limit
-from batchfinder.optimizers import resolve_optimizer
-from batchfinder.batching import BatchSource
-from batchfinder.state import AttributeSnapshot
+from batchfinder.devices.base import swapped_data
+from batchfinder.devices.cuda import CudaDevice
+from batchfinder.devices.resolve import resolve_device
+from batchfinder.engine.distributed import RankAgreement
+from batchfinder.engine.modes import _guided_limit
+from batchfinder.engine.options import SearchOptions
+from batchfinder.engine.run import search
+from batchfinder.engine.workload import Workload
+from batchfinder.training.batching import BatchSource
+from batchfinder.training.optimizers import resolve_optimizer
+from batchfinder.training.state import AttributeSnapshot
 
 GiB = 2**30
 

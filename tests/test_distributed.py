@@ -21,14 +21,14 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import batchfinder as bf
-from batchfinder.search import recommend_batch_size
-from batchfinder.distributed import (
-    RankFailedError,
+from batchfinder.engine.distributed import (
     check_supported_wrapper,
     ddp_bucket_bytes,
     local_batch_norm,
     resolve_agreement,
 )
+from batchfinder.errors import RankFailedError
+from batchfinder.search.strategies import recommend_batch_size
 
 CAPACITIES = ("512KiB", "320KiB")  # rank 0 has more memory than rank 1 (allocated bytes only: allocator="ideal")
 TIMEOUT_S = 240

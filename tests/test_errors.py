@@ -6,11 +6,11 @@ import gc
 
 import pytest
 import torch
+from conftest import assert_unchanged, make_case, snapshot
 from torch import nn
 from torch.utils.data import IterableDataset, TensorDataset
 
 import batchfinder as bf
-from conftest import assert_unchanged, make_case, snapshot
 
 CAPACITY = "3.1MiB"
 

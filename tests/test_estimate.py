@@ -5,15 +5,27 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import (
+    DictDataset,
+    DictLossModel,
+    PartlyFrozen,
+    SmallCNN,
+    assert_unchanged,
+    snapshot,
+)
 from torch import nn
 from torch.utils.data import TensorDataset
 
 import batchfinder as bf
 from batchfinder import zoo
+from batchfinder.memory.accounting import round_allocation
+from batchfinder.memory.estimate import (
+    Estimator,
+    MemoryEstimate,
+    MemoryEstimates,
+    estimate_memory_curve,
+)
 from batchfinder.units import format_bytes
-from batchfinder.accounting import round_allocation
-from batchfinder.estimate import Estimator, MemoryEstimate, MemoryEstimates, estimate_memory_curve
-from conftest import DictDataset, DictLossModel, PartlyFrozen, SmallCNN, assert_unchanged, snapshot
 
 R = round_allocation  # every storage is rounded up to 512 bytes, as the CUDA caching allocator does
 

@@ -7,15 +7,14 @@ from collections import Counter
 
 import torch
 import torch.nn.functional as F
+from conftest import MLP, Case, assert_unchanged, make_case, snapshot
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import batchfinder as bf
-from batchfinder.search import recommend_batch_size
-from batchfinder.device_choice import resolve_device
-from batchfinder.search import StopReason
-from batchfinder.steps import make_step
-from conftest import MLP, Case, assert_unchanged, make_case, snapshot
+from batchfinder.devices.resolve import resolve_device
+from batchfinder.search.strategies import StopReason, recommend_batch_size
+from batchfinder.training.steps import make_step
 
 # Capacities named nowhere else in the repository, one per model shape.
 CAPACITIES = {"mlp": "3.3MiB", "cnn": "9.7MiB", "dict": "2.6MB", "frozen": "1.7MiB"}

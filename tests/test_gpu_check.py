@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))  # benchmarks/ is a top-level package of the repos
 
 import batchfinder as bf  # noqa: E402
 from benchmarks import gpu_check  # noqa: E402
-from benchmarks.gpu_check import MemoryCheck, SearchCheck, PytestRun  # noqa: E402
+from benchmarks.gpu_check import MemoryCheck, PytestRun, SearchCheck  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 MiB = 2**20

@@ -11,15 +11,15 @@ import sys
 
 import pytest
 import torch
+from conftest import make_case
 from torch import nn
 from torch.utils.data import TensorDataset
 
 import batchfinder as bf
-from batchfinder.trial import TrialSession
-from batchfinder.guided import GuidedSearch, largest_from_above, largest_within
-from batchfinder.modes import _guided_limit
-from batchfinder.search import BisectingSearch, SearchBounds, StopReason
-from conftest import make_case
+from batchfinder.engine.modes import _guided_limit
+from batchfinder.engine.trial import TrialSession
+from batchfinder.search.guided import GuidedSearch, largest_from_above, largest_within
+from batchfinder.search.strategies import BisectingSearch, SearchBounds, StopReason
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -164,14 +164,14 @@ def test_largest_from_above_finds_the_largest_size_within_the_level_where_fittin
 
 
 def test_guided_module_does_not_import_torch():
-    tree = ast.parse((ROOT / "batchfinder" / "guided.py").read_text())
+    tree = ast.parse((ROOT / "batchfinder" / "search" / "guided.py").read_text())
     imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     imported += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
     assert not [name for name in imported if name.split(".")[0] == "torch"]
 
 
 def test_limits_per_device():
-    from batchfinder.gpus import CUDA_CONTEXT_BYTES
+    from batchfinder.memory.gpus import CUDA_CONTEXT_BYTES
 
     class FakeCuda:
         capacity_bytes = 80 * 2**30
@@ -319,7 +319,7 @@ def test_guided_without_an_estimate_uses_measured_peaks(caplog, monkeypatch):
 
 def test_guided_is_registered_without_import_side_effects():
     # One registry, complete as soon as it is imported (nothing registers a mode as a side effect elsewhere).
-    code = "import batchfinder.modes as m; print(sorted(m.MODES))"
+    code = "import batchfinder.engine.modes as m; print(sorted(m.MODES))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "['binsearch', 'guided', 'power']"
     with pytest.raises(ValueError, match="guided"):

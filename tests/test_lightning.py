@@ -18,11 +18,12 @@ from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 pl = pytest.importorskip("pytorch_lightning")
 torchmetrics = pytest.importorskip("torchmetrics")
 
+from pytorch_lightning.loggers.logger import Logger  # noqa: E402
+
 import batchfinder as bf  # noqa: E402
 from batchfinder.lightning import BatchFinder  # noqa: E402
-from batchfinder.search import recommend_batch_size  # noqa: E402
 from batchfinder.lightning.loaders import rebuild_dataloader  # noqa: E402
-from pytorch_lightning.loggers.logger import Logger  # noqa: E402
+from batchfinder.search.strategies import recommend_batch_size  # noqa: E402
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*LeafSpec.*")

@@ -1,13 +1,13 @@
-"""batchfinder.oom.exception_first_line: the one helper for "the first line of an exception's message"."""
+"""batchfinder.errors.exception_first_line: the one helper for "the first line of an exception's message"."""
 
 from __future__ import annotations
 
 import pytest
 
 import batchfinder.cli
-import batchfinder.estimate
-import batchfinder.tracing
-from batchfinder.oom import exception_first_line
+import batchfinder.memory.estimate
+import batchfinder.memory.tracing
+from batchfinder.errors import exception_first_line
 
 
 class _BrokenStr(Exception):
@@ -32,5 +32,5 @@ def test_first_line(exc: BaseException, expected: str) -> None:
 
 
 def test_the_library_uses_the_one_helper() -> None:
-    for module in (batchfinder.estimate, batchfinder.tracing, batchfinder.cli):
+    for module in (batchfinder.memory.estimate, batchfinder.memory.tracing, batchfinder.cli):
         assert module.exception_first_line is exception_first_line, module.__name__

@@ -16,23 +16,23 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import batchfinder as bf
-import batchfinder.tracing
+import batchfinder.memory.tracing
 from batchfinder import zoo
-from batchfinder.tracing import FakeTrainer
+from batchfinder.memory.tracing import FakeTrainer
 
 
 @pytest.fixture
 def fake_modes(monkeypatch):
     """Weak references to every fake-tensor mode the traces create."""
     created: list[weakref.ref] = []
-    make = batchfinder.tracing._new_fake_mode
+    make = batchfinder.memory.tracing._new_fake_mode
 
     def recording() -> object:
         mode = make()
         created.append(weakref.ref(mode))
         return mode
 
-    monkeypatch.setattr(batchfinder.tracing, "_new_fake_mode", recording)
+    monkeypatch.setattr(batchfinder.memory.tracing, "_new_fake_mode", recording)
     return created
 
 
@@ -57,23 +57,23 @@ def _three_guided_searches() -> None:
 
 
 def test_guided_search_frees_every_recording(monkeypatch):
-    import batchfinder.trial
+    import batchfinder.engine.trial
 
     ledgers: list[weakref.ref] = []
 
-    class Watched(batchfinder.trial.RecordingLedger):
+    class Watched(batchfinder.engine.trial.RecordingLedger):
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
             ledgers.append(weakref.ref(self))
 
-    monkeypatch.setattr(batchfinder.trial, "RecordingLedger", Watched)
+    monkeypatch.setattr(batchfinder.engine.trial, "RecordingLedger", Watched)
     _three_guided_searches()
     assert len(ledgers) == 3  # one recorded trial per search, replayed at every size
     assert _alive(ledgers) == 0  # the model's parameters, charged to each, do not keep them alive
 
 
 def test_guided_search_frees_every_trace(fake_modes, monkeypatch):
-    from batchfinder.trial import TrialSession
+    from batchfinder.engine.trial import TrialSession
 
     monkeypatch.setattr(TrialSession, "record_allocations", lambda self, sizes=(2, 3): None)  # trace instead
     _three_guided_searches()
@@ -93,8 +93,8 @@ def test_estimates_and_predictions_free_every_trace(fake_modes):
 
 def test_a_trace_holds_nothing_once_done(fake_modes):
     """The Trace a FakeTrainer returns holds numbers only: the fake mode and the ledger go when the trace ends."""
-    from batchfinder.optimizers import resolve_optimizer
-    from batchfinder.steps import make_step
+    from batchfinder.training.optimizers import resolve_optimizer
+    from batchfinder.training.steps import make_step
 
     model = _small_mlp()
     trainer = FakeTrainer(model, (torch.zeros(1, 1, 8, 8), torch.zeros(1, dtype=torch.long)), resolve_optimizer(None, model), make_step(None, None))

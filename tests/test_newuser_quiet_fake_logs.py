@@ -10,7 +10,7 @@ import torch
 
 import batchfinder as bf
 from batchfinder import zoo
-from batchfinder.tracing import TORCH_FAKE_TENSOR_LOGGERS, quiet_fake_tensor_logs
+from batchfinder.memory.tracing import TORCH_FAKE_TENSOR_LOGGERS, quiet_fake_tensor_logs
 
 FAKE_LOGGER = "torch._subclasses.fake_tensor"
 

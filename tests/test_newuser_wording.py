@@ -7,13 +7,13 @@ import inspect
 import pytest
 
 import batchfinder.cli
-import batchfinder.estimate
-import batchfinder.oom
+import batchfinder.engine.oom
+import batchfinder.memory.estimate
+import batchfinder.memory.tracing
 import batchfinder.plot
-import batchfinder.synthetic
-import batchfinder.tracing
+import batchfinder.training.synthetic
 
-MODULES = [batchfinder.estimate, batchfinder.tracing, batchfinder.cli, batchfinder.plot, batchfinder.synthetic, batchfinder.oom]
+MODULES = [batchfinder.memory.estimate, batchfinder.memory.tracing, batchfinder.cli, batchfinder.plot, batchfinder.training.synthetic, batchfinder.engine.oom]
 
 
 @pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)

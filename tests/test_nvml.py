@@ -1,4 +1,4 @@
-"""batchfinder.nvml: GPU information from the NVIDIA driver, and a clean answer when there is no driver or GPU.
+"""batchfinder.devices.nvml: GPU information from the NVIDIA driver, and a clean answer when there is no driver or GPU.
 
 Most tests replace the ``pynvml`` module with a fake one, so they pass on any machine; the last one asks the real
 driver and runs only where CUDA is present.
@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from batchfinder import nvml
+from batchfinder.devices import nvml
 
 
 class _NVMLError(Exception):

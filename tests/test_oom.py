@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from batchfinder import is_oom_error
-from batchfinder.oom import is_fatal_device_error
+from batchfinder.engine.oom import is_fatal_device_error
 
 REAL_OOM_MESSAGES = [
     "CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity of 79.11 GiB of which 5.12 MiB is "

@@ -13,7 +13,7 @@ from torch.utils.data import TensorDataset
 
 import batchfinder as bf
 from batchfinder import zoo
-from batchfinder.estimate import estimate_memory_curve
+from batchfinder.memory.estimate import estimate_memory_curve
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RED = (214, 39, 40)  # out-of-memory markers and the capacity line
@@ -95,7 +95,7 @@ def test_core_never_imports_matplotlib_and_plots_never_touch_pyplot(tmp_path):
         "bf.find_batch_size(m, TensorDataset(torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))), "
         "device=bf.SimulatedGPU('64MiB'), mode='guided')\n"
         "print('matplotlib' in sys.modules)\n"
-        "from batchfinder.estimate import estimate_memory_curve\n"
+        "from batchfinder.memory.estimate import estimate_memory_curve\n"
         f"estimate_memory_curve(m, (1, 28, 28), [64, 128]).plot({str(tmp_path / 'x.png')!r})\n"
         "print('matplotlib' in sys.modules, 'matplotlib.pyplot' in sys.modules)\n"
     )
@@ -108,7 +108,7 @@ def _adjacent_result() -> "object":
     """A guided search whose largest size that fits (1,000) and smallest that does not (1,001) are adjacent, the
     failed trial stopping at about the same peak: their markers land on the same spot."""
     from batchfinder.result import SearchResult, Trial
-    from batchfinder.search import StopReason
+    from batchfinder.search.strategies import StopReason
 
     mib = 1024**2
     trials = [
@@ -170,6 +170,6 @@ def test_plot_module_imports_result_types_for_type_checking_only():
     imported = {  # (module, imported under TYPE_CHECKING only)
         (node.module or "", id(node) in guarded) for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1
     }
-    assert ("engine", False) not in imported and ("engine", True) not in imported  # never the engine
-    assert {("result", True), ("estimate", True), ("predict", True)} <= imported
+    assert not any(module.startswith("engine") for module, _ in imported)  # never the engine
+    assert {("result", True), ("memory.estimate", True), ("memory.predict", True)} <= imported
     assert {module for module, type_checking_only in imported if not type_checking_only} == {"units"}  # at run time

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_unchanged, snapshot
 from torch import nn
 from torch.utils.data import TensorDataset
 
 import batchfinder as bf
-from batchfinder.precision import CUDA_POLICIES, PRECISIONS, _base, _registered, cuda_autocast
-
-from conftest import assert_unchanged, snapshot
+from batchfinder.training.precision import (
+    CUDA_POLICIES,
+    PRECISIONS,
+    _base,
+    _registered,
+    cuda_autocast,
+)
 
 
 class TinyTransformer(nn.Module):

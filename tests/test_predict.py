@@ -7,14 +7,20 @@ import time
 
 import pytest
 import torch
+from conftest import assert_unchanged, make_case, snapshot
 from torch import nn
 from torch.utils.data import TensorDataset
 
 import batchfinder as bf
 from batchfinder import zoo
+from batchfinder.memory.gpus import (
+    CUBLAS_WORKSPACE_BYTES,
+    CUBLAS_WORKSPACE_BYTES_HOPPER,
+    CUDA_CONTEXT_BYTES,
+    GPUS,
+    lookup_gpu,
+)
 from batchfinder.units import format_bytes
-from batchfinder.gpus import CUBLAS_WORKSPACE_BYTES, CUBLAS_WORKSPACE_BYTES_HOPPER, CUDA_CONTEXT_BYTES, GPUS, lookup_gpu
-from conftest import assert_unchanged, make_case, snapshot
 
 
 def _mnist_data(n: int) -> TensorDataset:

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import DictLossModel, PartlyFrozen, SmallCNN
 from torch import nn
 from torch.utils.data import TensorDataset
 
 import batchfinder as bf
-import batchfinder.estimate as estimate_module
-from batchfinder.estimate import Estimator
-from batchfinder.search import StopReason
-from batchfinder.replay import P1, P2, record, replay_obstacle
-
-from conftest import DictLossModel, PartlyFrozen, SmallCNN
+import batchfinder.memory.estimate as estimate_module
+from batchfinder.memory.estimate import Estimator
+from batchfinder.memory.replay import P1, P2, record, replay_obstacle
+from batchfinder.search.strategies import StopReason
 
 
 class TinyTransformer(nn.Module):
@@ -179,10 +178,10 @@ def _dataset_of(sample: object, length: int) -> list:
 
 @pytest.mark.parametrize("name", [case[0] for case in _cases()])
 def test_a_recorded_real_trial_replays_what_trials_measure_to_the_byte(name):
-    from batchfinder.batching import BatchSource
-    from batchfinder.optimizers import resolve_optimizer
-    from batchfinder.steps import make_step
-    from batchfinder.trial import TrialSession
+    from batchfinder.engine.trial import TrialSession
+    from batchfinder.training.batching import BatchSource
+    from batchfinder.training.optimizers import resolve_optimizer
+    from batchfinder.training.steps import make_step
 
     _, model, sample, optimizer = next(case for case in _cases() if case[0] == name)
     shape = isinstance(sample, tuple) and all(isinstance(n, int) for n in sample)
@@ -204,10 +203,10 @@ def test_a_recorded_real_trial_replays_what_trials_measure_to_the_byte(name):
 
 
 def test_the_recording_made_as_the_model_check_on_entry_is_the_one_a_later_call_makes():
-    from batchfinder.batching import BatchSource
-    from batchfinder.optimizers import resolve_optimizer
-    from batchfinder.steps import make_step
-    from batchfinder.trial import TrialSession
+    from batchfinder.engine.trial import TrialSession
+    from batchfinder.training.batching import BatchSource
+    from batchfinder.training.optimizers import resolve_optimizer
+    from batchfinder.training.steps import make_step
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.BatchNorm1d(64), nn.Linear(64, 4))
@@ -229,10 +228,10 @@ def test_the_recording_made_as_the_model_check_on_entry_is_the_one_a_later_call_
 
 
 def test_no_recording_where_it_cannot_stand_for_the_trials():
-    from batchfinder.batching import BatchSource
-    from batchfinder.optimizers import resolve_optimizer
-    from batchfinder.steps import make_step
-    from batchfinder.trial import TrialSession
+    from batchfinder.engine.trial import TrialSession
+    from batchfinder.training.batching import BatchSource
+    from batchfinder.training.optimizers import resolve_optimizer
+    from batchfinder.training.steps import make_step
 
     model = nn.Sequential(nn.Linear(8, 4))
     data = TensorDataset(torch.randn(100, 8), torch.randint(0, 4, (100,)))

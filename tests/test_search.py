@@ -2,7 +2,7 @@
 
 import pytest
 
-from batchfinder.search import BisectingSearch, SearchBounds, StopReason
+from batchfinder.search.strategies import BisectingSearch, SearchBounds, StopReason
 
 
 def drive(strategy, threshold):
@@ -99,7 +99,7 @@ def test_search_module_knows_nothing_of_torch():
     import ast
     import pathlib
 
-    import batchfinder.search as search
+    import batchfinder.search.strategies as search
 
     tree = ast.parse(pathlib.Path(search.__file__).read_text())
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}

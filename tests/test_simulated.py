@@ -7,8 +7,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import batchfinder as bf
-from batchfinder.devices import DeviceBackend
 from batchfinder import is_oom_error
+from batchfinder.devices.base import DeviceBackend
 
 
 def test_storages_are_rounded_to_512_bytes_and_released_when_freed():

@@ -71,7 +71,12 @@ def test_an_unknown_allocator_names_the_valid_ones():
 
 
 def test_a_simulated_gpu_like_a_real_one():
-    from batchfinder.gpus import CUBLAS_WORKSPACE_BYTES, CUBLAS_WORKSPACE_BYTES_HOPPER, CUDA_CONTEXT_BYTES, lookup_gpu
+    from batchfinder.memory.gpus import (
+        CUBLAS_WORKSPACE_BYTES,
+        CUBLAS_WORKSPACE_BYTES_HOPPER,
+        CUDA_CONTEXT_BYTES,
+        lookup_gpu,
+    )
 
     a100 = bf.SimulatedGPU.like("A100-40GB")
     assert a100.capacity_bytes == lookup_gpu("A100-40GB").memory_bytes - CUDA_CONTEXT_BYTES
@@ -154,7 +159,7 @@ def test_predictions_budget_reserved_bytes_and_match_the_caching_simulated_gpu()
 
 
 def test_a_prediction_for_a_gpu_leaves_out_the_context_and_counts_the_workspaces():
-    from batchfinder.gpus import CUDA_CONTEXT_BYTES, lookup_gpu
+    from batchfinder.memory.gpus import CUDA_CONTEXT_BYTES, lookup_gpu
     from batchfinder.zoo import mnist_mlp
 
     prediction = bf.predict_max_batch_size(mnist_mlp(), (1, 28, 28), gpu="T4", optimizer=torch.optim.SGD)
@@ -166,7 +171,7 @@ def test_a_prediction_for_a_gpu_leaves_out_the_context_and_counts_the_workspaces
 
 
 def test_the_device_string_names_the_allocator():
-    from batchfinder.device_choice import resolve_device
+    from batchfinder.devices.resolve import resolve_device
 
     assert resolve_device("sim:64MiB").allocator == "caching"
     ideal = resolve_device("sim:64MiB:ideal")

@@ -16,10 +16,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import batchfinder as bf  # noqa: E402
-from batchfinder import transformers as bft  # noqa: E402
-from batchfinder.engine import Workload  # noqa: E402
+from batchfinder.engine.workload import Workload  # noqa: E402
+from batchfinder.hf import trainer as bft  # noqa: E402
+from batchfinder.hf.trainer import find_trainer_batch_size  # noqa: E402
 from batchfinder.hf.workload import trainer_precision  # noqa: E402
-from batchfinder.transformers import find_trainer_batch_size  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPACITY = "64MiB"
@@ -154,7 +154,7 @@ def test_trials_get_plain_dict_batches(tmp_path):
 
 def test_search_eval_false_leaves_the_eval_size(tmp_path):
     trainer = make_trainer(tmp_path, eval_dataset=text_dataset(32, seed=1), per_device_eval_batch_size=5)
-    result = find_trainer_batch_size(trainer, device=f"sim:{CAPACITY}", search_eval=False, confirm_steps=0)
+    result = find_trainer_batch_size(trainer, device=f"sim:{CAPACITY}", eval_batch_size=False, confirm_steps=0)
     assert result.evaluation is None
     assert trainer.args.per_device_eval_batch_size == 5
 
@@ -267,7 +267,7 @@ def test_without_transformers_the_error_names_the_extra(monkeypatch):
 def test_the_package_imports_without_transformers():
     code = (
         "import sys; sys.modules['transformers'] = None\n"
-        "import batchfinder, batchfinder.transformers\n"
+        "import batchfinder, batchfinder.hf.trainer\n"
         "print('transformers' in sys.modules and sys.modules['transformers'] is not None)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -286,7 +286,7 @@ import json, os, sys, torch
 torch.set_num_threads(1)
 sys.path.insert(0, {tests!r})
 import test_transformers as t
-from batchfinder.transformers import find_trainer_batch_size
+from batchfinder.hf.trainer import find_trainer_batch_size
 trainer = t.make_trainer(__import__("pathlib").Path({out!r}), train=t.text_dataset(96, seed=int(os.environ["RANK"])))
 result = find_trainer_batch_size(trainer, device="sim:{capacity}", target_batch_size=64, confirm_steps=0)
 print(json.dumps([result.world_size, result.max_batch_size, result.micro_batch_size, result.accumulation_steps,

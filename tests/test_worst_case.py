@@ -11,14 +11,24 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_unchanged, snapshot
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, TensorDataset
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    Sampler,
+    TensorDataset,
+)
 
 import batchfinder as bf
-from batchfinder.batching import BatchSource
-from batchfinder.sample_sizes import FIXED_CHECK_SECONDS, PROBE_SAMPLES, element_count, scan_sizes
-
-from conftest import assert_unchanged, snapshot
+from batchfinder.training.batching import BatchSource
+from batchfinder.training.sample_sizes import (
+    FIXED_CHECK_SECONDS,
+    PROBE_SAMPLES,
+    element_count,
+    scan_sizes,
+)
 
 VOCAB = 500
 
@@ -304,7 +314,7 @@ def test_a_tokenizer_style_batch_mapping_reaches_the_device_whole():
 
 
 def test_a_search_looks_further_for_a_rare_larger_sample_after_it_ran_and_searches_again():
-    from batchfinder.sample_sizes import FIXED_CHECK_SAMPLES, _scan_order
+    from batchfinder.training.sample_sizes import FIXED_CHECK_SAMPLES, _scan_order
 
     total = 20_000
     order = list(itertools.islice(_scan_order(total), PROBE_SAMPLES + FIXED_CHECK_SAMPLES + 200))

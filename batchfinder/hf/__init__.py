@@ -1,4 +1,4 @@
-"""The pieces behind :func:`batchfinder.transformers.find_trainer_batch_size` (Hugging Face Transformers' Trainer).
+"""The pieces behind :func:`batchfinder.hf.trainer.find_trainer_batch_size` (Hugging Face Transformers' Trainer).
 
 :mod:`batchfinder.hf.workload` turns a ``Trainer`` into what the engine's trials run (its model, its training and
 evaluation loaders as it builds them, its optimizer as it creates it, its loss, its precision); and

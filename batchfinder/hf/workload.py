@@ -1,7 +1,7 @@
 """What a search's trials run for a Hugging Face ``Trainer``: its own pieces, as its ``train()`` would use them.
 
 * Batches: the loaders the Trainer builds itself (``get_train_dataloader()``/``get_eval_dataloader()``: its column
-  removal, its ``data_collator``, its sampler), read by a :class:`~batchfinder.batching.BatchSource` (for text of
+  removal, its ``data_collator``, its sampler), read by a :class:`~batchfinder.training.batching.BatchSource` (for text of
   varying length a trial of size B runs on the B longest samples, padded by the collator). The loaders are not left
   registered with the Trainer's accelerator. A dataset with a length column (``args.length_column_name``, or the
   lengths of its ``input_ids`` column in a ``datasets.Dataset``) gives the sample sizes without loading samples.
@@ -29,12 +29,12 @@ import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader
 
-from ..batching import BatchSource
-from ..distributed import unwrap_ddp
-from ..optimizers import OptimizerSpec
-from ..sample_sizes import SampleSize
-from ..steps import StepFn
-from ..trial import EvalStepFn
+from ..engine.distributed import unwrap_ddp
+from ..engine.trial import EvalStepFn
+from ..training.batching import BatchSource
+from ..training.optimizers import OptimizerSpec
+from ..training.sample_sizes import SampleSize
+from ..training.steps import StepFn
 
 __all__ = [
     "trainer_precision",
@@ -177,7 +177,7 @@ def _autocast(precision: str, device_type: str) -> Callable[[], Any]:
     """The engine's autocast for ``precision`` (what its built-in training step runs under); none on an engine
     without precisions."""
     try:
-        from ..precision import StepPrecision
+        from ..training.precision import StepPrecision
     except ImportError:
         return contextlib.nullcontext
     return StepPrecision(precision, device_type).autocast
@@ -205,7 +205,7 @@ def eval_step(trainer: Any, precision: str, device_type: str) -> EvalStepFn:
 @dataclass
 class PlannedDDP:
     """The ``DistributedDataParallel`` wrapper the Trainer builds when ``train()`` starts, after the search: what
-    :func:`~batchfinder.distributed.ddp_bucket_bytes` reads to charge its gradient buckets (one flat buffer per
+    :func:`~batchfinder.engine.distributed.ddp_bucket_bytes` reads to charge its gradient buckets (one flat buffer per
     bucket, as large as the gradients it holds, alive for the whole of training)."""
 
     module: nn.Module

@@ -9,8 +9,8 @@
 
 The callback is thin: it checks the trainer, gathers the run's pieces (its steps from
 :mod:`~batchfinder.lightning.steps`, its batches from :mod:`~batchfinder.lightning.sources`, the state a trial may
-change from :mod:`~batchfinder.lightning.isolation`) into a :class:`~batchfinder.engine.Workload`, calls the same
-:func:`~batchfinder.engine.search` as :func:`~batchfinder.find_batch_size`, and puts the result where the batch size
+change from :mod:`~batchfinder.lightning.isolation`) into a :class:`~batchfinder.engine.workload.Workload`, calls the same
+:func:`~batchfinder.engine.run.search` as :func:`~batchfinder.find_batch_size`, and puts the result where the batch size
 lives (:mod:`~batchfinder.lightning.targets`). The result (largest size, recommendation, trial table) is logged to the
 trainer's loggers and to Python's logging, and kept in :attr:`BatchFinder.result`.
 
@@ -19,14 +19,14 @@ The search leaves no trace: training starts from exactly the state it would have
 gradient scaler, torchmetrics states, RNG states, global step, epoch and loop progress; nothing is written to disk).
 
 Distributed training: under ``strategy="ddp"`` (and ``ddp_spawn``/``ddp_fork``) every rank runs each trial at the
-same size and the ranks agree after each trial (see :mod:`batchfinder.distributed`), so every rank applies the same
+same size and the ranks agree after each trial (see :mod:`batchfinder.engine.distributed`), so every rank applies the same
 batch size; ``target_batch_size`` is the global batch (micro-batch x accumulation x ranks). Trials run on the
 unwrapped LightningModule, so no collective runs inside a trial, while DDP's gradient buckets are charged.
 Collectives the user's own step code runs (``self.all_gather``, torchmetrics with ``dist_sync_on_step=True``) are not
 made safe. Sharded strategies (FSDP, DeepSpeed, model parallel) and XLA are refused with the reason.
 
 Variable-size data (token sequences of different lengths, a padding ``collate_fn``): a trial of size B runs on the B
-largest samples of the training loader and of each validation loader (:mod:`batchfinder.sample_sizes`), the worst
+largest samples of the training loader and of each validation loader (:mod:`batchfinder.training.sample_sizes`), the worst
 case of every batch of B a shuffled epoch can draw; ``result.data_scan`` says what the scan found.
 
 Not modelled: a user ``transfer_batch_to_device`` override (batches move with ``.to``-like semantics), dataloader
@@ -44,22 +44,31 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..cuda import CudaDevice
-from ..device_choice import resolve_device
-from ..devices import DeviceBackend, DeviceLike
-from ..engine import ProgressLike, SearchOptions, Workload, search
-from ..optimizers import OptimizerSpec
-from ..precision import cuda_autocast_policies
+from ..devices.base import DeviceBackend, DeviceLike
+from ..devices.cuda import CudaDevice
+from ..devices.resolve import resolve_device
+from ..devices.simulated import SimulatedGPU
+from ..engine.options import ProgressLike, SearchOptions
+from ..engine.run import search
+from ..engine.workload import Workload
 from ..result import SearchResult
-from ..sample_sizes import DEFAULT_SCAN_BUDGET, SampleSize, check_scan_budget
-from ..simulated import SimulatedGPU
-from ..validation import MIN_STEPS_PER_TRIAL
+from ..search.checks import MIN_STEPS_PER_TRIAL
+from ..training.optimizers import OptimizerSpec
+from ..training.precision import cuda_autocast_policies
+from ..training.sample_sizes import DEFAULT_SCAN_BUDGET, SampleSize, check_scan_budget
 from .framework import Callback, is_overridden, is_param_in_hook_signature, pl
 from .isolation import isolated, trial_state
 from .sources import check_sample_size_option, evaluation_source, training_source
-from .strategies import check_strategy
 from .steps import LightningSteps
-from .targets import Targets, check_loader, data_source, find_targets, flatten_loaders, reload_evaluation_loop
+from .strategies import check_strategy
+from .targets import (
+    Targets,
+    check_loader,
+    data_source,
+    find_targets,
+    flatten_loaders,
+    reload_evaluation_loop,
+)
 
 __all__ = ["BatchFinder"]
 
@@ -70,7 +79,7 @@ _EVAL_HOOKS = {"validate": "validation_step", "test": "test_step", "predict": "p
 
 def _autocast_as_on(device: DeviceBackend) -> Any:
     """On a simulated GPU the trainer runs on the CPU, where its precision plugin enters the CPU's autocast: make that
-    follow CUDA's policies for the search, as the GPU it stands for would (:mod:`batchfinder.precision`)."""
+    follow CUDA's policies for the search, as the GPU it stands for would (:mod:`batchfinder.training.precision`)."""
     return cuda_autocast_policies() if device.simulated else contextlib.nullcontext()
 
 
@@ -139,21 +148,7 @@ class BatchFinder(Callback):
         scan_budget: float = DEFAULT_SCAN_BUDGET,
     ) -> None:
         super().__init__()
-        self.options = SearchOptions(
-            mode=mode,
-            init_batch_size=init_batch_size,
-            max_batch_size=max_batch_size,
-            safety=safety,
-            multiple_of=multiple_of,
-            steps_per_trial=steps_per_trial,
-            max_trials=max_trials,
-            time_budget=time_budget,
-            progress=progress,
-            target_batch_size=target_batch_size,
-            distributed=distributed,
-            confirm_steps=confirm_steps,
-        )
-        self.options.validate()
+        self.options = SearchOptions.from_arguments(locals())
         if batch_arg_name is not None and (not isinstance(batch_arg_name, str) or not batch_arg_name.isidentifier()):
             raise ValueError(f"batch_arg_name={batch_arg_name!r} must be an attribute name such as 'batch_size'")
         if not isinstance(eval_batch_size, (bool, str)):

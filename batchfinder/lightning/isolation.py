@@ -1,6 +1,6 @@
 """What must stay untouched while a Lightning run's batch size is searched.
 
-Two pieces, both built on the snapshot mechanism of :mod:`batchfinder.state`:
+Two pieces, both built on the snapshot mechanism of :mod:`batchfinder.training.state`:
 
 * :func:`trial_state`: the Lightning state a trial can change besides the model and its optimizers' state (the
   learning-rate schedulers, the gradient scaler, the optimizers' own attributes, torchmetrics states, the modules'
@@ -21,7 +21,13 @@ from typing import Any
 
 from torch import nn
 
-from ..state import AttributeSnapshot, RngState, Snapshot, SnapshotFactory, StateDictSnapshot
+from ..training.state import (
+    AttributeSnapshot,
+    RngState,
+    Snapshot,
+    SnapshotFactory,
+    StateDictSnapshot,
+)
 from .framework import DummyLogger, pl
 from .steps import LightningSteps
 

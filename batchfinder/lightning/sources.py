@@ -1,10 +1,10 @@
 """Where a trial's batches come from in a Lightning run: the trainer's dataloaders, as Lightning would shape them.
 
 Every source builds host batches of a requested size from a DataLoader's dataset and ``collate_fn``
-(:class:`~batchfinder.batching.BatchSource`) and passes them through the module's ``on_before_batch_transfer`` hook,
+(:class:`~batchfinder.training.batching.BatchSource`) and passes them through the module's ``on_before_batch_transfer`` hook,
 as Lightning's loops do; ``on_after_batch_transfer`` runs in the steps (:mod:`batchfinder.lightning.steps`).
 
-When the samples of a loader differ in size (:mod:`batchfinder.sample_sizes`), its batches of ``B`` are its ``B``
+When the samples of a loader differ in size (:mod:`batchfinder.training.sample_sizes`), its batches of ``B`` are its ``B``
 largest samples, the worst case of every batch of ``B`` the loader can produce; the sources here pass what the scan
 found (``scan``, ``varies``, ``largest_index``) and the batches in the loader's own order (``loader_batches``, for
 the confirmation run) through to the engine.
@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from ..accounting import host_side_loading
-from ..batching import BatchSource
-from ..sample_sizes import DEFAULT_SCAN_BUDGET, DataScan
+from ..training.batching import BatchSource, EvaluationBatches, TrainingBatches
+from ..training.host import host_side_loading
+from ..training.sample_sizes import DEFAULT_SCAN_BUDGET, DataScan
 from .framework import pl
 from .targets import check_loader, flatten_loaders
 
@@ -44,7 +44,7 @@ def _first_varying(sources: list[Any]) -> Any:
 class HookedSource:
     """A :class:`BatchSource` whose host batches pass through ``on_before_batch_transfer``, as Lightning's do."""
 
-    def __init__(self, source: Any, hook: Callable[[Any], Any]) -> None:
+    def __init__(self, source: TrainingBatches, hook: Callable[[Any], Any]) -> None:
         self.source = source
         self.hook = hook
         self.length = source.length
@@ -52,17 +52,17 @@ class HookedSource:
     @property
     def scan(self) -> DataScan | None:
         """What the scan of the sample sizes found (``SearchResult.data_scan``)."""
-        return getattr(self.source, "scan", None)
+        return self.source.scan
 
     @property
     def varies(self) -> bool:
         """True when sample sizes vary: batches are then the largest samples."""
-        return bool(getattr(self.source, "varies", False))
+        return self.source.varies
 
     @property
     def largest_index(self) -> int:
         """The index of the largest sample seen (0 for fixed-size data)."""
-        return int(getattr(self.source, "largest_index", 0))
+        return self.source.largest_index
 
     def batch(self, batch_size: int) -> Any:
         with host_side_loading():  # host memory, also when a simulated GPU is measuring around the search
@@ -80,6 +80,13 @@ class HookedSource:
     def collate(self, samples: list[Any]) -> Any:
         return self.source.collate(samples)
 
+    def look_further(self, seconds: float) -> bool:
+        """The underlying source's deferred check of fixed-size data."""
+        return self.source.look_further(seconds)
+
+    def rescan(self) -> None:
+        self.source.rescan()
+
 
 def _build(structure: Any, leaf: Callable[[Any], Any]) -> Any:
     """``structure`` (a dict or list of loaders, possibly nested) with every loader replaced by ``leaf(loader)``."""
@@ -93,7 +100,7 @@ def _build(structure: Any, leaf: Callable[[Any], Any]) -> Any:
 class StructuredSource:
     """Batches for several training dataloaders at once, shaped like Lightning's combined batch (dict or list)."""
 
-    def __init__(self, structure: Any, sources: dict[int, Any]) -> None:
+    def __init__(self, structure: Any, sources: dict[int, TrainingBatches]) -> None:
         self.structure = structure
         self.sources = sources
         self.length = max(source.length for source in sources.values())
@@ -113,7 +120,23 @@ class StructuredSource:
 
     @property
     def largest_index(self) -> int:
+        """The index of the largest sample of the first loader whose sample sizes vary."""
         return self._varying().largest_index
+
+    def sample(self, index: int) -> Any:
+        """Sample ``index`` of the first loader whose sample sizes vary (of the first loader when none does)."""
+        return self._varying().sample(index)
+
+    def collate(self, samples: list[Any]) -> Any:
+        return self._varying().collate(samples)
+
+    def look_further(self, seconds: float) -> bool:
+        """Every loader's data was checked for fixed sizes before the search: nothing is left to look at."""
+        return False
+
+    def rescan(self) -> None:
+        for source in self.sources.values():
+            source.rescan()
 
     def batch(self, batch_size: int) -> Any:
         def leaf(loader: Any) -> Any:
@@ -146,7 +169,7 @@ class EvalSource:
     """Evaluation batches of a requested size for every evaluation dataloader (capped at each dataset's length);
     each loader's batches are its largest samples when its sample sizes vary."""
 
-    def __init__(self, sources: list[Any]) -> None:
+    def __init__(self, sources: list[EvaluationBatches]) -> None:
         self.sources = sources
         self.length = max(source.length for source in sources)
 
@@ -167,6 +190,7 @@ class EvalSource:
 
     @property
     def largest_index(self) -> int:
+        """The index of the largest sample of the first loader whose sample sizes vary."""
         return _first_varying(self.sources).largest_index
 
     def batch(self, batch_size: int) -> PerLoader:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..devices import DeviceBackend
+from ..devices.base import DeviceBackend
 from .framework import is_param_in_hook_signature, pl
 from .sources import PerLoader
 

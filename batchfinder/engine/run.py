@@ -1,0 +1,311 @@
+"""The one search entry every front end calls: :func:`search`, and :func:`run_trial` for a single trial.
+
+A front end (:func:`~batchfinder.find_batch_size`, the Lightning callback, the Hugging Face front end, the command
+line) gathers the user's pieces into a :class:`~batchfinder.engine.workload.Workload` (the model, where batches come
+from, how a trial steps) and the search settings into :class:`~batchfinder.engine.options.SearchOptions`, and calls
+:func:`search`, which
+
+1. checks the options and the model,
+2. opens a :class:`~batchfinder.engine.trial.TrialSession` (which snapshots and later restores the user's state,
+   keeps the model resident on the device and checks once that the model takes a batch; for a mode that
+   :attr:`~batchfinder.engine.modes.SearchMode.records_on_entry`, that check is the recorded trial),
+3. agrees with the other ranks when ``torch.distributed`` runs several (:mod:`batchfinder.engine.distributed`),
+4. runs the training search (and, when asked, a search of a separate evaluation batch size), asking the mode's
+   strategy (:mod:`batchfinder.engine.modes`) which size to try next until it, the trial budget or the time budget
+   ends the search,
+5. confirms the recommended size (:mod:`batchfinder.engine.confirmation`), plans gradient accumulation toward
+   ``target_batch_size`` once, and returns the :class:`~batchfinder.result.SearchResult`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Iterator
+
+from ..devices.base import DeviceBackend
+from ..errors import NoBatchSizeFitsError, SearchIncompleteError
+from ..result import SearchResult, Trial
+from ..search.accumulation import plan_accumulation
+from ..search.strategies import (
+    SearchBounds,
+    SearchStrategy,
+    StopReason,
+    recommend_batch_size,
+)
+from ..training.batching import TrainingBatches
+from ..training.precision import check_precision
+from ..training.sample_sizes import FIXED_CHECK_SECONDS
+from ..training.validation import check_materialised, check_model
+from ..units import format_bytes
+from .confirmation import confirm
+from .distributed import (
+    RankAgreement,
+    ddp_bucket_bytes,
+    local_batch_norm,
+    resolve_agreement,
+)
+from .modes import SearchContext, mode_named
+from .options import SearchOptions, progress_callback
+from .trial import TrialSession
+from .workload import Workload
+
+__all__ = ["search", "run_trial"]
+
+logger = logging.getLogger(__name__)
+
+
+# -- the one entry point --------------------------------------------------------------------------------------------
+def search(workload: Workload, device: DeviceBackend, options: SearchOptions) -> SearchResult:
+    """Search the batch size of ``workload`` on ``device``: the entry point every front end calls.
+
+    Returns the training search's :class:`SearchResult` (its :attr:`~SearchResult.evaluation` holds the evaluation
+    search when ``workload.search_evaluation``), or, for a workload that does not train, the evaluation search's.
+    Raises :class:`~batchfinder.NoBatchSizeFitsError` when batch size 1 does not fit and
+    :class:`~batchfinder.SearchIncompleteError` when a budget ends the search before any size fitted. The user's
+    state is restored in every case.
+    """
+    started = time.perf_counter()
+    options.validate()
+    check_model(workload.model)
+    check_materialised(workload.model)
+    session = _session(workload, device, options)
+    training = workload.trains
+    source = workload.searched_source
+    check_precision(workload.precision)
+    device.check_precision(workload.precision)
+    context = SearchContext(
+        workload.model, source, device, workload.optimizer, workload.step, options.steps_per_trial, workload.precision,
+        record=session.record_allocations if training else None,
+    )
+    agreement = resolve_agreement(options.distributed)
+    try:
+        with _open(session, agreement):
+            phase = "train" if training else "eval"
+            result, strategy = _run(session, context, options, agreement, phase=phase, length=source.length)
+            if training and _looked_further(workload.source, time.perf_counter() - started, agreement):
+                session.notes.append(
+                    f"a sample of other shapes than the rest turned up after the search ({source.scan.describe()}): "
+                    "the search ran again on the largest samples"
+                )
+                result, strategy = _run(session, context, options, agreement, phase=phase, length=source.length)
+            if training and workload.search_evaluation and workload.eval_source is not None:
+                eval_options = _evaluation_options(options, min(result.max_batch_size, workload.eval_source.length))
+                result.evaluation, _ = _run(
+                    session, context, eval_options, agreement, phase="eval", length=workload.eval_source.length
+                )
+                result.evaluation.data_scan = workload.eval_source.scan
+            if training and options.confirm_steps:
+                confirm(session, source, result, options, agreement, strategy)
+    finally:
+        if agreement is not None:
+            agreement.close()
+    if training and options.target_batch_size is not None:
+        plan = plan_accumulation(
+            math.ceil(options.target_batch_size / result.world_size), result.batch_size, options.multiple_of
+        )
+        result.target_batch_size = options.target_batch_size
+        result.micro_batch_size = plan.micro_batch_size
+        result.accumulation_steps = plan.accumulation_steps
+    result.data_scan = source.scan
+    result.precision = workload.precision
+    result.notes = [*workload.notes, *session.notes]
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _looked_further(source: TrainingBatches, elapsed: float, agreement: RankAgreement | None) -> bool:
+    """The deferred check of fixed-size data (:meth:`~batchfinder.training.batching.BatchSource.look_further`), given a
+    quarter of the time the search took (at most ``FIXED_CHECK_SECONDS``): True when a sample of other shapes turned
+    up, so that the search must run again on the largest samples."""
+    found = bool(source.look_further(min(FIXED_CHECK_SECONDS, elapsed / 4)))
+    if agreement is not None and agreement.any(found) and not found:
+        source.rescan()  # another rank found one: every rank searches the same largest samples
+        found = True
+    if found:
+        logger.warning(
+            "a sample of other shapes than the rest turned up after the search (%s): searching again on the largest "
+            "samples", source.scan.describe(),
+        )
+    return found
+
+
+def _evaluation_options(options: SearchOptions, init_batch_size: int) -> SearchOptions:
+    mode = options.mode if mode_named(options.mode).searches_evaluation else "binsearch"
+    if mode != options.mode:
+        logger.info("evaluation batch sizes are searched with binsearch (mode %s models training memory)", options.mode)
+    return options.replace(mode=mode, init_batch_size=max(init_batch_size, 1))
+
+
+def _session(workload: Workload, device: DeviceBackend, options: SearchOptions) -> TrialSession:
+    """The trial session of ``workload`` on ``device`` (not yet entered)."""
+    # A real GPU already holds DDP's gradient buckets (allocated when the wrapper was built); a simulated one is told.
+    charge_buckets = workload.ddp is not None and device.simulated
+    return TrialSession(
+        workload.model,
+        workload.searched_source,
+        workload.step,
+        workload.optimizer,
+        device,
+        steps_per_trial=options.steps_per_trial,
+        train_step=workload.train_step,
+        eval_step=workload.eval_step,
+        eval_source=workload.eval_source,
+        validate=workload.validate or not workload.trains,
+        extra_optimizers=workload.extra_optimizers,
+        reserved_bytes=ddp_bucket_bytes(workload.ddp) if charge_buckets and workload.ddp is not None else (),
+        extra_state=workload.extra_state,
+        precision=workload.precision,
+        record_on_entry=mode_named(options.mode).records_on_entry and workload.trains,
+    )
+
+
+_SETUP = "the search's set-up (snapshot, model on the device, probe)"
+
+
+@contextlib.contextmanager
+def _open(session: TrialSession, agreement: RankAgreement | None) -> Iterator[TrialSession]:
+    """Enter ``session`` (snapshot, resident model, probe) for the length of the block, and restore on exit.
+
+    With an ``agreement`` every rank learns whether every other rank got in, so that a rank whose model does not fit
+    (or whose probe fails) does not leave the others waiting in the first trial's collective. ``SyncBatchNorm``
+    layers normalise locally while the session is open (their forward is a collective).
+    """
+    with local_batch_norm(session.model):
+        try:
+            session.__enter__()
+        except Exception:
+            if agreement is not None:
+                agreement.check(False, _SETUP)
+            raise
+        try:
+            if agreement is not None:
+                agreement.check(True, _SETUP)
+            yield session
+        finally:
+            session.__exit__(None, None, None)
+
+
+_BUDGET_STOPS = (StopReason.MAX_TRIALS, StopReason.TIME_BUDGET)
+
+
+def _run(
+    session: TrialSession,
+    context: SearchContext,
+    options: SearchOptions,
+    agreement: RankAgreement | None,
+    *,
+    phase: str,
+    length: int,
+) -> tuple[SearchResult, SearchStrategy]:
+    """One search loop (training or evaluation batch sizes) on an open session; the result and the strategy."""
+    report = progress_callback(options.progress)
+    started = time.perf_counter()
+    cap = options.max_batch_size
+    if cap is not None and cap < length:
+        bounds = SearchBounds(min(options.init_batch_size, cap), cap, StopReason.MAX_BATCH_SIZE)
+    else:
+        bounds = SearchBounds(min(options.init_batch_size, length), length, StopReason.DATASET_LENGTH)
+    strategy = mode_named(options.mode).strategy(bounds, context)
+    trials: list[Trial] = []
+    logger.info(
+        "searching %s batch sizes on %s (mode %s, up to %d%s)",
+        "evaluation" if phase == "eval" else "training",
+        context.device.name,
+        options.mode,
+        bounds.cap,
+        f", {agreement.world_size} ranks agreeing" if agreement is not None else "",
+    )
+    while True:
+        size = strategy.propose()
+        stop: StopReason | None = None
+        if size is not None:
+            if options.max_trials is not None and len(trials) >= options.max_trials:
+                stop = StopReason.MAX_TRIALS
+            elif options.time_budget is not None and trials and time.perf_counter() - started >= options.time_budget:
+                stop = StopReason.TIME_BUDGET
+        if agreement is not None:
+            size, agreed_stop = agreement.agree_next(size, stop, _BUDGET_STOPS)
+            stop = agreed_stop if isinstance(agreed_stop, StopReason) else None
+        if size is None:
+            break
+        if stop is not None:
+            strategy.stop(stop)
+            break
+        try:
+            trial = session.run(size, phase=phase)
+        except Exception:
+            if agreement is not None:
+                agreement.agree_outcome(False, 0, True, f"the trial at batch size {size}")
+            raise
+        peak = trial.peak_reserved_bytes  # what the allocator fails on (allocated bytes where nothing is cached)
+        if agreement is not None:
+            trial, peak = agreement.agree_trial(trial, f"the trial at batch size {size}")
+        trials.append(trial)
+        strategy.record(size, trial.fits, peak, peak_allocated=trial.peak_bytes)
+        logger.info("batch size %d: %s", size, "fits" if trial.fits else "out of memory")
+        if report is not None:
+            report(trial)
+    if strategy.largest_fit == 0:
+        if strategy.stop_reason == StopReason.NOTHING_FITS:
+            raise _nothing_fits(trials, context.device)
+        raise SearchIncompleteError(
+            f"the search stopped ({strategy.stop_reason}) after {len(trials)} trial(s) before any batch size fitted; "
+            "raise max_trials / time_budget or lower init_batch_size"
+        )
+    result = SearchResult(
+        max_batch_size=strategy.largest_fit,
+        batch_size=recommend_batch_size(strategy.largest_fit, options.safety, options.multiple_of),
+        trials=trials,
+        stop_reason=strategy.stop_reason or StopReason.BRACKET_CLOSED,
+        safety=float(options.safety),
+        multiple_of=options.multiple_of,
+        mode=options.mode,
+        device=context.device.name,
+        capacity_bytes=context.device.capacity_bytes,
+        seconds=time.perf_counter() - started,
+        smallest_failure=strategy.smallest_failure,
+        predicted_peaks=strategy.predicted_peaks,
+        predicted_max_batch_size=strategy.predicted_max,
+        prediction_status=strategy.prediction_status,
+        prediction_method=strategy.prediction_method,
+        world_size=agreement.world_size if agreement is not None else 1,
+    )
+    return result, strategy
+
+
+def _nothing_fits(trials: list[Trial], device: DeviceBackend) -> NoBatchSizeFitsError:
+    smallest = min(trials, key=lambda t: t.batch_size)
+    request = smallest.requested_bytes or 0
+    needed = max(smallest.peak_reserved_bytes, smallest.peak_bytes) + request  # what the allocator held, and asked
+    capacity = device.capacity_bytes
+    report = device.memory_report()
+    return NoBatchSizeFitsError(
+        f"batch size {smallest.batch_size} does not fit on {device.name}: the trial needed at least "
+        f"{format_bytes(needed)} (it reached {format_bytes(max(smallest.peak_reserved_bytes, smallest.peak_bytes))}, of which "
+        f"{format_bytes(smallest.baseline_bytes)} is the model and its existing state, then asked for "
+        f"{format_bytes(request)} more) but the device has {format_bytes(capacity)}"
+        + (f" ({report})" if report else "")
+        + ". Use a larger GPU, an optimizer with less state (SGD), mixed precision, or a smaller model.",
+        needed_bytes=needed,
+        capacity_bytes=capacity,
+    )
+
+
+def run_trial(workload: Workload, device: DeviceBackend, options: SearchOptions, batch_size: int) -> Trial:
+    """One trial of ``workload`` at ``batch_size`` on ``device``, in a session of its own (the user's state restored
+    afterwards); the trial carries the data scan. ``batch_size`` may not exceed the number of samples."""
+    source = workload.searched_source
+    if batch_size > source.length:
+        raise ValueError(
+            f"batch_size={batch_size} is larger than the dataset ({source.length} samples): "
+            "a trial needs that many real samples"
+        )
+    check_precision(workload.precision)
+    device.check_precision(workload.precision)
+    with _session(workload, device, options) as session:
+        trial = session.run(batch_size)
+    return dataclasses.replace(trial, data_scan=source.scan)

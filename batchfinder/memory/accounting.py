@@ -1,0 +1,350 @@
+"""Storage accounting: what a GPU would hold, measured on the CPU.
+
+:class:`MemoryLedger` charges tensor *storages* (never views: a view of memory that is already charged costs
+nothing), each rounded up to 512 bytes as the CUDA caching allocator rounds every request, and releases the charge
+when the storage is freed. With a capacity it refuses a charge that would pass it by raising
+``torch.OutOfMemoryError`` with a message in the format of CUDA's own; the refused charge is not recorded.
+
+:class:`ChargingMode` is a ``TorchDispatchMode`` that feeds a ledger from every aten operation run inside it:
+
+* every storage an operation *creates* is charged when it is created (activations, temporaries, gradients,
+  optimizer state, anything);
+* a storage that existed before (or that a DataLoader produced) is charged the first time an operation consumes
+  it, as a transfer to the device would be;
+* while a DataLoader is producing a batch (host-side loading, collation, pinning) nothing is charged.
+
+The same ledger and mode serve the simulated GPU (real CPU tensors) and the memory estimator (fake tensors), which
+is why the two agree to the byte.
+
+With an ``allocator`` (a :class:`~batchfinder.memory.allocator.CachingAllocator`) every charge is also a ``malloc`` and every
+release a ``free`` in a model of PyTorch's CUDA caching allocator: the ledger then also knows the reserved bytes
+(segments obtained from the driver), and a charge fails where the real allocator would fail (on reserved memory,
+fragmentation included), not merely where allocated bytes pass the capacity.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from ..training.host import host_side_loading, loading_on_host
+from ..units import format_bytes
+from .allocator import MIN_BLOCK_SIZE, AllocatorOutOfMemory, CachingAllocator
+
+__all__ = [
+    "round_allocation",
+    "MemoryLedger",
+    "ChargingMode",
+    "tensor_storages",
+]
+
+def round_allocation(nbytes: int) -> int:
+    """Bytes a storage of ``nbytes`` occupies in the CUDA caching allocator: rounded up to a multiple of
+    ``kMinBlockSize`` (:data:`~batchfinder.memory.allocator.MIN_BLOCK_SIZE`); 0 stays 0 (no request is made)."""
+    if nbytes <= 0:
+        return 0
+    return -(-nbytes // MIN_BLOCK_SIZE) * MIN_BLOCK_SIZE
+
+
+class MemoryLedger:
+    """Charged bytes per live storage, the running total and its peak, against an optional capacity."""
+
+    def __init__(
+        self,
+        capacity: int | None = None,
+        *,
+        device_label: str = "GPU 0",
+        allocator: CachingAllocator | None = None,
+        workspace_bytes: int = 0,
+    ) -> None:
+        self.capacity = capacity
+        self.device_label = device_label
+        self.allocator = allocator
+        self.workspace_bytes = workspace_bytes
+        """cuBLAS workspace charged at the first matrix multiply of the forward and of the backward pass (0: none)."""
+        self.workspaces: dict[str, torch.Tensor] = {}
+        """The workspaces charged so far, by pass (``"forward"``, ``"backward"``); they live as long as the ledger,
+        as cuBLAS keeps its workspaces for the life of the process."""
+        self._handles: dict[int, int] = {}  # token -> the allocator's block handle
+        # id(storage) -> token. A storage's entry goes when its finalizer runs, which is while the storage object is
+        # being deallocated, before its id can be reused; a plain dict is several times faster than a weak one.
+        self._tokens: dict[int, int] = {}
+        self._ids: dict[int, int] = {}  # token -> id(storage)
+        self._sizes: dict[int, int] = {}  # token -> charged bytes
+        self._finalizers: dict[int, weakref.finalize] = {}
+        self._lock = threading.RLock()
+        self._next_token = 0
+        self.allocated = 0
+        self.peak = 0
+
+    # -- queries -------------------------------------------------------------------------------------------
+    def is_charged(self, storage: torch.UntypedStorage) -> bool:
+        """True when ``storage`` is currently charged."""
+        return id(storage) in self._tokens
+
+    def charged_bytes(self, storage: torch.UntypedStorage) -> int:
+        """Bytes charged for ``storage`` (0 when it is not charged)."""
+        token = self._tokens.get(id(storage))
+        return 0 if token is None else self._sizes.get(token, 0)
+
+    @property
+    def reserved(self) -> int:
+        """Bytes in the allocator's segments (the charged bytes when there is no allocator)."""
+        return self.allocator.reserved if self.allocator is not None else self.allocated
+
+    @property
+    def peak_reserved(self) -> int:
+        """Peak of :attr:`reserved` since the last :meth:`reset_peak`."""
+        return self.allocator.peak_reserved if self.allocator is not None else self.peak
+
+    def reset_peak(self) -> None:
+        """Start a new peak measurement at the current total."""
+        with self._lock:
+            self.peak = self.allocated
+            if self.allocator is not None:
+                self.allocator.reset_peak()
+
+    def empty_cache(self) -> None:
+        """Release the allocator's wholly free cached segments (nothing to do without an allocator)."""
+        with self._lock:
+            if self.allocator is not None:
+                self.allocator.empty_cache()
+
+    # -- charging ------------------------------------------------------------------------------------------
+    def charge(self, storages: Iterable[torch.UntypedStorage]) -> int:
+        """Charge every storage not charged yet (and the growth of those that are), all or nothing.
+
+        Returns the bytes added. Raises ``torch.OutOfMemoryError`` when the total would pass the capacity; nothing
+        is charged then.
+        """
+        with self._lock:
+            pending: dict[int, tuple[torch.UntypedStorage, int, int, int]] = {}
+            for storage in storages:
+                if id(storage) in pending:
+                    continue
+                raw = storage.nbytes()
+                size = round_allocation(raw)
+                delta = size - self.charged_bytes(storage)
+                if delta > 0:
+                    pending[id(storage)] = (storage, size, delta, raw)
+            if not pending:
+                return 0
+            extra = sum(entry[2] for entry in pending.values())
+            if self.allocator is not None:
+                entries = list(pending.values())
+                handles = self._malloc(self.allocator, [e[1] for e in entries], [e[3] for e in entries])
+            elif self.capacity is not None and self.allocated + extra > self.capacity:
+                raise torch.OutOfMemoryError(self._oom_message(extra))
+            else:
+                handles = [None] * len(pending)
+            for (storage, size, _, _), handle in zip(pending.values(), handles):
+                self._record(storage, size, handle)
+            self.allocated += extra
+            self.peak = max(self.peak, self.allocated)
+            return extra
+
+    def release(self, storage: torch.UntypedStorage) -> int:
+        """Stop charging ``storage`` now (it left the device); returns the bytes released."""
+        with self._lock:
+            token = self._tokens.pop(id(storage), None)
+            if token is None:
+                return 0
+            self._ids.pop(token, None)
+            finalizer = self._finalizers.pop(token, None)
+            if finalizer is not None:
+                finalizer.detach()
+            self._free(token)
+            size = self._sizes.pop(token, 0)
+            self.allocated -= size
+            return size
+
+    def charge_workspace(self, kind: str) -> None:
+        """Charge the cuBLAS workspace of ``kind`` (``"forward"``: the main thread's handle; ``"backward"``: the
+        autograd thread's) unless it is charged already or the ledger has none."""
+        if self.workspace_bytes <= 0 or kind in self.workspaces:
+            return
+        with host_side_loading():
+            workspace = torch.empty(self.workspace_bytes, dtype=torch.uint8)
+        self.charge([workspace.untyped_storage()])
+        self.workspaces[kind] = workspace
+
+    def _malloc(self, allocator: CachingAllocator, sizes: list[int], raws: list[int] | None = None) -> list[int | None]:
+        """One block per size from the allocator, all or nothing (blocks of a failed call are freed again).
+        ``raws``: the storages' unrounded sizes (for a ledger that logs them)."""
+        handles: list[int | None] = []
+        try:
+            for size in sizes:
+                handles.append(allocator.malloc(size))
+        except AllocatorOutOfMemory as exc:
+            for handle in handles:
+                if handle is not None:
+                    allocator.free(handle)
+            raise torch.OutOfMemoryError(
+                str(exc).replace("GPU 0", self.device_label, 1)
+                + " (simulated GPU: batchfinder.SimulatedGPU models PyTorch's caching allocator)"
+            ) from None
+        return handles
+
+    def _free(self, token: int) -> None:
+        handle = self._handles.pop(token, None)
+        if handle is not None and self.allocator is not None:
+            self.allocator.free(handle)
+
+    def _record(self, storage: torch.UntypedStorage, size: int, handle: int | None = None) -> None:
+        token = self._tokens.get(id(storage))
+        if token is not None:
+            self._free(token)  # a storage that grew: its new block replaces the old one, as a resize would
+            self._sizes[token] = size
+            if handle is not None:
+                self._handles[token] = handle
+            return
+        token = self._next_token
+        self._next_token += 1
+        self._tokens[id(storage)] = token
+        self._ids[token] = id(storage)
+        self._sizes[token] = size
+        if handle is not None:
+            self._handles[token] = handle
+        self._finalizers[token] = weakref.finalize(storage, self._freed, token)
+
+    def _freed(self, token: int) -> None:
+        with self._lock:
+            self._finalizers.pop(token, None)
+            key = self._ids.pop(token, None)
+            if key is not None and self._tokens.get(key) == token:
+                del self._tokens[key]
+            self._free(token)
+            self.allocated -= self._sizes.pop(token, 0)
+
+    def _oom_message(self, request: int) -> str:
+        capacity = self.capacity or 0
+        free = max(capacity - self.allocated, 0)
+        return (
+            f"CUDA out of memory. Tried to allocate {format_bytes(request)}. {self.device_label} has a total capacity "
+            f"of {format_bytes(capacity)} of which {format_bytes(free)} is free. Of the allocated memory "
+            f"{format_bytes(self.allocated)} is allocated by PyTorch, and 0 bytes is reserved by PyTorch but "
+            "unallocated. (simulated GPU: batchfinder.SimulatedGPU charges what a real GPU would hold)"
+        )
+
+
+# -- host-side data loading: batches a DataLoader yields are built on the host ---------------------------------
+class _DataLoaderHook:
+    """While installed, every ``DataLoader`` iterator produces its batches inside :func:`host_side_loading`."""
+
+    def __init__(self) -> None:
+        self._users = 0
+        self._lock = threading.Lock()
+        self._original: Any = None
+
+    def acquire(self) -> None:
+        from torch.utils.data.dataloader import _BaseDataLoaderIter
+
+        with self._lock:
+            self._users += 1
+            if self._users > 1:
+                return
+            original = _BaseDataLoaderIter.__next__
+            self._original = original
+
+            def __next__(iterator: Any) -> Any:
+                with host_side_loading():
+                    return original(iterator)
+
+            _BaseDataLoaderIter.__next__ = __next__  # type: ignore[method-assign]
+
+    def release(self) -> None:
+        from torch.utils.data.dataloader import _BaseDataLoaderIter
+
+        with self._lock:
+            self._users -= 1
+            if self._users == 0 and self._original is not None:
+                _BaseDataLoaderIter.__next__ = self._original  # type: ignore[method-assign]
+                self._original = None
+
+
+_DATALOADER_HOOK = _DataLoaderHook()
+
+
+def tensor_storages(tree: Any) -> list[torch.UntypedStorage]:
+    """The storages of every strided tensor in a nested structure (lists, tuples, dicts)."""
+    storages: list[torch.UntypedStorage] = []
+    _collect_storages(tree, storages)
+    return storages
+
+
+_STRIDED = torch.strided
+
+
+def _collect_storages(value: Any, storages: list[torch.UntypedStorage]) -> None:
+    # Hand-rolled rather than pytree's flatten: this runs for every operation of a trace (twice), where pytree's
+    # generality costs a sixth of the trace's time. Other containers (named tuples, dataclasses) go through pytree.
+    if isinstance(value, torch.Tensor):
+        if value.layout == _STRIDED:
+            try:
+                storages.append(value.untyped_storage())
+            except (RuntimeError, NotImplementedError):  # tensors without a storage of their own
+                pass
+    elif type(value) in (list, tuple):
+        for item in value:
+            if not isinstance(item, (int, float, bool, str)) and item is not None:
+                _collect_storages(item, storages)
+    elif type(value) is dict:
+        for item in value.values():
+            _collect_storages(item, storages)
+    elif isinstance(value, (int, float, bool, str, torch.dtype, torch.device)) or value is None:
+        return
+    else:
+        leaves = tree_flatten(value)[0]
+        if len(leaves) != 1 or leaves[0] is not value:
+            for leaf in leaves:
+                _collect_storages(leaf, storages)
+
+
+_GEMMS = frozenset(
+    getattr(torch.ops.aten, name)
+    for name in ("mm", "addmm", "bmm", "baddbmm", "addbmm", "mv", "addmv", "_addmm_activation")
+)
+"""Operations that run on cuBLAS (and so create its workspace on first use)."""
+
+
+class ChargingMode(TorchDispatchMode):
+    """Charges a :class:`MemoryLedger` for every storage that aten operations create or consume."""
+
+    def __init__(self, ledger: MemoryLedger) -> None:
+        super().__init__()
+        self.ledger = ledger
+
+    def __enter__(self) -> "ChargingMode":
+        _DATALOADER_HOOK.acquire()
+        try:
+            return super().__enter__()
+        except BaseException:
+            _DATALOADER_HOOK.release()
+            raise
+
+    def __exit__(self, *exc_info: Any) -> None:
+        try:
+            super().__exit__(*exc_info)
+        finally:
+            _DATALOADER_HOOK.release()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if loading_on_host():
+            return func(*args, **kwargs)
+        if self.ledger.workspace_bytes and func.overloadpacket in _GEMMS:
+            self.ledger.charge_workspace("backward" if torch._C._current_autograd_node() is not None else "forward")
+        consumed = tensor_storages((args, kwargs))
+        if consumed:
+            self.ledger.charge(consumed)
+        out = func(*args, **kwargs)
+        produced = tensor_storages(out)
+        if produced:
+            self.ledger.charge(produced)
+        return out
