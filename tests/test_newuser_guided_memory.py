@@ -57,16 +57,16 @@ def _three_guided_searches() -> None:
 
 
 def test_guided_search_frees_every_recording(monkeypatch):
-    import batchfinder.engine.trial
+    import batchfinder.memory.recording
 
     ledgers: list[weakref.ref] = []
 
-    class Watched(batchfinder.engine.trial.RecordingLedger):
+    class Watched(batchfinder.memory.recording.RecordingLedger):
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
             ledgers.append(weakref.ref(self))
 
-    monkeypatch.setattr(batchfinder.engine.trial, "RecordingLedger", Watched)
+    monkeypatch.setattr(batchfinder.memory.recording, "RecordingLedger", Watched)
     _three_guided_searches()
     assert len(ledgers) == 3  # one recorded trial per search, replayed at every size
     assert _alive(ledgers) == 0  # the model's parameters, charged to each, do not keep them alive

@@ -6,3 +6,11 @@ simulated GPU that charges what a GPU would hold, :mod:`.nvml` reads the board t
 turns the public ``device`` argument into a backend. May import :mod:`batchfinder.memory` and the layers below it,
 never :mod:`batchfinder.engine` or a front end.
 """
+
+from __future__ import annotations
+
+from .base import DeviceBackend
+from .cuda import CudaDevice
+from .simulated import SimulatedGPU
+
+__all__ = ["DeviceBackend", "CudaDevice", "SimulatedGPU"]

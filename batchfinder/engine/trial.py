@@ -36,15 +36,15 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
 
 from ..devices.base import DeviceBackend, swapped_data
 from ..errors import NoBatchSizeFitsError, exception_first_line
-from ..memory.accounting import ChargingMode, round_allocation, tensor_storages
-from ..memory.replay import AllocationLog, RecordingLedger
+from ..memory.accounting import round_allocation, tensor_storages
+from ..memory.recording import RECORDED_SIZES, record_trial
+from ..memory.replay import AllocationLog
 from ..result import Trial
 from ..search.checks import MIN_STEPS_PER_TRIAL
-from ..training.batching import BatchSource, describe_batch, plain_containers
+from ..training.batching import BatchSource, describe_batch
 from ..training.host import host_side_loading
 from ..training.optimizers import OptimizerSpec, lacks_state, state_tensors
 from ..training.precision import (
@@ -57,9 +57,6 @@ from ..training.state import SnapshotFactory, TrainingState, deferred_interrupts
 from ..training.steps import StepFn, check_loss, run_training_step
 from ..units import format_bytes
 from .oom import is_ambiguous_oom_error, is_fatal_device_error, is_oom_error
-
-RECORDED_SIZES = (2, 3)
-"""The batch sizes of :meth:`TrialSession.record_allocations`' first and later steps."""
 
 __all__ = ["TrialSession", "TrainStepFn", "EvalStepFn"]
 
@@ -419,39 +416,18 @@ class TrialSession:
         if self.step is None or self.optimizer is None:
             raise RuntimeError("recording needs the built-in training step (step and optimizer)")
         state = self._require_state()
-        steps = [sizes[0], *[sizes[1]] * (max(self.steps_per_trial, 2) - 1)]
-        ledger = RecordingLedger(tuple(steps), workspace_bytes=self.device.workspace_bytes)
         hosts = {size: self._host(self.source.batch(size)) for size in sizes}
-        bound = self.optimizer.bound
-        try:  # what the session holds, in the order the device charged it when the session opened
-            ledger.charge(tensor_storages([*self.model.parameters(), *self.model.buffers(), *state_tensors(bound)]))
-            ledger.charge_workspace("forward")
-            ledger.charge_workspace("backward")
-            for extra in self.extra_optimizers:
-                ledger.charge(tensor_storages(state_tensors(extra)))
-            ledger.charge(tensor_storages(self._reserved))
-            with ChargingMode(ledger):
-                ledger.mark_phase("setup", 0)
-                optimizer = self.optimizer.create()
-                precision = StepPrecision(self.precision, self.device.torch_device.type)
-                self.model.train()
-                with ledger.scaling(sizes[0]):
-                    first = _charged_copy(hosts[sizes[0]], ledger)
-                batch = first
-                for index, size in enumerate(steps, 1):
-                    if index == 2:
-                        with ledger.paused():  # a trial moves one batch: the later steps' own is not in the log
-                            batch = _charged_copy(hosts[size], ledger)
-                    run_training_step(
-                        self.model, batch, self.step, optimizer, lambda phase, i=index: ledger.mark_phase(phase, i),
-                        precision=precision,
-                    )
-                ledger.mark_phase("done", len(steps))
-                del batch, first, optimizer
+        try:
+            return record_trial(
+                self.model, self.step, self.optimizer, hosts, sizes,
+                steps_per_trial=self.steps_per_trial,
+                precision=StepPrecision(self.precision, self.device.torch_device.type),
+                workspace_bytes=self.device.workspace_bytes,
+                extra_optimizers=self.extra_optimizers,
+                reserved=self._reserved,
+            )
         finally:
-            ledger.forget()
             state.restore(final=False)
-        return AllocationLog.from_events(ledger.events, sizes)
 
     def _release(self, baseline: int) -> int:
         """Free what the trial left behind; returns the bytes still held beyond ``baseline``.
@@ -551,20 +527,6 @@ def _flush_autograd(device: DeviceBackend) -> None:
         leaf = torch.ones((), device=device.torch_device, requires_grad=True)
         (leaf * 1.0).backward()
     del leaf
-
-
-def _charged_copy(host: Any, ledger: RecordingLedger) -> Any:
-    """A copy of each tensor of a host batch, charged to ``ledger`` as a transfer to the device would be."""
-
-    def transfer(value: Any) -> Any:
-        if not isinstance(value, torch.Tensor):
-            return value
-        with host_side_loading():
-            copy = value.clone()
-        ledger.charge([copy.untyped_storage()])
-        return copy
-
-    return tree_map(transfer, plain_containers(host))
 
 
 class _DeviceBatches:

@@ -6,3 +6,10 @@ bisection, stop reasons, the safety arithmetic), the guided strategy and the sol
 end shares (:mod:`.checks`). Imports nothing of the package but :mod:`batchfinder.errors` and
 :mod:`batchfinder.units`.
 """
+
+from __future__ import annotations
+
+from .accumulation import AccumulationPlan, plan_accumulation
+from .strategies import StopReason, recommend_batch_size
+
+__all__ = ["StopReason", "recommend_batch_size", "plan_accumulation", "AccumulationPlan"]

@@ -1,7 +1,9 @@
 """``mode="guided"``: jump to the predicted largest batch size, then verify and close the bracket with real trials.
 
-This module is pure Python and knows nothing of torch (the engine side, :mod:`batchfinder.memory.predict`, gives it the
-numbers). :class:`GuidedSearch` is told
+This module is pure Python and knows nothing of torch: the engine side, :class:`batchfinder.engine.modes.GuidedMode`,
+gives it the numbers (from the estimator of :mod:`batchfinder.memory.estimate`, which predicts from the recorded
+trial of :mod:`batchfinder.memory.recording` replayed by :mod:`batchfinder.memory.replay`, or from a fake-tensor
+trace). :class:`GuidedSearch` is told
 
 * ``limit``: the peak memory a trial may reach (on the simulated GPU its capacity; on a CUDA GPU its memory minus
   an allowance for the CUDA context);

@@ -142,14 +142,20 @@ class SearchStrategy(ABC):
         return self.smallest_failure is not None and self.smallest_failure - self.largest_fit <= 1
 
 
+_BISECTS = {"binsearch": True, "power": False}
+"""The two variants of :class:`BisectingSearch`, by mode name: whether it bisects after the first failure."""
+
+
 class BisectingSearch(SearchStrategy):
     """Doubling (and halving) followed, in ``binsearch`` mode, by bisection down to a resolution of 1."""
 
     def __init__(self, bounds: SearchBounds, mode: str = "binsearch") -> None:
-        if mode not in ("binsearch", "power"):
-            raise ValueError(f"mode must be 'binsearch' or 'power' for BisectingSearch, got {mode!r}")
+        if mode not in _BISECTS:
+            raise ValueError(f"mode must be one of {sorted(_BISECTS)} for BisectingSearch, got {mode!r}")
         super().__init__(bounds)
         self.mode = mode
+        self.bisects = _BISECTS[mode]
+        """False for ``"power"``: the search stops at the last doubling that fitted."""
         self._last: int | None = None
 
     def propose(self) -> int | None:
@@ -170,7 +176,7 @@ class BisectingSearch(SearchStrategy):
                 self.stop_reason = StopReason.NOTHING_FITS
                 return None
             size = self.smallest_failure // 2
-        elif self.mode == "power":
+        elif not self.bisects:
             self.stop_reason = StopReason.POWER_STEP
             return None
         elif self._bracket_closed():
