@@ -34,6 +34,7 @@ from .errors import (
     RankFailedError,
     SearchIncompleteError,
 )
+from .guard import OOMGuard
 from .memory.estimate import MemoryEstimate, estimate_memory
 from .memory.predict import Prediction, predict_max_batch_size
 from .result import SearchResult, Trial
@@ -56,6 +57,7 @@ __all__ = [
     "SearchIncompleteError",
     "RankFailedError",
     "FakeTensorUnsupportedError",
+    "OOMGuard",
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -34,6 +34,7 @@ from .search.checks import (
 from .training.batching import BatchSource
 from .training.optimizers import OptimizerLike, resolve_optimizer
 from .training.precision import check_precision
+from .training.state import preserved_rng
 from .training.sample_sizes import DEFAULT_SCAN_BUDGET, SampleSize, check_scan_budget
 from .training.steps import LossFn, StepFn, make_step
 from .training.validation import check_materialised, check_model
@@ -170,8 +171,9 @@ def find_batch_size(
         fitted.
     """
     options = SearchOptions.from_arguments(locals())
-    workload = _function_workload(model, dataset, optimizer, loss_fn, step_fn, sample_size, scan_budget, precision)
-    return search(workload, resolve_device(device, memory_limit=memory_limit, model=workload.model), options)
+    with preserved_rng():  # captured before anything of the user's runs (the sample scan), restored on every exit
+        workload = _function_workload(model, dataset, optimizer, loss_fn, step_fn, sample_size, scan_budget, precision)
+        return search(workload, resolve_device(device, memory_limit=memory_limit, model=workload.model), options)
 
 
 def try_batch_size(
@@ -197,13 +199,15 @@ def try_batch_size(
     """
     check_positive_int("batch_size", batch_size)
     check_steps_per_trial(steps_per_trial)
-    workload = _function_workload(
-        model, dataset, optimizer, loss_fn, step_fn, sample_size, scan_budget, precision, defer_fixed_check=False
-    )
-    if batch_size > workload.source.length:
-        raise ValueError(
-            f"batch_size={batch_size} is larger than the dataset ({workload.source.length} samples): "
-            "a trial needs that many real samples"
+    options = SearchOptions.from_arguments(locals())
+    with preserved_rng():  # captured before anything of the user's runs (the sample scan), restored on every exit
+        workload = _function_workload(
+            model, dataset, optimizer, loss_fn, step_fn, sample_size, scan_budget, precision, defer_fixed_check=False
         )
-    backend = resolve_device(device, memory_limit=memory_limit, model=workload.model)
-    return run_trial(workload, backend, SearchOptions.from_arguments(locals()), batch_size)
+        if batch_size > workload.source.length:
+            raise ValueError(
+                f"batch_size={batch_size} is larger than the dataset ({workload.source.length} samples): "
+                "a trial needs that many real samples"
+            )
+        backend = resolve_device(device, memory_limit=memory_limit, model=workload.model)
+        return run_trial(workload, backend, options, batch_size)

@@ -15,8 +15,10 @@ The hierarchy::
         └── LossValueError (also a ValueError)   the loss does not require grad
 
 Bad arguments raise ``ValueError`` or ``TypeError`` naming the argument and what would be valid; an error of the
-user's own code propagates with its own type. Out-of-memory errors are recognised, not raised:
-:func:`batchfinder.is_oom_error` (:mod:`batchfinder.engine.oom`).
+user's own code propagates with its own type, with one note of batchfinder's (:func:`set_note`) saying where it
+happened (the batch size, the phase of the step, the trials before it) and attributes that keep the search's
+progress: ``batchfinder_batch_size``, ``batchfinder_phase`` and ``batchfinder_trials`` (the trials that ran before
+it). Out-of-memory errors are recognised, not raised: :func:`batchfinder.is_oom_error` (:mod:`batchfinder.engine.oom`).
 
 This module imports nothing, so every layer may use it.
 """
@@ -34,6 +36,8 @@ __all__ = [
     "LossValueError",
     "exception_text",
     "exception_first_line",
+    "set_note",
+    "batchfinder_note",
 ]
 
 
@@ -108,3 +112,26 @@ def exception_first_line(exc: BaseException) -> str:
         if line.strip():
             return line.strip()
     return ""
+
+
+_NOTE = "_batchfinder_note"
+
+
+def batchfinder_note(exc: BaseException) -> str | None:
+    """The note :func:`set_note` gave ``exc`` (None when it has none)."""
+    note = getattr(exc, _NOTE, None)
+    return note if isinstance(note, str) else None
+
+
+def set_note(exc: BaseException, note: str) -> None:
+    """Give ``exc`` batchfinder's note (:meth:`BaseException.add_note`), in place of the one it gave before: an
+    exception carries one note of batchfinder's however many layers add to what it says."""
+    previous = batchfinder_note(exc)
+    notes = getattr(exc, "__notes__", None)
+    if previous is not None and isinstance(notes, list) and previous in notes:
+        notes.remove(previous)
+    try:
+        exc.add_note(note)
+        setattr(exc, _NOTE, note)
+    except (AttributeError, TypeError):  # an exception that refuses attributes (__slots__) keeps what it says
+        pass

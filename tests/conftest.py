@@ -1,17 +1,16 @@
-"""Shared models, datasets and state comparison for the tests."""
+"""Fixtures for every test: one intra-op thread, and the ``case`` fixture over the four model shapes.
+
+The models, data sets and state comparison the tests share are in :mod:`tests.helpers`.
+"""
 
 from __future__ import annotations
 
-import copy
-import random
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
-from torch import nn
-from torch.utils.data import Dataset, TensorDataset
+
+from .helpers import Case, make_case
 
 
 @pytest.fixture(autouse=True)
@@ -23,157 +22,6 @@ def _one_intra_op_thread() -> Any:
     torch.set_num_threads(threads)
 
 
-class MLP(nn.Module):
-    def __init__(self, inputs: int = 64, hidden: int = 96, classes: int = 10) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(inputs, hidden), nn.ReLU(), nn.Dropout(0.1), nn.Linear(hidden, classes))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-class SmallCNN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-        )
-        self.head = nn.Linear(16, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x).flatten(1))
-
-
-class DictLossModel(nn.Module):
-    """Takes dict samples as keyword arguments and returns its own loss, like Hugging Face models."""
-
-    def __init__(self, vocab: int = 50, dim: int = 32) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab, dim)
-        self.proj = nn.Linear(dim, vocab)
-
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict:
-        hidden = self.embed(input_ids)
-        if attention_mask is not None:
-            hidden = hidden * attention_mask.unsqueeze(-1)
-        logits = self.proj(hidden)
-        loss = nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
-        return {"loss": loss, "logits": logits}
-
-
-class PartlyFrozen(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.backbone = nn.Sequential(nn.Linear(48, 128), nn.Tanh(), nn.Linear(128, 64))
-        self.head = nn.Linear(64, 3)
-        for p in self.backbone.parameters():
-            p.requires_grad_(False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.backbone(x)))
-
-
-class DictDataset(Dataset):
-    def __init__(self, n: int = 512, length: int = 12, vocab: int = 50) -> None:
-        g = torch.Generator().manual_seed(3)
-        self.ids = torch.randint(0, vocab, (n, length), generator=g)
-        self.labels = torch.randint(0, vocab, (n, length), generator=g)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.labels[i], "attention_mask": torch.ones(self.ids.shape[1])}
-
-
-@dataclass
-class Case:
-    name: str
-    model: nn.Module
-    dataset: Any
-
-
-def make_case(name: str) -> Case:
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(1)
-    if name == "mlp":
-        return Case(name, MLP(), TensorDataset(torch.randn(4000, 1, 8, 8, generator=g), torch.randint(0, 10, (4000,), generator=g)))
-    if name == "cnn":
-        return Case(name, SmallCNN(), TensorDataset(torch.randn(600, 3, 16, 16, generator=g), torch.randint(0, 5, (600,), generator=g)))
-    if name == "dict":
-        return Case(name, DictLossModel(), DictDataset(1500))
-    if name == "frozen":
-        return Case(name, PartlyFrozen(), TensorDataset(torch.randn(3000, 48, generator=g), torch.randint(0, 3, (3000,), generator=g)))
-    raise KeyError(name)
-
-
 @pytest.fixture(params=["mlp", "cnn", "dict", "frozen"])
 def case(request: pytest.FixtureRequest) -> Case:
     return make_case(request.param)
-
-
-@dataclass
-class Snapshot:
-    tensors: dict[str, torch.Tensor]
-    grads: dict[str, torch.Tensor | None]
-    modes: list[bool]
-    requires_grad: list[bool]
-    optimizer: Any
-    rng: tuple[Any, ...]
-    identities: list[int]
-    cuda_rng: list[torch.Tensor] | None = None
-    """Every CUDA generator's state, when CUDA is initialised (reading it otherwise would initialise CUDA)."""
-
-
-def _cuda_rng_states() -> list[torch.Tensor] | None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return [state.clone() for state in torch.cuda.get_rng_state_all()]
-    return None
-
-
-def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> Snapshot:
-    return Snapshot(
-        tensors={k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
-        grads={n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
-        modes=[m.training for m in model.modules()],
-        requires_grad=[p.requires_grad for p in model.parameters()],
-        optimizer=None if optimizer is None else copy.deepcopy(optimizer.state_dict()),
-        rng=(torch.get_rng_state().clone(), random.getstate(), np.random.get_state()[1].copy()),
-        identities=[id(p) for p in model.parameters()],
-        cuda_rng=_cuda_rng_states(),
-    )
-
-
-def _equal(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and bool(
-            torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num()))
-        )
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
-    if isinstance(a, np.ndarray):
-        return bool(np.array_equal(a, b))
-    return a == b
-
-
-def assert_unchanged(before: Snapshot, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
-    after = snapshot(model, optimizer)
-    for key, value in before.tensors.items():
-        assert _equal(value, after.tensors[key]), f"{key} changed"
-    assert before.tensors.keys() == after.tensors.keys()
-    for key, value in before.grads.items():
-        assert _equal(value, after.grads[key]), f"gradient of {key} changed"
-    assert before.modes == after.modes, "train/eval mode changed"
-    assert before.requires_grad == after.requires_grad
-    assert _equal(before.optimizer, after.optimizer), "optimizer state changed"
-    assert torch.equal(before.rng[0], after.rng[0]), "torch RNG changed"
-    assert before.rng[1] == after.rng[1], "python RNG changed"
-    assert np.array_equal(before.rng[2], after.rng[2]), "numpy RNG changed"
-    # CUDA first initialised during the search has no earlier state to compare with (nor could the search restore
-    # one); a test that cares initialises CUDA before its snapshot.
-    if before.cuda_rng is not None:
-        assert after.cuda_rng is not None and _equal(before.cuda_rng, after.cuda_rng), "CUDA RNG changed"
-    assert before.identities == after.identities

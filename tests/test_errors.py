@@ -1,4 +1,5 @@
-"""Bad input gets a clear error and changes nothing; failures and interrupts leave no trace."""
+"""The error contract (batchfinder/errors.py): bad input gets a clear error and changes nothing; failures and
+interrupts leave no trace; the one helper for the first line of an exception's message."""
 
 from __future__ import annotations
 
@@ -6,11 +7,15 @@ import gc
 
 import pytest
 import torch
-from conftest import assert_unchanged, make_case, snapshot
 from torch import nn
 from torch.utils.data import IterableDataset, TensorDataset
 
 import batchfinder as bf
+import batchfinder.cli
+import batchfinder.memory.estimate
+import batchfinder.memory.tracing
+from batchfinder.errors import exception_first_line
+from tests.helpers import assert_unchanged, make_case, snapshot
 
 CAPACITY = "3.1MiB"
 
@@ -90,7 +95,7 @@ def test_model_that_does_not_accept_the_batch(mlp):
     wrong = TensorDataset(torch.randn(100, 1, 7, 7), torch.randint(0, 10, (100,)))
     before = snapshot(model)
     for mode in ("binsearch", "guided"):  # guided checks the model with a recorded trial, then with a plain step
-        with pytest.raises(ValueError, match=r"could not train on a batch.*Tensor\[2, 1, 7, 7\] float32.*shapes cannot be multiplied"):
+        with pytest.raises(RuntimeError, match=r"shapes cannot be multiplied(.|\n)*built from the dataset: \(Tensor\[2, 1, 7, 7\] float32"):
             bf.find_batch_size(model, wrong, device=bf.SimulatedGPU(CAPACITY), mode=mode)
         assert_unchanged(before, model)
     with pytest.raises(TypeError, match="model must be a torch.nn.Module, not function"):
@@ -293,3 +298,30 @@ def test_a_real_ctrl_c_at_any_moment_restores_everything(mlp, delay):
     finally:
         timer.cancel()
     assert_unchanged(before, model)
+
+
+# -- the first line of an exception's message ------------------------------------------------------------------------
+class _BrokenStr(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no text")
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [
+        (RuntimeError("CUDA out of memory. Tried to allocate 2.00 MiB.\nGPU 0 has a total capacity of 8 GiB"), "CUDA out of memory. Tried to allocate 2.00 MiB."),
+        (ValueError("\n\n  indented first line  \nsecond"), "indented first line"),
+        (RuntimeError(b"bytes message\nmore"), "bytes message"),
+        (RuntimeError(), ""),
+        (RuntimeError(""), ""),
+        (_BrokenStr("from args\nsecond"), "from args"),
+        (KeyError("missing"), "missing"),
+    ],
+)
+def test_first_line(exc: BaseException, expected: str) -> None:
+    assert exception_first_line(exc) == expected
+
+
+def test_the_library_uses_the_one_helper() -> None:
+    for module in (batchfinder.memory.estimate, batchfinder.memory.tracing, batchfinder.cli):
+        assert module.exception_first_line is exception_first_line, module.__name__

@@ -9,11 +9,13 @@ import sys
 
 import pytest
 import torch
+from torch import nn
 from torch.utils.data import TensorDataset
 
 import batchfinder as bf
 from batchfinder import zoo
 from batchfinder.memory.estimate import estimate_memory_curve
+from tests.helpers import classification_data
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RED = (214, 39, 40)  # out-of-memory markers and the capacity line
@@ -41,8 +43,7 @@ def _read_png(path: pathlib.Path) -> set[tuple[int, int, int]]:
 
 @pytest.fixture(scope="module")
 def mnist() -> TensorDataset:
-    g = torch.Generator().manual_seed(0)
-    return TensorDataset(torch.randn(3000, 1, 28, 28, generator=g), torch.randint(0, 10, (3000,), generator=g))
+    return classification_data(3000, (1, 28, 28), 10)
 
 
 def test_search_plot_binsearch(tmp_path, mnist):
@@ -173,3 +174,17 @@ def test_plot_module_imports_result_types_for_type_checking_only():
     assert not any(module.startswith("engine") for module, _ in imported)  # never the engine
     assert {("result", True), ("memory.estimate", True), ("memory.predict", True)} <= imported
     assert {module for module, type_checking_only in imported if not type_checking_only} == {"units"}  # at run time
+
+
+def test_the_search_plot_shows_reserved_peaks_on_a_caching_allocator():
+    pytest.importorskip("matplotlib")
+    from batchfinder.plot import search_figure
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4))
+    data = TensorDataset(torch.randn(2048, 32), torch.randint(0, 4, (2048,)))
+    result = bf.find_batch_size(model, data, device=bf.SimulatedGPU("8MiB"), max_trials=4)
+    labels = [line.get_label() for line in search_figure(result).axes[0].get_lines()]
+    assert "trial: peak reserved (allocator segments)" in labels
+    ideal = bf.find_batch_size(model, data, device=bf.SimulatedGPU("8MiB", allocator="ideal"), max_trials=4)
+    assert "trial: peak reserved (allocator segments)" not in [l.get_label() for l in search_figure(ideal).axes[0].get_lines()]

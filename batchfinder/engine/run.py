@@ -50,6 +50,7 @@ from .distributed import (
 )
 from .modes import SearchContext, mode_named
 from .options import SearchOptions, progress_callback
+from .error_context import note_search_progress
 from .trial import TrialSession
 from .workload import Workload
 
@@ -99,7 +100,11 @@ def search(workload: Workload, device: DeviceBackend, options: SearchOptions) ->
                 )
                 result.evaluation.data_scan = workload.eval_source.scan
             if training and options.confirm_steps:
-                confirm(session, source, result, options, agreement, strategy)
+                try:
+                    confirm(session, source, result, options, agreement, strategy)
+                except Exception as exc:
+                    note_search_progress(exc, result.trials)
+                    raise
     finally:
         if agreement is not None:
             agreement.close()
@@ -237,7 +242,8 @@ def _run(
             break
         try:
             trial = session.run(size, phase=phase)
-        except Exception:
+        except Exception as exc:
+            note_search_progress(exc, trials, size)
             if agreement is not None:
                 agreement.agree_outcome(False, 0, True, f"the trial at batch size {size}")
             raise

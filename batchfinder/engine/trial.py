@@ -8,7 +8,10 @@ An out-of-memory error ends the trial as "does not fit". Recovery happens *after
 traceback (which keeps the failed step's tensors alive) is gone: the user's state is restored, garbage collected,
 the device synchronised, its cache emptied and its peak statistics reset, and the memory level is compared with
 the level before the trial (a difference is recorded as ``leaked_bytes``). Any other exception propagates with its
-own type and traceback after the user's state is restored.
+own type and traceback after the user's state is restored, with a note that says where it happened: the batch size,
+the phase of the step (collate, forward, loss, backward, optimizer step, ...), what to check (``loss_fn``,
+``optimizer``, ``step_fn`` or the dataset, whichever ran), and, added by the search, the trials before it
+(:func:`~batchfinder.engine.error_context.note_search_progress`; ``exc.batchfinder_trials`` holds them).
 
 :class:`TrialSession` owns the user's state for the length of a search: it snapshots it on entry, keeps the model
 resident on the device, checks once that the model accepts the batch, and restores everything on exit, also when
@@ -50,12 +53,14 @@ from ..training.optimizers import OptimizerSpec, lacks_state, state_tensors
 from ..training.precision import (
     StepPrecision,
     cast_floating,
+    cast_optimizer_state,
     check_precision,
     parameter_dtype,
 )
 from ..training.state import SnapshotFactory, TrainingState, deferred_interrupts
-from ..training.steps import StepFn, check_loss, run_training_step
+from ..training.steps import PhaseTracker, StepFn, check_loss, run_training_step, step_phase
 from ..units import format_bytes
+from .error_context import note_error, noting
 from .oom import is_ambiguous_oom_error, is_fatal_device_error, is_oom_error
 
 __all__ = ["TrialSession", "TrainStepFn", "EvalStepFn"]
@@ -156,6 +161,8 @@ class TrialSession:
                 self._cast.enter_context(
                     swapped_data(self.model, lambda data: data.to(dtype), only=lambda tensor: tensor.is_floating_point())
                 )
+                # The existing optimizer state is cast with the parameters it belongs to (and back on exit).
+                self._cast.enter_context(cast_optimizer_state(self._optimizers(None), dtype))
             self._enter_resident()
             self._probe()
         except BaseException:
@@ -259,25 +266,38 @@ class TrialSession:
 
     def _probe_unaccounted(self) -> None:
         size = min(2, self.source.length)
-        host_batch = self._host(self.source.batch(size))
         state = self._require_state()
+        tracker = PhaseTracker()
+        host_batch: Any = None
         try:
-            batch = self.device.to_device(host_batch)
-            self.model.train()
-            if self.train_step is not None:
-                self.train_step(self.model, batch, 0)
-            elif self.step is not None and self.optimizer is not None:
-                loss = self.step(self.model, batch)
-                check_loss(loss)
-                loss.backward()
-                self.optimizer.create()
-            if self.eval_step is not None and self.eval_source is not None:
-                host_batch = self.eval_source.batch(min(2, self.eval_source.length))
+            with tracker.active():
+                tracker.enter("collate")
+                host_batch = self._host(self.source.batch(size))
+                tracker.enter("moving the batch to the device")
                 batch = self.device.to_device(host_batch)
-                self.model.eval()
-                with torch.no_grad():
-                    self.eval_step(self.model, batch)
-        except (TypeError, ValueError, RuntimeError, IndexError, KeyError) as exc:
+                self.model.train()
+                if self.train_step is not None:
+                    tracker.enter("training step", 0)
+                    self.train_step(self.model, batch, 0)
+                elif self.step is not None and self.optimizer is not None:
+                    tracker.enter(step_phase(self.step), 0)
+                    loss = self.step(self.model, batch)
+                    check_loss(loss, self.step)
+                    tracker.enter("backward")
+                    loss.backward()
+                    del loss
+                    tracker.enter("creating the optimizer")
+                    self.optimizer.create()
+                if self.eval_step is not None and self.eval_source is not None:
+                    tracker.enter("collate")
+                    host_batch = self.eval_source.batch(min(2, self.eval_source.length))
+                    tracker.enter("moving the batch to the device")
+                    batch = self.device.to_device(host_batch)
+                    self.model.eval()
+                    tracker.enter("evaluation step")
+                    with torch.no_grad():
+                        self.eval_step(self.model, batch)
+        except Exception as exc:
             if is_oom_error(exc) and not is_ambiguous_oom_error(exc):
                 return  # even a tiny batch does not fit: the search reports it with figures
             if is_ambiguous_oom_error(exc):
@@ -286,12 +306,10 @@ class TrialSession:
                     "this means an unsupported layer configuration (dtype, layout, kernel size or padding), not a "
                     "lack of memory. Check the layer's settings, or set torch.backends.cudnn.enabled = False."
                 ) from exc
-            error_type = TypeError if isinstance(exc, TypeError) else ValueError
-            raise error_type(
-                f"the model could not train on a batch built from the dataset, {describe_batch(host_batch)}: "
-                f"{exception_first_line(exc) or type(exc).__name__}. "
-                "Check that the dataset's samples match the model's input, or pass loss_fn / step_fn(model, batch)."
-            ) from exc
+            # The user's exception, with its own type, says where it happened and what to check.
+            built = f": {describe_batch(host_batch)}" if host_batch is not None else ""
+            note_error(exc, tracker, f"while checking the model on a batch of {size} built from the dataset{built}", probe=True)
+            raise
         finally:
             state.restore(final=False)
 
@@ -321,24 +339,30 @@ class TrialSession:
         """
         state = self._require_state()
         eval_host: Any = None
+        tracker = PhaseTracker()
+        where = f"in the {'evaluation ' if phase == 'eval' else ''}trial at batch size {batch_size}"
         if phase == "train":
             if not self.trains:
                 raise ValueError("this session only evaluates: use run(batch_size, phase='eval')")
-            host_batch = (
-                self._host(self.source.batch(batch_size)) if host_batches is None else [self._host(b) for b in host_batches]
-            )
+            with noting(tracker, where, batch_size):
+                tracker.enter("collate")
+                host_batch = (
+                    self._host(self.source.batch(batch_size)) if host_batches is None else [self._host(b) for b in host_batches]
+                )
+                if self.validate and self.eval_step is not None and self.eval_source is not None:
+                    eval_host = self._host(self.eval_source.batch(min(batch_size, self.eval_source.length)))
             if host_batches is not None and not host_batch:
                 raise ValueError("host_batches is empty: give one batch per step")
-            if self.validate and self.eval_step is not None and self.eval_source is not None:
-                eval_host = self._host(self.eval_source.batch(min(batch_size, self.eval_source.length)))
             train_steps = self.steps_per_trial if steps is None else steps
             if host_batches is not None:
                 train_steps = len(host_batch)
         elif phase == "eval":
             if self.eval_step is None or self.eval_source is None:
                 raise ValueError("this session has no eval step to measure")
-            host_batch = self.source.batch(min(2, self.source.length)) if self.trains else None
-            eval_host = self._host(self.eval_source.batch(batch_size))
+            with noting(tracker, where, batch_size):
+                tracker.enter("collate")
+                host_batch = self.source.batch(min(2, self.source.length)) if self.trains else None
+                eval_host = self._host(self.eval_source.batch(batch_size))
             train_steps = 1
         else:
             raise ValueError(f"phase must be 'train' or 'eval', not {phase!r}")
@@ -349,12 +373,14 @@ class TrialSession:
         eval_durations: list[float] = []
         error: str | None = None
         try:
-            self._steps(
-                host_batch, durations, train_steps=train_steps, eval_host=eval_host, eval_durations=eval_durations,
-                per_step=host_batches is not None,
-            )
+            with tracker.active():
+                self._steps(
+                    host_batch, durations, train_steps=train_steps, eval_host=eval_host, eval_durations=eval_durations,
+                    per_step=host_batches is not None, tracker=tracker,
+                )
         except Exception as exc:  # recovery happens below, outside this block
             if not is_oom_error(exc) or is_fatal_device_error(exc):
+                note_error(exc, tracker, where, steps=train_steps, batch_size=batch_size)
                 raise
             error = exception_first_line(exc)
         state.restore(final=False)
@@ -471,16 +497,21 @@ class TrialSession:
         eval_host: Any = None,
         eval_durations: list[float] | None = None,
         per_step: bool = False,
+        tracker: PhaseTracker | None = None,
     ) -> None:
         steps = self.steps_per_trial if train_steps is None else train_steps
+        tracker = tracker if tracker is not None else PhaseTracker()
         with self.device.measuring():
             optimizer = None
             if host_batch is not None and self.train_step is not None:
                 self.model.train()
                 index = 0
+                tracker.enter("moving the batch to the device", 0)
                 batches = _DeviceBatches(self.device, host_batch, per_step)
                 while index < steps or (index < steps + _MAX_EXTRA_STEPS and self._state_missing(None)):
+                    tracker.enter("moving the batch to the device", index)
                     batch = batches.get(index)
+                    tracker.enter("training step")
                     start = time.perf_counter()
                     self.train_step(self.model, batch, index)
                     self.device.synchronize()
@@ -490,12 +521,15 @@ class TrialSession:
                 self._warn_if_state_missing(None, index)
                 del batches
             elif host_batch is not None and self.step is not None and self.optimizer is not None:
+                tracker.enter("creating the optimizer")
                 optimizer = self.optimizer.create()
                 precision = StepPrecision(self.precision, self.device.torch_device.type)
                 self.model.train()
                 index = 0
+                tracker.enter("moving the batch to the device", 0)
                 batches = _DeviceBatches(self.device, host_batch, per_step)
                 while index < steps or (index < steps + _MAX_EXTRA_STEPS and self._state_missing(optimizer)):
+                    tracker.enter("moving the batch to the device", index)
                     batch = batches.get(index)
                     start = time.perf_counter()
                     run_training_step(self.model, batch, self.step, optimizer, precision=precision)
@@ -507,10 +541,13 @@ class TrialSession:
                 del batches
             if eval_host is not None and self.eval_step is not None:
                 # The training batch is gone, the optimizer (and its state) is not: as during validation in training.
+                tracker.enter("moving the batch to the device")
+                tracker.step_index = None
                 batch = self.device.to_device(eval_host)
                 self.model.eval()
                 with torch.no_grad():
                     for _ in range(self.eval_steps):
+                        tracker.enter("evaluation step")
                         start = time.perf_counter()
                         self.eval_step(self.model, batch)
                         self.device.synchronize()

@@ -170,6 +170,8 @@ def loss_step(trainer: Any) -> StepFn:
     def step(model: nn.Module, batch: Any) -> torch.Tensor:
         return trainer.compute_loss(model, _inputs(batch))
 
+    step.batchfinder_phase = "the Trainer's compute_loss (forward and loss)"  # type: ignore[attr-defined]
+    step.batchfinder_loss_source = "the Trainer's compute_loss"  # type: ignore[attr-defined]
     return step
 
 

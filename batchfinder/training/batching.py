@@ -12,7 +12,9 @@ the confirmation run). Samples are cached in host memory (up to a budget) so tha
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from itertools import islice
 from typing import Any, Protocol
@@ -29,7 +31,9 @@ from torch.utils.data import (
 )
 from torch.utils.data._utils.collate import default_collate, default_convert
 
+from ..errors import set_note
 from .host import host_side_loading
+from .state import preserved_rng
 from .sample_sizes import (
     DEFAULT_SCAN_BUDGET,
     FIXED_CHECK_SECONDS,
@@ -40,6 +44,8 @@ from .sample_sizes import (
 )
 
 __all__ = ["BatchSource", "EvaluationBatches", "TrainingBatches", "describe_batch", "sample_bytes", "is_supported_sample", "plain_containers"]
+
+logger = logging.getLogger(__name__)
 
 _CACHE_BUDGET_BYTES = 2 * 1024**3
 
@@ -184,7 +190,7 @@ class BatchSource:
         self._fixed_bytes: int | None = None
         self.order: list[int] | None = None
         self._cached_bytes = 0
-        with host_side_loading():
+        with host_side_loading(), preserved_rng():  # an augmenting dataset draws random numbers: not the user's
             first = self.sample(0)
             if self.collate is default_collate:
                 _check_sample(first)
@@ -200,7 +206,8 @@ class BatchSource:
         if defer_fixed_check and sample_size is None and not probe_only and self.order is None:
             self._looked_at = self.scan.scanned if self.scan.scanned < length else None
         if self.collate is not default_collate:
-            _check_sample_or_collated(first, self.collate)
+            with host_side_loading(), preserved_rng():
+                _check_sample_or_collated(first, self.collate)
 
     def look_further(self, seconds: float) -> bool:
         """With ``defer_fixed_check``: go on looking for a sample of other shapes than the rest, for at most
@@ -209,7 +216,7 @@ class BatchSource:
         if self._looked_at is None or seconds <= 0:
             return False
         skip, self._looked_at = self._looked_at, None
-        with host_side_loading():
+        with host_side_loading(), preserved_rng():
             found, looked = shapes_differ_further(self._load, self.length, skip, seconds)
         if not found:
             self.scan = dataclasses.replace(self.scan, scanned=self.scan.scanned + looked)
@@ -221,7 +228,7 @@ class BatchSource:
         """Scan the sizes of every sample again, as for data whose sizes vary (looking for one of other shapes for
         up to the scan budget while all are the same)."""
         self._looked_at = None
-        with host_side_loading():
+        with host_side_loading(), preserved_rng():
             self.scan, self.order = scan_sizes(
                 self._load, self.length, budget=self._scan_budget, fixed_check=self._scan_budget
             )
@@ -237,7 +244,16 @@ class BatchSource:
         return self.scan.largest_index
 
     def _load(self, index: int) -> Any:
-        return self._cache[index] if index in self._cache else self.dataset[index]
+        """Sample ``index`` as the scan of sample sizes reads it; an error of the dataset's says where it happened."""
+        try:
+            return self._cache[index] if index in self._cache else self.dataset[index]
+        except Exception as exc:
+            set_note(
+                exc,
+                f"batchfinder: raised by the dataset's __getitem__ for sample {index}, while measuring the samples' "
+                "sizes. Check the dataset, or pass sample_size= to give the sizes yourself.",
+            )
+            raise
 
     def sample(self, index: int) -> Any:
         """Sample ``index`` of the dataset (cached)."""
@@ -263,16 +279,17 @@ class BatchSource:
         sizes vary the largest ones, which bound every batch of that size the loader can produce."""
         if not 1 <= batch_size <= self.length:
             raise ValueError(f"batch_size={batch_size} must be between 1 and the dataset length {self.length}")
-        with host_side_loading():  # loading and collation happen on the host, also inside a SimulatedGPU block
+        # Loading and collation happen on the host, also inside a SimulatedGPU block, and leave the RNGs alone.
+        with host_side_loading(), preserved_rng():
             return self.collate([self.sample(i) for i in self.indices(batch_size)])
 
     def loader_batches(self, batch_size: int, count: int) -> list[Any]:
         """The first ``count`` batches of ``batch_size`` in the order the user's loader would yield them in an
         epoch: its sampler's order (a shuffling loader, or a plain dataset, in a private random order that leaves
         the user's random state alone). Fewer when the dataset runs out."""
-        order = _epoch_order(self.loader, self.length)
         batches = []
-        with host_side_loading():
+        with host_side_loading(), preserved_rng():
+            order = _epoch_order(self.loader, self.length)
             for _ in range(count):
                 indices = list(islice(order, batch_size))
                 if not indices:
@@ -302,12 +319,18 @@ def _epoch_order(loader: DataLoader | None, length: int) -> Iterator[int]:
         return shuffled()
     if isinstance(sampler, SequentialSampler):
         return iter(range(length))
-    return _flattened(_replayed(sampler))
+    return _flattened(_replayed(sampler, shared=(loader, loader.dataset)))
 
 
-def _replayed(sampler: Any) -> list[Any]:
-    """One pass over a custom sampler, its own generator (when it has one) left as it was; the global random state
-    is restored by the trial session."""
+def _replayed(sampler: Any, shared: Sequence[Any] = ()) -> list[Any]:
+    """One pass over a private copy of a custom sampler (or batch sampler), so that its own random generators
+    (``random.Random``, ``torch.Generator``, NumPy's) and counters (an epoch number) stay as they were; the objects
+    in ``shared`` (the loader, the dataset) are not copied. A sampler that cannot be copied is iterated itself, with
+    an attribute ``generator`` holding a ``torch.Generator`` put back. The global random states are restored by the
+    caller."""
+    replica = _private_copy(sampler, shared)
+    if replica is not None:
+        return list(replica)
     generator = getattr(sampler, "generator", None)
     state = generator.get_state() if isinstance(generator, torch.Generator) else None
     try:
@@ -315,6 +338,16 @@ def _replayed(sampler: Any) -> list[Any]:
     finally:
         if state is not None:
             generator.set_state(state)
+
+
+def _private_copy(sampler: Any, shared: Sequence[Any]) -> Any:
+    """A deep copy of ``sampler`` sharing the objects of ``shared`` (a data set is never copied), or None."""
+    memo: dict[int, Any] = {id(obj): obj for obj in shared if obj is not None}
+    try:
+        return copy.deepcopy(sampler, memo)
+    except Exception:  # noqa: BLE001 - an uncopyable sampler (a lock, a file handle) is iterated itself
+        logger.debug("could not copy the sampler %s; iterating it itself", type(sampler).__name__, exc_info=True)
+        return None
 
 
 def _flattened(items: list[Any]) -> Iterator[int]:

@@ -39,6 +39,7 @@ __all__ = [
     "cuda_autocast_policies",
     "CUDA_POLICIES",
     "cast_floating",
+    "cast_optimizer_state",
     "StepPrecision",
 ]
 
@@ -82,6 +83,34 @@ def cast_floating(value: Any, dtype: torch.dtype) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(cast_floating(v, dtype) for v in value)
     return value
+
+
+@contextlib.contextmanager
+def cast_optimizer_state(optimizers: list[torch.optim.Optimizer], dtype: torch.dtype) -> Iterator[None]:
+    """For the length of the block, give the floating state tensors of ``optimizers`` (Adam's moments, a momentum
+    buffer) the data cast to ``dtype``, as true half precision casts the parameters they belong to; a ``step``
+    count keeps its dtype (as ``load_state_dict`` does). The very same tensor objects keep their places (their
+    ``.data`` is swapped); on every exit each gets its original data back."""
+    swapped: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    try:
+        for optimizer in optimizers:
+            for param, entries in optimizer.state.items():
+                if not (isinstance(param, torch.Tensor) and param.is_floating_point()):
+                    continue
+                for key, value in entries.items():
+                    if (
+                        key != "step"
+                        and isinstance(value, torch.Tensor)
+                        and value.is_floating_point()
+                        and value.dtype != dtype
+                        and id(value) not in swapped
+                    ):
+                        swapped[id(value)] = (value, value.data)
+                        value.data = value.data.to(dtype)
+        yield
+    finally:
+        for value, original in swapped.values():
+            value.data = original
 
 
 # -- CUDA's autocast policies (aten operations, as registered for AutocastCUDA) ---------------------------------------

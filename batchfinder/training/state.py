@@ -34,6 +34,7 @@ __all__ = [
     "AttributeSnapshot",
     "StateDictSnapshot",
     "deferred_interrupts",
+    "preserved_rng",
 ]
 
 
@@ -194,6 +195,23 @@ class RngState:
             numpy.random.set_state(self.numpy)
 
 
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[RngState]:
+    """Capture the RNG states (torch on every initialised device, Python's ``random``, NumPy) on entry and put them
+    back on every exit, Ctrl-C included (held back while they are put back).
+
+    Wraps everything of the user's that the library runs outside a trial session: building a batch source (the
+    sample scan calls ``dataset[i]``, whose augmentation may draw random numbers), loading samples, collating.
+    Nestable: an inner block restores what it found, the outer one what it found.
+    """
+    saved = RngState.capture()
+    try:
+        yield saved
+    finally:
+        with deferred_interrupts():
+            saved.restore()
+
+
 @dataclass
 class _OptimizerState:
     optimizer: torch.optim.Optimizer
@@ -219,7 +237,9 @@ class _OptimizerState:
         ]
         return cls(optimizer, state, devices, hyperparameters)
 
-    def restore(self) -> None:
+    def restore(self, *, final: bool = True) -> None:
+        """Put the state back; between trials (``final=False``) a tensor cast meanwhile (true half precision casts
+        the state with the parameters) keeps its dtype and gets the saved values cast."""
         live = self.optimizer.state
         for param in [p for p in live if p not in self.state]:
             del live[param]
@@ -233,7 +253,7 @@ class _OptimizerState:
                     if (
                         isinstance(current, torch.Tensor)
                         and current.shape == value.shape
-                        and current.dtype == value.dtype
+                        and (current.dtype == value.dtype or not final)
                     ):
                         _copy_into(current, value)
                     else:
@@ -336,7 +356,7 @@ class TrainingState:
         for module, flag in self.training_flags:
             module.training = flag
         for optimizer_state in self.optimizers:
-            optimizer_state.restore()
+            optimizer_state.restore(final=final)
         for extra in self.extras:
             extra.restore()
         self.rng.restore()

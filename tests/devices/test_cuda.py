@@ -1,0 +1,204 @@
+"""The CUDA backend (batchfinder/devices/cuda.py): on the CPU through a stand-in for the ``torch.cuda`` calls it makes
+(:class:`tests.helpers.FakeCuda`), and for real where CUDA is present (the tests marked ``cuda``, which skip cleanly
+otherwise)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import batchfinder as bf
+from batchfinder.devices.cuda import CudaDevice
+from batchfinder.engine.modes import _guided_limit
+from tests.helpers import (
+    MLP,
+    FakeCuda,
+    GiB,
+    assert_unchanged,
+    batchnorm_mlp,
+    classification_data,
+    requires_cuda,
+    snapshot,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+MiB = 2**20
+
+
+def _data(n: int = 20_000) -> TensorDataset:
+    return classification_data(n, (1, 8, 8), 10)
+
+
+# -- on the CPU: memory_limit and the budget, through the torch.cuda calls --------------------------------------------
+def test_memory_limit_empties_the_cache_first_and_restores_the_users_fraction(monkeypatch):
+    cuda = FakeCuda(monkeypatch)
+    device = CudaDevice("cuda", memory_limit="8GiB")  # half of the GPU
+    with device.measuring():
+        # The fraction is only checked when a new segment is needed: cached blocks would let trials pass it.
+        assert cuda.calls == ["empty_cache", ("fraction", 0.5)]
+    assert cuda.calls[-1] == ("fraction", 1.0)
+
+
+def test_memory_limit_never_loosens_a_stricter_fraction_the_user_set(monkeypatch):
+    cuda = FakeCuda(monkeypatch, fraction=0.25)
+    with CudaDevice("cuda", memory_limit="8GiB").measuring():
+        assert cuda.fraction == 0.25
+    assert cuda.fraction == 0.25
+
+
+def test_the_budget_counts_what_is_reserved_and_free_not_the_total(monkeypatch):
+    FakeCuda(monkeypatch, free=6 * GiB, reserved=2 * GiB)  # 8 GiB held by other processes and the context
+    device = CudaDevice("cuda")
+    assert device.memory_budget() == 8 * GiB
+    assert _guided_limit(device) == (8 * GiB, False)  # guided mode aims below what is really there
+    assert CudaDevice("cuda", memory_limit="4GiB").memory_budget() == 4 * GiB
+    report = device.memory_report()
+    assert "8.00 GiB are held outside" in report and "reserves 2.00 GiB" in report and "6.00 GiB are free" in report
+
+
+# -- on a real GPU ---------------------------------------------------------------------------------------------------
+def _warm_up_cublas() -> None:
+    """Run the matrix multiplies whose workspaces outlive them before a test takes a memory baseline.
+
+    cuBLAS (and cuBLASLt, used for addmm with a bias) allocate a workspace through PyTorch's caching allocator on
+    the first multiply of each handle and keep it for the life of the process, so it counts in memory_allocated().
+    Handles are per thread: the forward pass multiplies on this thread, the backward pass on autograd's device
+    thread, each with its own workspace. In a fresh process the first search would otherwise be blamed for them.
+    No random numbers: the CUDA RNG must stay as it is.
+    """
+    x = torch.ones(16, 16, device="cuda", requires_grad=True)
+    w = torch.ones(16, 16, device="cuda", requires_grad=True)
+    b = torch.ones(16, device="cuda", requires_grad=True)
+    (nn.functional.linear(x, w, b) @ w).sum().backward()
+    del x, w, b
+    torch.cuda.synchronize()
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_cuda_device_reads_real_statistics():
+    device = CudaDevice("cuda")
+    assert device.torch_device.type == "cuda"
+    torch.cuda.synchronize()
+    before = device.memory_allocated()
+    x = torch.empty(1024 * 1024, device="cuda")  # 4 MiB, a multiple of the allocator's 512-byte rounding
+    assert device.memory_allocated() == before + 4 * 1024 * 1024
+    device.reset_peak_memory_stats()
+    del x
+    assert device.memory_allocated() == before
+    assert device.max_memory_allocated() == before + 4 * 1024 * 1024
+
+    # The capacity against an independent source: the total of cudaMemGetInfo (the implementation reads the device
+    # properties). The driver normally reports the same figure through both; 64 MiB of tolerance allows for a
+    # difference in rounding and stays well below the CUDA context (300+ MiB), so free memory passed off as the
+    # capacity would still fail.
+    free, total = torch.cuda.mem_get_info(device.torch_device)
+    assert abs(device.capacity_bytes - total) <= 64 * 1024**2
+    assert device.capacity_bytes > free
+    assert CudaDevice("cuda", memory_limit="1GiB").capacity_bytes == 2**30
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_search_on_cuda_with_a_memory_limit_moves_a_cpu_model_and_puts_it_back():
+    model = MLP(hidden=4096)
+    torch.cuda.init()  # so that the snapshot holds the CUDA RNG state (the model's dropout draws from it)
+    before = snapshot(model)
+    cpu_storage = model.net[1].weight.data_ptr()
+    result = bf.find_batch_size(model, _data(), device="cuda", memory_limit="1GiB", max_trials=12)
+    assert result.max_batch_size >= 16
+    assert result.capacity_bytes == 2**30
+    assert all(t.peak_bytes <= 2**30 for t in result.trials if t.fits)
+    assert model.net[1].weight.device.type == "cpu" and model.net[1].weight.data_ptr() == cpu_storage
+    assert_unchanged(before, model)
+    trial = bf.try_batch_size(model, _data(), result.max_batch_size, device="cuda", memory_limit="1GiB")
+    assert trial.fits and trial.baseline_bytes > 0 and trial.baseline_bytes < trial.peak_bytes <= 2**30
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_search_on_cuda_finds_an_oom_and_recovers():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 8192), nn.ReLU(), nn.Linear(8192, 10)).cuda()
+    _warm_up_cublas()  # its workspaces stay allocated: take the baseline after them
+    before = snapshot(model)
+    baseline = torch.cuda.memory_allocated()
+    result = bf.find_batch_size(model, _data(200_000), device="cuda", memory_limit="512MiB")
+    assert result.num_ooms >= 1
+    assert result.trial_for(result.max_batch_size).fits
+    assert all(t.leaked_bytes == 0 for t in result.trials)
+    assert torch.cuda.memory_allocated() == baseline
+    assert_unchanged(before, model)
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_simulated_gpu_refuses_a_cuda_model():
+    model = MLP().cuda()
+    with pytest.raises(ValueError, match="SimulatedGPU runs the model on the CPU"):
+        bf.find_batch_size(model, _data(100), device=bf.SimulatedGPU("8MiB"))
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_memory_limit_holds_although_the_user_left_blocks_cached():
+    cached = torch.empty(256 * MiB, dtype=torch.uint8, device="cuda")
+    del cached  # 256 MiB now sit in PyTorch's cache
+    result = bf.find_batch_size(batchnorm_mlp().cuda(), _data(), device="cuda", memory_limit="64MiB")
+    assert all(t.peak_reserved_bytes <= 64 * MiB for t in result.trials if t.fits)
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_a_stricter_fraction_the_user_set_is_kept():
+    if not hasattr(torch.cuda, "get_per_process_memory_fraction"):
+        pytest.skip("this torch cannot read the per-process memory fraction")
+    torch.cuda.set_per_process_memory_fraction(0.05)
+    try:
+        total = torch.cuda.get_device_properties(0).total_memory
+        with CudaDevice("cuda", memory_limit=total // 2).measuring():
+            assert torch.cuda.get_per_process_memory_fraction() == pytest.approx(0.05)
+        assert torch.cuda.get_per_process_memory_fraction() == pytest.approx(0.05)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_trials_record_reserved_peaks_and_errors_say_who_holds_memory():
+    result = bf.find_batch_size(batchnorm_mlp().cuda(), _data(), device="cuda", memory_limit="256MiB", max_trials=4)
+    assert all(t.peak_reserved_bytes >= t.peak_bytes > 0 for t in result.trials)
+    with pytest.raises(bf.NoBatchSizeFitsError, match="held outside this search's tensors"):
+        huge = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.Linear(64, 10)).cuda()
+        bf.find_batch_size(huge, _data(), device="cuda", memory_limit="1MiB", step_fn=lambda m, b: m(b[0]).sum() + torch.empty(2**30, device="cuda").sum() * 0)
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_a_cpu_model_keeps_its_tensors_and_statistics():
+    model = batchnorm_mlp()
+    before = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    ids = [id(t) for t in (*model.parameters(), *model.buffers())]
+    bf.find_batch_size(model, _data(), device="cuda", memory_limit="256MiB", max_trials=4)
+    assert [id(t) for t in (*model.parameters(), *model.buffers())] == ids
+    assert all(t.device.type == "cpu" for t in model.state_dict().values())
+    assert all(torch.equal(before[name], t) for name, t in model.state_dict().items())
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_the_first_search_in_a_fresh_process_leaks_nothing():
+    code = (
+        "import torch, batchfinder as bf; from torch import nn; from torch.utils.data import TensorDataset\n"
+        "m = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 10)).cuda()\n"
+        "d = TensorDataset(torch.randn(4096, 64), torch.randint(0, 10, (4096,)))\n"
+        "r = bf.find_batch_size(m, d, device='cuda', memory_limit='128MiB', max_trials=3)\n"
+        "print(max(t.leaked_bytes for t in r.trials))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip().splitlines()[-1] == "0"

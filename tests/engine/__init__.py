@@ -1,0 +1,1 @@
+"""Tests of batchfinder/engine/: trials, the search run, modes, confirmation, distributed agreement, OOM errors."""

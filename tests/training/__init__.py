@@ -1,0 +1,1 @@
+"""Tests of batchfinder/training/: precision, sample sizes, state snapshots and the training step."""
