@@ -106,6 +106,14 @@ class RankAgreement:
         """True when ``flag`` is true on any rank."""
         return any(row[0] for row in self._slots([int(bool(flag))]))
 
+    def smallest(self, values: Sequence[int | None]) -> list[int | None]:
+        """Each of ``values``, the smallest over the ranks (None where every rank has None): what every rank then
+        uses, e.g. the guided mode's memory budget, which differs by a few MiB between real GPUs."""
+        unset = 2**62
+        rows = self._slots([unset if v is None else int(v) for v in values])
+        least = [min(column) for column in zip(*rows)]
+        return [None if v == unset else v for v in least]
+
     def check(self, ok: bool, what: str) -> None:
         """Agree that every rank got through ``what``; raise :class:`RankFailedError` on the others if one did not.
 

@@ -117,6 +117,27 @@ def _function_worker(rank: int, world: int, port: int, queue: Any) -> None:
         queue.put((rank, traceback.format_exc()))
 
 
+def _guided_worker(rank: int, world: int, port: int, queue: Any) -> None:
+    try:
+        _init(rank, world, port)
+        try:
+            # budgets a little apart, as reserved + free are (by a few MiB) on two real GPUs of one machine
+            device = bf.SimulatedGPU((600 + 40 * rank) * 1024, allocator="ideal")
+            result = bf.find_batch_size(_mlp(), _data(), device=device, mode="guided")
+            queue.put((rank, (result.max_batch_size, [t.batch_size for t in result.trials])))
+        finally:
+            dist.destroy_process_group()
+    except BaseException:  # reported, not raised: the test asserts on it
+        queue.put((rank, traceback.format_exc()))
+
+
+def test_guided_ranks_with_different_budgets_agree_on_the_smallest_before_proposing() -> None:
+    results = _spawn(_guided_worker)
+    assert results[0] == results[1]
+    alone = bf.find_batch_size(_mlp(), _data(), device=bf.SimulatedGPU(600 * 1024, allocator="ideal"), mode="guided")
+    assert results[0][0] == alone.max_batch_size
+
+
 def test_function_ranks_agree_on_the_smaller_capacity() -> None:
     results = _spawn(_function_worker)
     local = {rank: results[rank]["local"] for rank in (0, 1)}
