@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import RankFailedError
+from ..errors import BatchFinderError, RankFailedError
 
 __all__ = [
     "RankAgreement",
@@ -82,7 +82,15 @@ class RankAgreement:
             self.group = group
         else:
             ranks = None if group is None else dist.get_process_group_ranks(group)
-            self._owned_group = dist.new_group(ranks=ranks, backend="gloo")
+            try:
+                self._owned_group = dist.new_group(ranks=ranks, backend="gloo")
+            except Exception as exc:
+                raise BatchFinderError(
+                    f"the ranks could not open the CPU (gloo) group batchfinder agrees over ({type(exc).__name__}: "
+                    f"{exc}). gloo connects the ranks over TCP, which a cluster that only allows NCCL's transport "
+                    "may block: make the ranks reachable over TCP (GLOO_SOCKET_IFNAME names the network interface), "
+                    "or pass distributed=False and search on one rank alone"
+                ) from exc
             self.group = self._owned_group
         self._device = torch.device("cpu")
 

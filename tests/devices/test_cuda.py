@@ -341,3 +341,49 @@ def test_the_ddp_wrapper_hfs_train_will_build_has_its_buckets_charged_on_a_gpu(m
 
     plain = baseline(None)
     assert baseline(PlannedDDP(model, 25 * 2**20)) - plain >= grads
+
+
+# -- the same defects, on a real GPU ------------------------------------------------------------------------------------
+@pytest.mark.cuda
+@requires_cuda
+def test_on_a_gpu_the_first_trial_does_not_count_what_the_user_left_cached():
+    torch.cuda.empty_cache()
+    left = torch.empty(256 * MiB, dtype=torch.uint8, device="cuda")
+    del left  # 256 MiB now sit in PyTorch's cache
+    assert torch.cuda.memory_reserved() >= 256 * MiB
+    trial = bf.try_batch_size(MLP().cuda(), _data(4096), 64, device="cuda")
+    assert trial.fits and trial.peak_reserved_bytes < 256 * MiB
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_on_a_gpu_a_memory_limit_below_what_is_reserved_is_refused():
+    keep = torch.empty(64 * MiB, dtype=torch.uint8, device="cuda")
+    with pytest.raises(ValueError, match="is at or below the .* PyTorch already reserves"):
+        bf.find_batch_size(MLP().cuda(), _data(), device="cuda", memory_limit="32MiB")
+    del keep
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_on_a_gpu_the_warm_up_leaves_no_workspace_to_the_first_measurement():
+    device = CudaDevice("cuda")
+    device.warm_up()
+    before = torch.cuda.memory_allocated()
+    x = torch.ones(16, 16, device="cuda", requires_grad=True)
+    (nn.functional.linear(x, x, torch.ones(16, device="cuda")) @ x).sum().backward()
+    del x
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == before  # both threads' workspaces existed already
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_on_a_gpu_true_precision_does_not_keep_the_float32_weights_there():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.Linear(4096, 10)).cuda()
+    fp32 = sum(p.numel() for p in model.parameters()) * 4
+    _warm_up_cublas()
+    held_before = torch.cuda.memory_allocated() - fp32  # everything but the model
+    trial = bf.try_batch_size(model, _data(256), 16, device="cuda", precision="16-true")
+    assert trial.fits and trial.baseline_bytes - held_before < fp32 // 2 + 4 * MiB
+    assert all(p.dtype == torch.float32 and p.is_cuda for p in model.parameters())
