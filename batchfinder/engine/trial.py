@@ -205,6 +205,10 @@ class TrialSession:
             resident.close()
             del exc
             raise self._model_does_not_fit([*([bound] if bound is not None else []), *self.extra_optimizers]) from None
+        except BaseException:  # e.g. a memory_limit refused: what was put on the device goes back
+            self._reserved = []
+            resident.close()
+            raise
         self._resident = resident
 
     def _model_does_not_fit(self, optimizers: list[torch.optim.Optimizer]) -> NoBatchSizeFitsError:

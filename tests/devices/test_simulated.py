@@ -286,3 +286,17 @@ def test_the_first_trial_does_not_count_what_the_user_left_cached():
     trial = bf.try_batch_size(MLP(), data, 64, device=gpu)
     fresh = bf.try_batch_size(MLP(), data, 64, device=bf.SimulatedGPU("1GiB"))
     assert trial.fits and trial.peak_reserved_bytes == fresh.peak_reserved_bytes < 8 * 2**20
+
+
+def test_true_precision_on_a_model_already_on_the_simulated_gpu_does_not_keep_the_float32_weights():
+    gpu = bf.SimulatedGPU("1GiB", allocator="ideal")
+    with gpu:  # built on the device: its float32 weights are charged to it
+        model = nn.Sequential(nn.Flatten(), nn.Linear(64, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.Linear(1024, 10))
+    fp32 = sum(p.numel() for p in model.parameters()) * 4
+    assert gpu.memory_allocated() >= fp32
+    before = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    data = TensorDataset(torch.randn(256, 1, 8, 8), torch.randint(0, 10, (256,)))
+    trial = bf.try_batch_size(model, data, 16, device=gpu, precision="16-true")
+    assert trial.fits and trial.baseline_bytes < fp32 // 2 + 64 * 1024  # float16 weights only (6 bytes each before)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(torch.equal(before[name], t) for name, t in model.state_dict().items())
