@@ -17,9 +17,9 @@ What it does, on the current CUDA device (``cuda:0`` unless ``torch.cuda.set_dev
    GPU, with ``torch.cuda.max_memory_allocated()`` and ``max_memory_reserved()`` measured from a reset taken before
    the model moves to the GPU; ``batchfinder.estimate_memory(...).peak`` for the same step; and the same two steps
    on a ``batchfinder.SimulatedGPU`` (its allocated peak, and its reserved peak where the simulated GPU has
-   ``max_memory_reserved``). A tiny matmul runs first so that cuBLAS's workspace, which the estimator does not
-   model, is in every model's *baseline* (memory held before its model moved to the GPU) rather than in the first
-   model's peak.
+   ``max_memory_reserved``). Tiny matmuls run first, forward and backward, so that both threads' cuBLAS
+   workspaces, which the estimator does not model, are in every model's *baseline* (memory held before its model
+   moved to the GPU, recorded as ``baseline_after_warm_up``) rather than in the first model's peak.
 3. **Searches.** ``batchfinder.find_batch_size(..., device="cuda", memory_limit=...)`` in ``binsearch`` and
    ``guided`` mode on the MLP and the Transformer, each capped by ``--time-budget`` seconds: the largest size that
    fitted, the recommended size, trials, out-of-memory errors, seconds, why it stopped.
@@ -58,6 +58,7 @@ from torch import nn
 
 import batchfinder as bf
 from batchfinder.devices import nvml
+from batchfinder.devices.cuda import warm_up_cublas
 from batchfinder.units import format_bytes, parse_bytes
 from batchfinder.zoo import mnist_mlp
 
@@ -382,6 +383,11 @@ def _environment_lines(env: dict[str, Any]) -> list[str]:
             f"Python {env.get('python', '?')}"
         ),
         f"* {env.get('platform', '')}; run at {env.get('date', '?')}, {env.get('seconds', 0):.0f} s in all",
+        *(
+            [f"* allocated after the warm-up (both threads' cuBLAS workspaces), in every baseline: "
+             f"{format_bytes(env['baseline_after_warm_up'])}"]
+            if env.get("baseline_after_warm_up") is not None else []
+        ),
     ]
 
 
@@ -517,11 +523,16 @@ def current_cuda_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def warm_up(device: torch.device) -> None:
-    """One small matmul, so that cuBLAS's handle and workspace exist before the first measurement (they then count
-    in every model's baseline, not in the first model's peak)."""
-    ones = torch.ones(64, 64, device=device)
-    (ones @ ones).sum().item()
+def warm_up(device: torch.device) -> int:
+    """Small matrix multiplies forward *and* backward (:func:`batchfinder.devices.cuda.warm_up_cublas`), so that the
+    cuBLAS workspaces of both threads (the caller's and autograd's backward thread, 32 MiB each from Hopper on)
+    exist before the first measurement: they then count in every model's baseline, not in the first model's peak.
+    Returns the bytes allocated afterwards: the baseline the report subtracts."""
+    warm_up_cublas(device)
+    if device.type != "cuda":
+        return 0
+    torch.cuda.synchronize(device)
+    return int(torch.cuda.memory_allocated(device))
 
 
 def _free_cuda() -> None:
@@ -708,7 +719,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tests = run_cuda_tests(args.pytest_timeout)  # first: this process holds no GPU memory yet
     device = current_cuda_device()
     env = environment(device)
-    warm_up(device)
+    env["baseline_after_warm_up"] = warm_up(device)
     memory: list[MemoryCheck] = []
     for name in names:
         print(f"measuring {name} ...", file=sys.stderr)

@@ -11,7 +11,6 @@ import copy
 import gc
 import random
 import socket
-import types
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -183,35 +182,6 @@ def free_port() -> int:
 
 
 # -- a CUDA GPU on the CPU ----------------------------------------------------------------------------------------------
-class FakeCuda:
-    """The ``torch.cuda`` calls the CUDA backend makes, on a 16 GiB GPU that nothing runs on."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, *, total: int = 16 * GiB, free: int = 12 * GiB,
-                 reserved: int = 2 * GiB, fraction: float = 1.0) -> None:
-        self.total, self.free, self.reserved, self.fraction = total, free, reserved, fraction
-        self.calls: list[Any] = []
-        patches = {
-            "is_available": lambda: True,
-            "current_device": lambda: 0,
-            "get_device_properties": lambda index: types.SimpleNamespace(total_memory=self.total),
-            "get_device_name": lambda device=None: "Fake GPU",
-            "memory_allocated": lambda device=None: 0,
-            "max_memory_allocated": lambda device=None: 0,
-            "memory_reserved": lambda device=None: self.reserved,
-            "max_memory_reserved": lambda device=None: self.reserved,
-            "mem_get_info": lambda device=None: (self.free, self.total),
-            "empty_cache": lambda: self.calls.append("empty_cache"),
-            "get_per_process_memory_fraction": lambda index=None: self.fraction,
-            "set_per_process_memory_fraction": self._set_fraction,
-        }
-        for name, value in patches.items():
-            monkeypatch.setattr(torch.cuda, name, value)
-
-    def _set_fraction(self, fraction: float, index: int | None = None) -> None:
-        self.calls.append(("fraction", round(fraction, 6)))
-        self.fraction = fraction
-
-
 # -- what a guided search leaves behind ---------------------------------------------------------------------------------
 def alive(refs: list[weakref.ref]) -> int:
     """How many of ``refs`` still point at a live object, after a full garbage collection."""

@@ -177,7 +177,12 @@ class SimulatedGPU(DeviceBackend):
         """``(free, total)`` bytes, like ``torch.cuda.mem_get_info()`` with nothing else on the GPU."""
         return self._capacity - self.ledger.reserved, self._capacity
 
-    def measuring(self) -> "SimulatedGPU":
+    def holds(self, tensor: torch.Tensor) -> bool:
+        """True when ``tensor``'s storage is charged to this simulated GPU."""
+        return self.ledger.is_charged(tensor.untyped_storage())
+
+    def charging(self) -> "SimulatedGPU":
+        """Charges the ledger for every operation inside (the simulated GPU as a context manager)."""
         return self
 
     def to_device(self, batch: Any) -> Any:
@@ -202,21 +207,24 @@ class SimulatedGPU(DeviceBackend):
             )
 
     @contextlib.contextmanager
-    def resident(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> Iterator[None]:
+    def hold_model(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> Iterator[None]:
         """Charge the model's parameters and buffers (and the optimizer's existing state) while the search runs."""
         tensors = list(_model_tensors(model))
         if optimizer is not None:
             tensors.extend(state_tensors(optimizer))
         fresh = [s for s in {id(s): s for s in tensor_storages(tensors)}.values() if not self.ledger.is_charged(s)]
         self.ledger.charge(fresh)
-        # As CudaDevice warms cuBLAS up: its workspaces belong to every trial's baseline, not to the first trial.
-        self.ledger.charge_workspace("forward")
-        self.ledger.charge_workspace("backward")
         try:
             yield
         finally:
             for storage in fresh:
                 self.ledger.release(storage)
+
+    def warm_up(self) -> None:
+        """As CUDA's first matrix multiplies on the forward and on autograd's backward thread: charge the two cuBLAS
+        workspaces (``workspace_bytes`` each; none when 0), which belong to every trial's baseline."""
+        self.ledger.charge_workspace("forward")
+        self.ledger.charge_workspace("backward")
 
     # -- context manager --------------------------------------------------------------------------------------
     def __enter__(self) -> "SimulatedGPU":

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import RankFailedError
+from ..errors import BatchFinderError, RankFailedError
 
 __all__ = [
     "RankAgreement",
@@ -82,7 +82,15 @@ class RankAgreement:
             self.group = group
         else:
             ranks = None if group is None else dist.get_process_group_ranks(group)
-            self._owned_group = dist.new_group(ranks=ranks, backend="gloo")
+            try:
+                self._owned_group = dist.new_group(ranks=ranks, backend="gloo")
+            except Exception as exc:
+                raise BatchFinderError(
+                    f"the ranks could not open the CPU (gloo) group batchfinder agrees over ({type(exc).__name__}: "
+                    f"{exc}). gloo connects the ranks over TCP, which a cluster that only allows NCCL's transport "
+                    "may block: make the ranks reachable over TCP (GLOO_SOCKET_IFNAME names the network interface), "
+                    "or pass distributed=False and search on one rank alone"
+                ) from exc
             self.group = self._owned_group
         self._device = torch.device("cpu")
 
@@ -105,6 +113,14 @@ class RankAgreement:
     def any(self, flag: bool) -> bool:
         """True when ``flag`` is true on any rank."""
         return any(row[0] for row in self._slots([int(bool(flag))]))
+
+    def smallest(self, values: Sequence[int | None]) -> list[int | None]:
+        """Each of ``values``, the smallest over the ranks (None where every rank has None): what every rank then
+        uses, e.g. the guided mode's memory budget, which differs by a few MiB between real GPUs."""
+        unset = 2**62
+        rows = self._slots([unset if v is None else int(v) for v in values])
+        least = [min(column) for column in zip(*rows)]
+        return [None if v == unset else v for v in least]
 
     def check(self, ok: bool, what: str) -> None:
         """Agree that every rank got through ``what``; raise :class:`RankFailedError` on the others if one did not.

@@ -60,6 +60,9 @@ class SearchContext:
     record: Callable[[], AllocationLog | None] | None = None
     """Records a real trial's allocator calls (:meth:`~batchfinder.engine.trial.TrialSession.record_allocations`),
     where the device allows it: :class:`GuidedMode` then predicts from that log instead of a fake-tensor trace."""
+    smallest_over_ranks: Callable[[list[int | None]], list[int | None]] | None = None
+    """On several ranks: each value, the smallest over the ranks (a collective every rank calls alike), so that
+    what a mode derives from its own device (the guided mode's memory budget) is the same on every rank."""
 
 
 class SearchMode(ABC):
@@ -205,11 +208,19 @@ class GuidedMode(SearchMode):
         """:class:`~batchfinder.search.guided.GuidedSearch` with the estimator's prediction, the device's limit,
         and (off the simulated GPU) a first trial at 90% of the predicted size."""
         limit, exact = _guided_limit(context.device)
+        capacity = context.device.capacity_bytes
+        if context.smallest_over_ranks is not None:
+            # Every rank must propose the same sizes: the budgets (reserved + free, a few MiB apart between real
+            # GPUs) are agreed on before the first proposal, the smallest for all.
+            # A prediction is exact only where every rank's is and their budgets are equal.
+            highest = None if limit is None else -limit
+            limit, capacity, all_exact, least = context.smallest_over_ranks([limit, capacity, int(exact), highest])
+            exact = bool(all_exact) and (least is None or limit == -least)
         prediction = _SearchPrediction(context)
         return GuidedSearch(
             bounds,
             limit=limit,
-            capacity=context.device.capacity_bytes,
+            capacity=capacity,
             predict=prediction.peak,
             solve=prediction.solve,
             first_fraction=1.0 if exact else 0.9,

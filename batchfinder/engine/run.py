@@ -83,6 +83,8 @@ def search(workload: Workload, device: DeviceBackend, options: SearchOptions) ->
         record=session.record_allocations if training else None,
     )
     agreement = resolve_agreement(options.distributed)
+    if agreement is not None:
+        context = dataclasses.replace(context, smallest_over_ranks=agreement.smallest)
     try:
         with _open(session, agreement):
             phase = "train" if training else "eval"
@@ -147,8 +149,9 @@ def _evaluation_options(options: SearchOptions, init_batch_size: int) -> SearchO
 
 def _session(workload: Workload, device: DeviceBackend, options: SearchOptions) -> TrialSession:
     """The trial session of ``workload`` on ``device`` (not yet entered)."""
-    # A real GPU already holds DDP's gradient buckets (allocated when the wrapper was built); a simulated one is told.
-    charge_buckets = workload.ddp is not None and device.simulated
+    # A real GPU already holds DDP's gradient buckets (the reducer allocates them when the wrapper is built); a
+    # simulated one is told, and so is every device for a wrapper not built yet (the one HF's train() will build).
+    charge_buckets = workload.ddp is not None and (device.simulated or not getattr(workload.ddp, "holds_buckets", True))
     return TrialSession(
         workload.model,
         workload.searched_source,

@@ -159,7 +159,10 @@ class TrialSession:
                 dtype = self._param_dtype
                 self._cast = contextlib.ExitStack()
                 self._cast.enter_context(
-                    swapped_data(self.model, lambda data: data.to(dtype), only=lambda tensor: tensor.is_floating_point())
+                    swapped_data(
+                        self.model, lambda data: data.to(dtype), only=lambda tensor: tensor.is_floating_point(),
+                        keep_on_host=self.device.holds,  # float32 originals must not stay on the device
+                    )
                 )
                 # The existing optimizer state is cast with the parameters it belongs to (and back on exit).
                 self._cast.enter_context(cast_optimizer_state(self._optimizers(None), dtype))
@@ -202,6 +205,10 @@ class TrialSession:
             resident.close()
             del exc
             raise self._model_does_not_fit([*([bound] if bound is not None else []), *self.extra_optimizers]) from None
+        except BaseException:  # e.g. a memory_limit refused: what was put on the device goes back
+            self._reserved = []
+            resident.close()
+            raise
         self._resident = resident
 
     def _model_does_not_fit(self, optimizers: list[torch.optim.Optimizer]) -> NoBatchSizeFitsError:
@@ -281,7 +288,8 @@ class TrialSession:
                     self.train_step(self.model, batch, 0)
                 elif self.step is not None and self.optimizer is not None:
                     tracker.enter(step_phase(self.step), 0)
-                    loss = self.step(self.model, batch)
+                    with StepPrecision(self.precision, self.device.torch_device.type).autocast():  # as trials run it
+                        loss = self.step(self.model, batch)
                     check_loss(loss, self.step)
                     tracker.enter("backward")
                     loss.backward()
@@ -366,9 +374,7 @@ class TrialSession:
             train_steps = 1
         else:
             raise ValueError(f"phase must be 'train' or 'eval', not {phase!r}")
-        self.device.synchronize()
-        baseline = self.device.memory_allocated()
-        self.device.reset_peak_memory_stats()
+        baseline = self.device.start_measurement()
         durations: list[float] = []
         eval_durations: list[float] = []
         error: str | None = None
@@ -387,9 +393,8 @@ class TrialSession:
         del host_batch, eval_host
         if phase == "eval":
             durations = eval_durations
-        self.device.synchronize()
-        peak = self.device.max_memory_allocated()
-        peak_reserved = self.device.max_memory_reserved()
+        peak, peak_reserved = self.device.read_peaks()
+        error = error if error is not None else self.device.over_limit(peak_reserved)
         leaked = self._release(baseline)
         if leaked:
             logger.warning("batch size %d left %s allocated after recovery", batch_size, format_bytes(leaked))

@@ -214,6 +214,8 @@ class PlannedDDP:
     bucket_bytes_cap: int
     gradient_as_bucket_view: bool = False
     parameters_to_ignore: tuple[str, ...] = ()
+    holds_buckets: bool = False
+    """False: nothing holds the buckets yet, on a real GPU either, so the search charges them on every device."""
 
 
 def _several_ranks() -> bool:

@@ -210,8 +210,8 @@ class CachingAllocator:
     * one device only, no CUDA context, no cuBLAS/cuDNN workspaces and nothing else outside the allocator; the
       capacity is all the allocator's, and memory used by other processes is not modelled;
     * no CUDA graph private pools, no ``record_stream`` (cross-stream uses and their events), no
-      ``garbage_collection_threshold``, ``max_split_size_mb``, ``roundup_power2_divisions`` or
-      ``set_per_process_memory_fraction`` distinct from ``capacity``;
+      ``garbage_collection_threshold``, ``max_split_size_mb`` or ``roundup_power2_divisions``;
+      ``set_per_process_memory_fraction`` is :attr:`limit`, a second bound on ``reserved`` next to ``capacity``;
     * no driver-side effects: ``cudaMalloc`` granularity, driver fragmentation of physical memory and failures
       other than "does not fit" are not modelled; segment addresses are the model's own, increasing;
     * with expandable segments, a request whose pages cannot all be mapped maps none of them (PyTorch may map
@@ -227,6 +227,7 @@ class CachingAllocator:
         if not isinstance(expandable_segments, bool):
             raise TypeError(f"expandable_segments must be a bool, not {type(expandable_segments).__name__}")
         self._capacity = capacity
+        self._limit: int | None = None
         self._expandable = expandable_segments
         self._segments: dict[int, _Segment] = {}  # by base address, in increasing address order
         self._free: dict[tuple[str, int], list[tuple[int, int]]] = {}  # (pool, stream) -> sorted (size, address)
@@ -245,6 +246,18 @@ class CachingAllocator:
     def capacity(self) -> int | None:
         """The device's bytes, or ``None`` for unlimited."""
         return self._capacity
+
+    @property
+    def limit(self) -> int | None:
+        """The per-process bound on ``reserved`` (``set_per_process_memory_fraction``: ``int(fraction * total)``,
+        checked, as ``alloc_block`` checks ``allowed_memory_maximum``, only when a new segment is needed), or None."""
+        return self._limit
+
+    @limit.setter
+    def limit(self, value: int | None) -> None:
+        if value is not None:
+            _check_bytes(value, "limit")
+        self._limit = value
 
     @property
     def expandable_segments(self) -> bool:
@@ -297,8 +310,9 @@ class CachingAllocator:
                 self._release_cached()
                 block = self._obtain(pool, stream, size)
             if block is None:
-                assert self._capacity is not None  # an unlimited allocator always obtains a segment
-                raise AllocatorOutOfMemory(size, segment_size(size), self._allocated, self._reserved, self._capacity)
+                capacity = self._capacity if self._capacity is not None else self._limit
+                assert capacity is not None  # an unlimited allocator always obtains a segment
+                raise AllocatorOutOfMemory(size, segment_size(size), self._allocated, self._reserved, capacity)
         if self._should_split(pool, block.size - size):
             self._add_free(self._split(block, size))
         block.allocated = True
@@ -426,6 +440,8 @@ class CachingAllocator:
     # ---------------------------------------------------------------------------------------- obtaining memory
 
     def _fits(self, extra: int) -> bool:
+        if self._limit is not None and self._reserved + extra > self._limit:
+            return False
         return self._capacity is None or self._reserved + extra <= self._capacity
 
     def _grow_reserved(self, extra: int) -> None:

@@ -35,6 +35,7 @@ __all__ = [
     "CUDA_CONTEXT_BYTES",
     "CUBLAS_WORKSPACE_BYTES",
     "CUBLAS_WORKSPACE_BYTES_HOPPER",
+    "cublas_workspace_bytes",
 ]
 
 MiB = 1024**2
@@ -47,6 +48,13 @@ CUBLAS_WORKSPACE_BYTES_HOPPER = 32 * MiB
 """PyTorch's cuBLAS workspace on Hopper and later (compute capability 9.0+)."""
 
 _HOPPER_AND_LATER = ("Hopper", "Blackwell")
+
+
+def cublas_workspace_bytes(capability: tuple[int, int]) -> int:
+    """The cuBLAS workspace PyTorch allocates per (handle, stream) on a GPU of compute ``capability`` (major,
+    minor), with ``CUBLAS_WORKSPACE_CONFIG`` unset: 32 MiB from compute capability 9.0 (Hopper) on, 8,519,680 B
+    before (``getChosenWorkspaceSize`` in ``aten/src/ATen/cuda/CublasHandlePool.cpp``)."""
+    return CUBLAS_WORKSPACE_BYTES_HOPPER if capability[0] >= 9 else CUBLAS_WORKSPACE_BYTES
 
 
 @dataclass(frozen=True)

@@ -319,7 +319,7 @@ def test_whole_run_with_the_cuda_parts_replaced(
     monkeypatch.setattr(gpu_check, "cuda_available", lambda: True)  # for gpu_check only: the search runs on the CPU
     monkeypatch.setattr(gpu_check, "current_cuda_device", lambda: torch.device("cuda", 0))
     monkeypatch.setattr(gpu_check, "environment", lambda device: _environment(nvml={"available": False, "reason": "x"}))
-    monkeypatch.setattr(gpu_check, "warm_up", lambda device: None)
+    monkeypatch.setattr(gpu_check, "warm_up", lambda device: 64 * MiB)
     figures = {"baseline_allocated": 0, "max_allocated": 4 * MiB, "max_reserved": 20 * MiB}
     monkeypatch.setattr(gpu_check, "_measure_cuda", lambda model, batch, device: dict(figures))
 
@@ -339,6 +339,17 @@ def test_whole_run_with_the_cuda_parts_replaced(
     assert all(m["ratio"] == round(m["estimate_peak"] / (4 * MiB), 4) for m in data["memory"])
     assert [(s["model"], s["mode"]) for s in data["searches"]] == [("mnist_mlp", "binsearch"), ("mnist_mlp", "guided")]
     assert all(s["max_batch_size"] for s in data["searches"])
+    assert "allocated after the warm-up (both threads' cuBLAS workspaces), in every baseline: 64.00 MiB" in out
+
+
+def test_the_warm_up_creates_the_workspaces_of_both_threads() -> None:
+    """A forward matmul alone leaves autograd's backward thread without its cuBLAS workspace: the first model's
+    measurement would carry it (32 MiB on Hopper)."""
+    gpu = bf.SimulatedGPU.like("H100-80GB")
+    with gpu:
+        assert gpu_check.warm_up(torch.device("cpu")) == 0  # the CPU has no allocator to read a baseline from
+    assert sorted(gpu.ledger.workspaces) == ["backward", "forward"]
+    assert gpu.memory_allocated() == 2 * 32 * MiB
 
 
 def test_unknown_model_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -399,22 +399,46 @@ def test_real_query_never_raises() -> None:
     json.dumps(report.to_dict())
 
 
+def _skip_on_rocm() -> None:
+    if torch.version.hip is not None:
+        pytest.skip("ROCm has no NVML (its GPUs are AMD's): nothing to compare")
+
+
+def _is_mig(index: int = 0) -> bool:
+    """True when ``cuda:index`` is a MIG instance: torch then describes the instance, NVML the parent GPU."""
+    uuid = str(getattr(torch.cuda.get_device_properties(index), "uuid", "") or "")
+    return " MIG " in f" {torch.cuda.get_device_name(index)} " or uuid.upper().startswith("MIG-") or any(
+        entry.strip().upper().startswith("MIG-") for entry in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+    )
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_real_gpu_matches_torch() -> None:
+    _skip_on_rocm()
     report = nvml.query()
     assert report.has_gpu, report.reason
     assert report.driver_version and report.cuda_driver_version
     names = {gpu.name for gpu in report.gpus}
-    assert torch.cuda.get_device_name(0) in names
+    name = torch.cuda.get_device_name(0)
     total = torch.cuda.get_device_properties(0).total_memory
-    assert any(abs(gpu.total_bytes - total) <= 0.05 * gpu.total_bytes for gpu in report.gpus)
+    if _is_mig(0):
+        # "NVIDIA A100-SXM4-40GB MIG 3g.20gb" is a slice of the NVML GPU "NVIDIA A100-SXM4-40GB"
+        parents = [gpu for gpu in report.gpus if name.startswith(gpu.name)]
+        assert parents, (name, names)
+        assert any(total <= gpu.total_bytes for gpu in parents)
+    else:
+        assert name in names
+        assert any(abs(gpu.total_bytes - total) <= 0.05 * gpu.total_bytes for gpu in report.gpus)
     assert all(0 <= gpu.used_bytes <= gpu.total_bytes for gpu in report.gpus)
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_real_gpu_of_cuda0_is_found_by_uuid_with_this_process() -> None:
+    _skip_on_rocm()
+    if _is_mig(torch.cuda.current_device()):
+        pytest.skip("a MIG instance: NVML's per-GPU figures describe the parent GPU, not this device")
     held = torch.ones(64 * 2**20, device="cuda")  # 256 MiB, so this process holds memory on the current GPU
     torch.cuda.synchronize()
     index = torch.cuda.current_device()

@@ -12,7 +12,8 @@ import torch
 import batchfinder as bf
 from batchfinder.devices.cuda import CudaDevice
 from batchfinder.devices.resolve import resolve_device
-from tests.helpers import FakeCuda, batchnorm_mlp, classification_data, requires_cuda
+from tests.cuda_double import CudaDouble
+from tests.helpers import batchnorm_mlp, classification_data, requires_cuda
 
 MiB = 2**20
 
@@ -26,7 +27,7 @@ def test_the_device_string_names_the_allocator():
 
 
 def test_without_a_device_the_search_uses_the_gpu_the_model_is_on(monkeypatch):
-    FakeCuda(monkeypatch)
+    CudaDouble(monkeypatch, count=2)
 
     class OnSecondGpu:
         def parameters(self) -> list[Any]:

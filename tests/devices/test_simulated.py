@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import batchfinder as bf
 from batchfinder import is_oom_error
 from batchfinder.devices.base import DeviceBackend
+from tests.helpers import MLP
 
 MiB = 2**20
 
@@ -271,3 +272,31 @@ def test_like_refuses_unknown_gpus_and_impossible_contexts():
         bf.SimulatedGPU.like("Voodoo 3")
     with pytest.raises(ValueError, match="the CUDA context must be smaller than the GPU"):
         bf.SimulatedGPU.like("T4", context_bytes=64 * 2**30)
+
+
+def test_the_first_trial_does_not_count_what_the_user_left_cached():
+    """The simulated GPU follows CUDA's statistics (a reset keeps cached segments in the reserved peak), and the trial
+    code is the CUDA backend's: memory the user left cached must be released before the peaks are reset."""
+    gpu = bf.SimulatedGPU("1GiB")
+    with gpu:
+        left = torch.ones(256 * 2**20, dtype=torch.uint8)  # the user's own work, e.g. an evaluation before the search
+    del left
+    assert gpu.memory_allocated() == 0 and gpu.memory_reserved() == 256 * 2**20
+    data = TensorDataset(torch.randn(512, 1, 8, 8), torch.randint(0, 10, (512,)))
+    trial = bf.try_batch_size(MLP(), data, 64, device=gpu)
+    fresh = bf.try_batch_size(MLP(), data, 64, device=bf.SimulatedGPU("1GiB"))
+    assert trial.fits and trial.peak_reserved_bytes == fresh.peak_reserved_bytes < 8 * 2**20
+
+
+def test_true_precision_on_a_model_already_on_the_simulated_gpu_does_not_keep_the_float32_weights():
+    gpu = bf.SimulatedGPU("1GiB", allocator="ideal")
+    with gpu:  # built on the device: its float32 weights are charged to it
+        model = nn.Sequential(nn.Flatten(), nn.Linear(64, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.Linear(1024, 10))
+    fp32 = sum(p.numel() for p in model.parameters()) * 4
+    assert gpu.memory_allocated() >= fp32
+    before = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    data = TensorDataset(torch.randn(256, 1, 8, 8), torch.randint(0, 10, (256,)))
+    trial = bf.try_batch_size(model, data, 16, device=gpu, precision="16-true")
+    assert trial.fits and trial.baseline_bytes < fp32 // 2 + 64 * 1024  # float16 weights only (6 bytes each before)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(torch.equal(before[name], t) for name, t in model.state_dict().items())

@@ -117,6 +117,63 @@ def _function_worker(rank: int, world: int, port: int, queue: Any) -> None:
         queue.put((rank, traceback.format_exc()))
 
 
+def _guided_worker(rank: int, world: int, port: int, queue: Any) -> None:
+    try:
+        _init(rank, world, port)
+        try:
+            # budgets a little apart, as reserved + free are (by a few MiB) on two real GPUs of one machine
+            device = bf.SimulatedGPU((600 + 40 * rank) * 1024, allocator="ideal")
+            result = bf.find_batch_size(_mlp(), _data(), device=device, mode="guided")
+            queue.put((rank, (result.max_batch_size, [t.batch_size for t in result.trials])))
+        finally:
+            dist.destroy_process_group()
+    except BaseException:  # reported, not raised: the test asserts on it
+        queue.put((rank, traceback.format_exc()))
+
+
+def _confirmation_failure_worker(rank: int, world: int, port: int, queue: Any) -> None:
+    try:
+        _init(rank, world, port)
+        try:
+            calls: list[int] = []
+
+            def step(module: nn.Module, batch: Any) -> torch.Tensor:
+                calls.append(len(batch[0]))
+                # trials run 2 steps per size; the confirmation runs 5: its third step fails on rank 1 only
+                if rank == 1 and len(calls) >= 3 and len(set(calls[-3:])) == 1:
+                    raise KeyError("a bug on rank 1 only, in the confirmation")
+                return nn.functional.cross_entropy(module(batch[0]), batch[1])
+
+            try:
+                bf.find_batch_size(
+                    _mlp(), _data(), device=bf.SimulatedGPU(CAPACITIES[rank], allocator="ideal"), step_fn=step,
+                    confirm_steps=5,
+                )
+                failure = "no error"
+            except RankFailedError as exc:
+                failure = f"RankFailedError: {exc}"
+            except KeyError as exc:
+                failure = f"KeyError: {exc}"
+            queue.put((rank, failure))
+        finally:
+            dist.destroy_process_group()
+    except BaseException:  # reported, not raised: the test asserts on it
+        queue.put((rank, traceback.format_exc()))
+
+
+def test_an_error_in_the_confirmation_on_one_rank_stops_the_others_instead_of_hanging() -> None:
+    results = _spawn(_confirmation_failure_worker)
+    assert results[1].startswith("KeyError") and "in the confirmation" in results[1]
+    assert results[0].startswith("RankFailedError") and "the confirmation at batch size" in results[0]
+
+
+def test_guided_ranks_with_different_budgets_agree_on_the_smallest_before_proposing() -> None:
+    results = _spawn(_guided_worker)
+    assert results[0] == results[1]
+    alone = bf.find_batch_size(_mlp(), _data(), device=bf.SimulatedGPU(600 * 1024, allocator="ideal"), mode="guided")
+    assert results[0][0] == alone.max_batch_size
+
+
 def test_function_ranks_agree_on_the_smaller_capacity() -> None:
     results = _spawn(_function_worker)
     local = {rank: results[rank]["local"] for rank in (0, 1)}
@@ -297,6 +354,23 @@ def test_ranks_agree_on_a_cpu_gloo_group_whatever_the_training_backend(monkeypat
         agreement.check(True, "a test")
         assert agreement.agree_outcome(True, 123, False, "a trial") == (True, 123, [])
         agreement.close()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_that_cannot_open_the_cpu_group_get_an_error_naming_the_cause(monkeypatch):
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        real = dist.get_backend
+        monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl" if group is None else real(group))
+
+        def unreachable(*args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("Connection refused (gloo)")
+
+        monkeypatch.setattr(dist, "new_group", unreachable)
+        with pytest.raises(bf.BatchFinderError, match=r"could not open the CPU \(gloo\) group .*Connection refused.*"
+                           r"GLOO_SOCKET_IFNAME.*distributed=False"):
+            RankAgreement()
     finally:
         dist.destroy_process_group()
 

@@ -200,14 +200,16 @@ def test_a_trial_runs_on_until_skipped_steps_have_created_the_optimizers_state(c
 
 
 # -- the same on a real GPU, with float16 autocast -----------------------------------------------------------------
-def _fp16_workload(samples: int, *, init_scale: float = 2.0**16, clip_then_allocate: bool = False) -> tuple[Workload, Any]:
+def _fp16_workload(
+    samples: int, *, init_scale: float = 2.0**16, backoff_factor: float = 0.5, clip_then_allocate: bool = False
+) -> tuple[Workload, Any]:
     """An fp16 training step with a GradScaler; with ``clip_then_allocate`` it unscales and clips, then allocates
     64 KiB per sample (so large batches run out of memory after ``unscale_``)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 10)).cuda()
     spec = resolve_optimizer(torch.optim.Adam, model)
     optimizer = spec.create()
-    scaler = torch.amp.GradScaler("cuda", init_scale=init_scale)
+    scaler = torch.amp.GradScaler("cuda", init_scale=init_scale, backoff_factor=backoff_factor)
 
     def train_step(m: nn.Module, batch: Any, index: int) -> None:
         with torch.autocast("cuda", dtype=torch.float16):
@@ -238,7 +240,10 @@ def test_a_gradient_scaler_stage_does_not_survive_a_failed_trial():
 @pytest.mark.cuda
 @requires_cuda
 def test_skipped_steps_are_followed_until_the_optimizer_has_state(caplog):
-    workload, optimizer = _fp16_workload(256, init_scale=2.0**18)  # the first steps overflow in float16: skipped
+    # At 2**40 the first backward overflows float16 for certain (the logits' gradient alone is 2**40 / 256 per unit
+    # of probability, float16 ends at 65504): that step is skipped; the scale then drops to 2**24, then 2**8, where
+    # steps go through. (At 2**18 this MLP's gradients stay finite, and nothing was skipped.)
+    workload, optimizer = _fp16_workload(256, init_scale=2.0**40, backoff_factor=2.0**-16)
     result = search(workload, CudaDevice("cuda"), SearchOptions(init_batch_size=256, confirm_steps=0))
     first = result.trials[0]
     assert first.fits and 2 < first.steps <= 10  # steps went on past the skipped ones

@@ -467,3 +467,21 @@ def test_module_docstring_example_runs() -> None:
     assert "Known limitations" in (CachingAllocator.__doc__ or "")
     results = doctest.testmod(allocator_module, verbose=False)
     assert results.attempted >= 4 and results.failed == 0
+
+
+def test_a_per_process_limit_bounds_reserved_bytes_below_the_capacity():
+    """``set_per_process_memory_fraction``: checked, like ``allowed_memory_maximum`` in ``alloc_block``, only when a
+    new segment is needed; cached blocks still serve requests."""
+    gpu = CachingAllocator(64 * MiB)
+    gpu.limit = 30 * MiB
+    small = gpu.malloc(3 * MiB)  # a 20 MiB segment
+    with pytest.raises(AllocatorOutOfMemory):
+        gpu.malloc(18 * MiB)  # no cached block holds it; an 18 MiB segment: 38 MiB reserved > 30 MiB
+    gpu.free(small)
+    again = gpu.malloc(5 * MiB)  # from the cached 20 MiB segment
+    assert gpu.reserved == 20 * MiB and gpu.block_size(again) == 5 * MiB
+    gpu.limit = None
+    gpu.malloc(18 * MiB)
+    assert gpu.reserved == 38 * MiB
+    with pytest.raises(TypeError):
+        gpu.limit = 1.5  # type: ignore[assignment]

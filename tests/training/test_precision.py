@@ -159,3 +159,27 @@ def test_the_charged_memory_follows_cudas_lists_not_the_cpus():
     cuda = charged_by_softmax(cuda_autocast(torch.bfloat16))
     cpu = charged_by_softmax(torch.autocast("cpu", dtype=torch.bfloat16))
     assert cuda == 256 * 512 * 4 and cpu == 256 * 512 * 2  # float32 probabilities on CUDA, bfloat16 on the CPU
+
+
+class _HalfOnlyKernel(nn.Module):
+    """Like flash attention (or HF's ``flash_attention_2`` on a float32-loaded model): a kernel that only takes float16
+    or bfloat16 inputs, which autocast gives it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner, self.out = nn.Linear(64, 64), nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.inner(x.flatten(1))
+        if hidden.dtype not in (torch.float16, torch.bfloat16):
+            raise RuntimeError("FlashAttention only supports fp16 and bf16 data type")
+        return self.out(hidden)
+
+
+@pytest.mark.parametrize("mode", ["binsearch", "guided"])
+def test_the_model_check_on_entry_runs_under_the_searchs_autocast(mode):
+    data = TensorDataset(torch.randn(512, 64), torch.randint(0, 10, (512,)))
+    result = bf.find_batch_size(
+        _HalfOnlyKernel(), data, device=bf.SimulatedGPU("64MiB"), precision="bf16-mixed", mode=mode, max_trials=2
+    )
+    assert result.max_batch_size >= 16
