@@ -21,7 +21,7 @@ from torch import nn
 
 from .devices.base import DeviceLike
 from .devices.resolve import resolve_device
-from .engine.distributed import unwrap_ddp
+from .engine.distributed import agreeing_ranks, unwrap_ddp
 from .engine.options import ProgressLike, SearchOptions
 from .engine.run import run_trial, search
 from .engine.workload import Workload
@@ -146,7 +146,9 @@ def find_batch_size(
             all ranks return the same result (see :mod:`batchfinder.engine.distributed`). ``False``: this rank searches on
             its own. ``True``: require ``torch.distributed``. A ``DistributedDataParallel`` model is searched through
             its unwrapped module (no collective runs inside a trial) with its gradient buckets charged; sharded
-            models (FSDP, DeepSpeed) are refused.
+            models (FSDP, DeepSpeed) are refused. When one rank fails (any error, Ctrl-C, an exit), it raises its
+            own error and the others :class:`~batchfinder.RankFailedError` within seconds (see
+            :mod:`batchfinder.engine.ranks`).
         confirm_steps: after the search, run this many steps (default 2) at the recommended size in one trial, with
             the device's cache kept between them (so that what steps leave cached and fragmented shows); if it runs
             out of memory the recommendation is lowered by the safety factor again and confirmed
@@ -170,8 +172,10 @@ def find_batch_size(
         does not fit, and :class:`~batchfinder.SearchIncompleteError` when a budget ends the search before any size
         fitted.
     """
-    options = SearchOptions.from_arguments(locals())
-    with preserved_rng():  # captured before anything of the user's runs (the sample scan), restored on every exit
+    arguments = dict(locals())
+    # The ranks agree from the start: a bad argument or a failing data scan on one rank reaches the others.
+    with agreeing_ranks(distributed), preserved_rng():  # RNG captured before the sample scan, restored on every exit
+        options = SearchOptions.from_arguments(arguments)
         workload = _function_workload(model, dataset, optimizer, loss_fn, step_fn, sample_size, scan_budget, precision)
         return search(workload, resolve_device(device, memory_limit=memory_limit, model=workload.model), options)
 

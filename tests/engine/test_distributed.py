@@ -142,7 +142,7 @@ def test_function_ranks_agree_on_the_smaller_capacity() -> None:
     assert results[0]["wrapped"] == results[1]["wrapped"]
     # A non-OOM error on one rank: that rank re-raises it, the other stops with RankFailedError (no hang).
     assert results[1]["failure"].startswith("KeyError")
-    assert results[0]["failure"].startswith("RankFailedError") and "rank(s) [1]" in results[0]["failure"]
+    assert results[0]["failure"].startswith("RankFailedError") and "rank 1 failed (rank 1: KeyError" in results[0]["failure"]
 
 
 # -- Lightning's DDP strategy --------------------------------------------------------------------------------------------
@@ -294,8 +294,8 @@ def test_ranks_agree_on_a_cpu_gloo_group_whatever_the_training_backend(monkeypat
         # Not on whichever GPU is current, and not on a CUDA context a failing rank may have poisoned.
         assert agreement.group is not None and real(agreement.group) == "gloo"
         assert agreement._device == torch.device("cpu")
-        agreement.check(True, "a test")
-        assert agreement.agree_outcome(True, 123, False, "a trial") == (True, 123, [])
+        agreement.check("a test")
+        assert agreement.agree_outcome(True, 123, "a trial") == (True, 123, [])
         agreement.close()
     finally:
         dist.destroy_process_group()
