@@ -21,7 +21,7 @@ from torch import nn
 
 from .devices.base import DeviceLike
 from .devices.resolve import resolve_device
-from .engine.distributed import agreeing_ranks, unwrap_ddp
+from .engine.distributed import agrees_across_ranks, unwrap_ddp
 from .engine.options import ProgressLike, SearchOptions
 from .engine.run import run_trial, search
 from .engine.workload import Workload
@@ -85,6 +85,7 @@ def _uncompiled(model: nn.Module) -> tuple[nn.Module, list[str]]:
     return original, [note]
 
 
+@agrees_across_ranks  # from before the first check: a bad argument or a failing scan on one rank reaches the others
 def find_batch_size(
     model: nn.Module,
     dataset: Any,
@@ -172,10 +173,8 @@ def find_batch_size(
         does not fit, and :class:`~batchfinder.SearchIncompleteError` when a budget ends the search before any size
         fitted.
     """
-    arguments = dict(locals())
-    # The ranks agree from the start: a bad argument or a failing data scan on one rank reaches the others.
-    with agreeing_ranks(distributed), preserved_rng():  # RNG captured before the sample scan, restored on every exit
-        options = SearchOptions.from_arguments(arguments)
+    options = SearchOptions.from_arguments(locals())
+    with preserved_rng():  # captured before anything of the user's runs (the sample scan), restored on every exit
         workload = _function_workload(model, dataset, optimizer, loss_fn, step_fn, sample_size, scan_budget, precision)
         return search(workload, resolve_device(device, memory_limit=memory_limit, model=workload.model), options)
 

@@ -11,7 +11,8 @@ in lock step with one small collective before and one after each trial:
 * a rank that fails anywhere (a bad argument, the data scan, the probe, a trial, the confirmation, Ctrl-C, an exit)
   reaches the others at their next collective, and they raise :class:`~batchfinder.RankFailedError` instead of
   waiting for it (:mod:`batchfinder.engine.ranks`: how the ranks exchange outcomes, failures and time limits; this
-  module re-exports :class:`RankAgreement`, :func:`resolve_agreement` and :func:`agreeing_ranks`).
+  module re-exports :class:`RankAgreement`, :func:`resolve_agreement`, :func:`agreeing_ranks` and
+  :func:`agrees_across_ranks`).
 
 The collectives run *between* trials, never inside one. Trials run on the unwrapped module (``ddp.module``):
 ``DistributedDataParallel``'s forward (buffer broadcast, bucket rebuilding) and its backward hooks (gradient
@@ -43,12 +44,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .ranks import RankAgreement, agreeing_ranks, resolve_agreement
+from .ranks import RankAgreement, agreeing_ranks, agrees_across_ranks, resolve_agreement
 
 __all__ = [
     "RankAgreement",
     "resolve_agreement",
     "agreeing_ranks",
+    "agrees_across_ranks",
     "unwrap_ddp",
     "ddp_bucket_bytes",
     "local_batch_norm",

@@ -32,17 +32,25 @@ import contextvars
 import dataclasses
 import datetime
 import enum
+import functools
 import logging
 import os
 import re
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import torch
 
 from ..errors import BatchFinderError, RankFailedError, exception_first_line
 
-__all__ = ["RankAgreement", "resolve_agreement", "agreeing_ranks", "DEFAULT_TIMEOUT_S", "TIMEOUT_VARIABLE"]
+__all__ = [
+    "RankAgreement",
+    "resolve_agreement",
+    "agreeing_ranks",
+    "agrees_across_ranks",
+    "DEFAULT_TIMEOUT_S",
+    "TIMEOUT_VARIABLE",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +58,8 @@ DEFAULT_TIMEOUT_S = 600.0
 """How long a rank waits for the others at one exchange (a trial, the data scan or the probe on the slowest rank)."""
 TIMEOUT_VARIABLE = "BATCHFINDER_RANK_TIMEOUT"
 """The environment variable that sets another time limit, in seconds."""
+
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 _OK, _FAILED = 1, 2  # a record's status (0 would be a record that no rank filled)
 _PAYLOAD = 3  # numbers an exchange carries per rank
@@ -175,8 +185,8 @@ class RankAgreement:
                 ranks=ranks,
             )
         return RankFailedError(
-            f"{self._name_others()} exited or lost its connection before {what} (gloo: {text}); rank {self.rank} "
-            "stops as well (see the other rank's log for why it ended)",
+            f"{self._name_others()} exited or lost its connection (gloo: {text}); rank {self.rank} learned it at "
+            f"{what} and stops as well (see the other rank's log for why it ended)",
             ranks=ranks,
         )
 
@@ -197,7 +207,10 @@ class RankAgreement:
         failed = {r: _message(row) for r, row in enumerate(rows) if row[0] != _OK}
         if failed:
             self._ended = True
-            told = "; ".join(f"rank {r}: {message or 'an error'}" for r, message in sorted(failed.items()))
+            if len(failed) == 1:
+                told = next(iter(failed.values())) or "an error"
+            else:
+                told = "; ".join(f"rank {r}: {message or 'an error'}" for r, message in sorted(failed.items()))
             raise RankFailedError(
                 f"{_ranks_text(sorted(failed))} failed ({told}); rank {self.rank} learned it at {what} and stops as "
                 "well so that no rank waits for the others (the failing rank raises its own error)",
@@ -353,3 +366,16 @@ def agreeing_ranks(distributed: bool | None) -> Iterator[RankAgreement | None]:
     finally:
         _ACTIVE.reset(token)
         agreement.close()
+
+
+def agrees_across_ranks(front_end: _F) -> _F:
+    """Run every call of ``front_end`` (a function with a keyword-only ``distributed`` argument, default ``None``)
+    inside :func:`agreeing_ranks`, from before its arguments are bound: even a call it refuses (an unknown keyword,
+    a bad value) reaches the other ranks."""
+
+    @functools.wraps(front_end)
+    def agreeing(*args: Any, **kwargs: Any) -> Any:
+        with agreeing_ranks(kwargs.get("distributed")):
+            return front_end(*args, **kwargs)
+
+    return agreeing  # type: ignore[return-value]

@@ -27,7 +27,7 @@ from typing import Any
 
 from ..devices.base import DeviceBackend, DeviceLike
 from ..devices.resolve import resolve_device
-from ..engine.distributed import agreeing_ranks
+from ..engine.distributed import agrees_across_ranks
 from ..engine.options import ProgressLike, SearchOptions
 from ..engine.run import search
 from ..engine.workload import Workload
@@ -109,6 +109,7 @@ def _device(trainer: Any, device: DeviceLike, memory_limit: int | str | None) ->
     )
 
 
+@agrees_across_ranks  # from before the first check: a failure on one rank reaches the others
 def find_trainer_batch_size(
     trainer: Any,
     *,
@@ -162,49 +163,48 @@ def find_trainer_batch_size(
         without training data, with ``auto_find_batch_size`` on, or sharded, and the engine's errors
         (:class:`~batchfinder.NoBatchSizeFitsError`, :class:`~batchfinder.SearchIncompleteError`).
     """
-    with agreeing_ranks(distributed):  # from the first check on, a failure on one rank reaches the others
-        _check_trainer(trainer)
-        args = trainer.args
-        if search_eval is not None:
-            warnings.warn(
-                "find_trainer_batch_size(search_eval=...) is now eval_batch_size=..., as in the Lightning callback",
-                DeprecationWarning, stacklevel=2,
-            )
-            eval_batch_size = search_eval
-        if not isinstance(eval_batch_size, bool):
-            raise TypeError(f"eval_batch_size must be True or False, not {type(eval_batch_size).__name__}")
-        if init_batch_size is None:
-            init_batch_size = max(1, int(args.per_device_train_batch_size))
-            if max_batch_size is not None:
-                init_batch_size = min(init_batch_size, max_batch_size)
-        options = SearchOptions.from_arguments(locals())
-        check_scan_budget(scan_budget)
-        backend = _device(trainer, device, memory_limit)
-        precision = trainer_precision(args)
-        module, ddp = trial_model(trainer, distributed)
-        with kept_attributes(trainer), checkpointing(module, args) as checkpointed:
-            source = training_source(trainer, sample_size, scan_budget)
-            eval_source = evaluation_source(trainer, scan_budget) if eval_batch_size else None
-            workload = Workload(
-                model=module,
-                source=source,
-                step=loss_step(trainer),
-                optimizer=optimizer_spec(trainer),
-                eval_step=eval_step(trainer, precision, backend.torch_device.type) if eval_source is not None else None,
-                eval_source=eval_source,
-                validate=False,
-                search_evaluation=eval_source is not None,
-                ddp=ddp,
-                precision=precision,
-            )
-            logger.info(
-                "searching the Trainer's batch size on %s (%s, %s%s)", backend.name, precision,
-                workload.optimizer.label if workload.optimizer is not None else "no optimizer",
-                ", gradient checkpointing" if checkpointed else "",
-            )
-            result = search(workload, backend, options)
-        if checkpointed:
-            result.notes.append("gradient checkpointing was on during the search, as the training arguments ask")
-        apply_result(trainer, result, accumulate=target_batch_size is not None)
-        logger.info("find_trainer_batch_size:\n%s", result)
-        return result
+    _check_trainer(trainer)
+    args = trainer.args
+    if search_eval is not None:
+        warnings.warn(
+            "find_trainer_batch_size(search_eval=...) is now eval_batch_size=..., as in the Lightning callback",
+            DeprecationWarning, stacklevel=3,  # (the caller, past agrees_across_ranks)
+        )
+        eval_batch_size = search_eval
+    if not isinstance(eval_batch_size, bool):
+        raise TypeError(f"eval_batch_size must be True or False, not {type(eval_batch_size).__name__}")
+    if init_batch_size is None:
+        init_batch_size = max(1, int(args.per_device_train_batch_size))
+        if max_batch_size is not None:
+            init_batch_size = min(init_batch_size, max_batch_size)
+    options = SearchOptions.from_arguments(locals())
+    check_scan_budget(scan_budget)
+    backend = _device(trainer, device, memory_limit)
+    precision = trainer_precision(args)
+    module, ddp = trial_model(trainer, distributed)
+    with kept_attributes(trainer), checkpointing(module, args) as checkpointed:
+        source = training_source(trainer, sample_size, scan_budget)
+        eval_source = evaluation_source(trainer, scan_budget) if eval_batch_size else None
+        workload = Workload(
+            model=module,
+            source=source,
+            step=loss_step(trainer),
+            optimizer=optimizer_spec(trainer),
+            eval_step=eval_step(trainer, precision, backend.torch_device.type) if eval_source is not None else None,
+            eval_source=eval_source,
+            validate=False,
+            search_evaluation=eval_source is not None,
+            ddp=ddp,
+            precision=precision,
+        )
+        logger.info(
+            "searching the Trainer's batch size on %s (%s, %s%s)", backend.name, precision,
+            workload.optimizer.label if workload.optimizer is not None else "no optimizer",
+            ", gradient checkpointing" if checkpointed else "",
+        )
+        result = search(workload, backend, options)
+    if checkpointed:
+        result.notes.append("gradient checkpointing was on during the search, as the training arguments ask")
+    apply_result(trainer, result, accumulate=target_batch_size is not None)
+    logger.info("find_trainer_batch_size:\n%s", result)
+    return result

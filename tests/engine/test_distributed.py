@@ -142,7 +142,7 @@ def test_function_ranks_agree_on_the_smaller_capacity() -> None:
     assert results[0]["wrapped"] == results[1]["wrapped"]
     # A non-OOM error on one rank: that rank re-raises it, the other stops with RankFailedError (no hang).
     assert results[1]["failure"].startswith("KeyError")
-    assert results[0]["failure"].startswith("RankFailedError") and "rank 1 failed (rank 1: KeyError" in results[0]["failure"]
+    assert results[0]["failure"].startswith("RankFailedError") and "rank 1 failed (KeyError: a bug on rank 1 only (at batch size" in results[0]["failure"]
 
 
 # -- Lightning's DDP strategy --------------------------------------------------------------------------------------------

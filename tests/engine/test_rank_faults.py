@@ -1,7 +1,7 @@
 """Faults on one of two ranks: every rank ends within seconds, none waits for the other.
 
 Two CPU processes over gloo search the same model on simulated GPUs; rank 1 fails at one point of the search (a bad
-argument, the data scan, the probe, a trial, the confirmation, Ctrl-C, ``sys.exit``) and stays alive, or exits, or
+argument or keyword, the data scan, the probe, a trial, the confirmation, Ctrl-C, ``sys.exit``) and stays alive, or exits, or
 hangs. Rank 1 must end with its own error, rank 0 with :class:`~batchfinder.RankFailedError` naming rank 1 and that
 error, both within seconds and with the user's model, optimizer and RNG as they were. Every run is bounded: a rank
 still alive after the join timeout is killed and the test fails, so a hang fails the test instead of hanging CI.
@@ -102,6 +102,7 @@ def _step(fault: str | None) -> Any:
 # The faults that leave the failing process alive, and the error it raises.
 ALIVE = {
     "bad_argument": "ValueError",
+    "unknown_keyword": "TypeError",
     "scan": "OSError",
     "probe": "ValueError",
     "trial": "KeyError",
@@ -132,6 +133,8 @@ def _search(rank: int, fault: str | None) -> dict[str, Any]:
     kwargs: dict[str, Any] = dict(optimizer=optimizer, device="sim:64MiB", step_fn=_step(fault if fails else None))
     if fails and fault == "bad_argument":
         kwargs["safety"] = 1.5
+    if fails and fault == "unknown_keyword":
+        kwargs["safty"] = 0.5  # refused by Python itself, before the function's body runs
     if fault == "scan":
         data = _Unreadable(data, fails)
     engine_run.confirm = _confirming if fails and fault == "confirmation" else _REAL_CONFIRM
@@ -210,6 +213,7 @@ def test_a_rank_that_fails_and_stays_alive_stops_every_rank_within_seconds(runs:
             assert results[(rank, fault)]["seconds"] < ENDS_WITHIN_S, (fault, rank, results[(rank, fault)])
             assert results[(rank, fault)]["unchanged"], (fault, rank)
     assert "safety" in results[(0, "bad_argument")]["errors"][1]
+    assert "safty" in results[(0, "unknown_keyword")]["errors"][1]
     assert "Input/output error" in results[(0, "scan")]["outcome"]
     assert "(at batch size 64)" in results[(0, "trial")]["errors"][1]  # where it failed, from the failing rank
     assert "the confirmation at batch size" in results[(0, "confirmation")]["outcome"]
