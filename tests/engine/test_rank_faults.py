@@ -169,12 +169,14 @@ def _worker(rank: int, world: int, port: int, queue: Any, faults: list[str | Non
         queue.put((rank, "worker", traceback.format_exc()))
 
 
-def _spawn(faults: list[str | None]) -> tuple[dict[tuple[int, str | None], Any], list[Any]]:
-    """Run ``faults`` one after the other on two ranks; what each rank reported per fault, and the exit codes."""
+def _spawn(faults: list[str | None], worker: Any = None) -> tuple[dict[tuple[int, str | None], Any], list[Any]]:
+    """Run ``faults`` one after the other on two ranks (with ``worker``, by default :func:`_worker`); what each rank
+    reported per fault, and the exit codes."""
+    worker = worker or _worker
     context = mp.get_context("spawn")
     queue = context.SimpleQueue()
     port = free_port()
-    processes = [context.Process(target=_worker, args=(rank, 2, port, queue, faults), daemon=True) for rank in range(2)]
+    processes = [context.Process(target=worker, args=(rank, 2, port, queue, faults), daemon=True) for rank in range(2)]
     for process in processes:
         process.start()
     deadline = time.monotonic() + JOIN_TIMEOUT_S
@@ -291,3 +293,62 @@ def test_ranks_that_never_join_are_told_apart_from_a_network_problem(one_rank: A
     with pytest.raises(bf.BatchFinderError, match=r"the other ranks did not join rank 0 within 600 s") as info:
         RankAgreement()
     assert "every rank must call the search" in str(info.value) and TIMEOUT_VARIABLE in str(info.value)
+
+
+# -- Lightning's DDP strategy ----------------------------------------------------------------------------------------
+def _lightning_worker(rank: int, world: int, port: int, queue: Any, faults: list[str | None]) -> None:
+    try:
+        torch.set_num_threads(1)
+        # As torchrun would: Lightning sees LOCAL_RANK and lets this process be one rank of strategy="ddp".
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), NODE_RANK="0",
+                          LOCAL_RANK=str(rank), RANK=str(rank))
+        os.environ[TIMEOUT_VARIABLE] = "20"
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        import pytorch_lightning as pl
+
+        from batchfinder.lightning import BatchFinder
+
+        class Module(pl.LightningModule):
+            def __init__(self) -> None:
+                super().__init__()
+                self.batch_size = 8
+                self.net = _mlp()
+
+            def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+                if rank == FAILING and len(batch[0]) > 40:
+                    raise KeyError("a bug in training_step on rank 1")
+                return nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+
+            def configure_optimizers(self) -> Any:
+                return torch.optim.Adam(self.parameters())
+
+            def train_dataloader(self) -> Any:
+                return torch.utils.data.DataLoader(classification_data(1024, (32,), 4), batch_size=self.batch_size)
+
+        module = Module()
+        before = [p.detach().clone() for p in module.parameters()]
+        trainer = pl.Trainer(callbacks=[BatchFinder(device="sim:64MiB")], strategy="ddp", accelerator="cpu",
+                             devices=world, max_steps=1, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, enable_checkpointing=False)
+        started = time.perf_counter()
+        try:
+            trainer.fit(module)
+            outcome = "returned"
+        except BaseException as exc:
+            outcome = f"{type(exc).__name__}: {exc}"
+        unchanged = all(torch.equal(a, b) for a, b in zip(before, module.parameters()))
+        queue.put((rank, "trial", dict(outcome=outcome, seconds=time.perf_counter() - started, unchanged=unchanged)))
+    except BaseException:
+        queue.put((rank, "worker", traceback.format_exc()))
+
+
+def test_lightning_ddp_ranks_stop_when_one_fails_in_a_trial() -> None:
+    pytest.importorskip("pytorch_lightning")
+    results, _ = _spawn(["trial"], worker=_lightning_worker)
+    failing, healthy = results[(FAILING, "trial")], results[(0, "trial")]
+    assert failing["outcome"].startswith("KeyError"), failing
+    assert healthy["outcome"].startswith("RankFailedError: rank 1 failed (KeyError: a bug in training_step"), healthy
+    for value in (failing, healthy):
+        assert value["seconds"] < ENDS_WITHIN_S and value["unchanged"], value
