@@ -71,7 +71,9 @@ class RankFailedError(BatchFinderError):
     to that error's type and first line (``"KeyError: 'x'"``). The failing rank itself raises its own error.
     """
 
-    def __init__(self, message: str, *, ranks: list[int] | tuple[int, ...] = (), errors: dict[int, str] | None = None) -> None:
+    def __init__(
+        self, message: str, *, ranks: list[int] | tuple[int, ...] = (), errors: dict[int, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.ranks = list(ranks)
         self.errors = dict(errors or {})

@@ -185,8 +185,8 @@ class RankAgreement:
                 ranks=ranks,
             )
         return RankFailedError(
-            f"{self._name_others()} exited or lost its connection (gloo: {text}); rank {self.rank} learned it at "
-            f"{what} and stops as well (see the other rank's log for why it ended)",
+            f"{self._name_others()} exited, left the search or lost its connection (gloo: {text}); rank {self.rank} "
+            f"learned it at {what} and stops as well (see the other rank's log for why it ended)",
             ranks=ranks,
         )
 
