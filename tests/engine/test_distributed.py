@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import traceback
-import warnings
 from typing import Any
 
 import pytest
@@ -29,7 +28,7 @@ from batchfinder.engine.distributed import (
 )
 from batchfinder.errors import RankFailedError
 from batchfinder.search.strategies import recommend_batch_size
-from tests.helpers import batchnorm_mlp, classification_data, free_port, requires_cuda
+from tests.helpers import as_lightning_rank, batchnorm_mlp, classification_data, free_port, requires_cuda
 
 CAPACITIES = ("512KiB", "320KiB")  # rank 0 has more memory than rank 1 (allocated bytes only: allocator="ideal")
 TIMEOUT_S = 240
@@ -148,11 +147,7 @@ def test_function_ranks_agree_on_the_smaller_capacity() -> None:
 # -- Lightning's DDP strategy --------------------------------------------------------------------------------------------
 def _lightning_worker(rank: int, world: int, port: int, queue: Any) -> None:
     try:
-        torch.set_num_threads(1)
-        # As torchrun would: Lightning sees LOCAL_RANK and lets this process be one rank of strategy="ddp".
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), NODE_RANK="0",
-                          LOCAL_RANK=str(rank), RANK=str(rank))
-        warnings.filterwarnings("ignore")
+        as_lightning_rank(rank, world, port)
         import pytorch_lightning as pl
 
         from batchfinder.lightning import BatchFinder

@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 import batchfinder as bf
 import batchfinder.engine.run as engine_run
 from batchfinder.engine.ranks import TIMEOUT_VARIABLE, RankAgreement, agreeing_ranks
-from tests.helpers import classification_data, free_port
+from tests.helpers import as_lightning_rank, classification_data, free_port
 
 JOIN_TIMEOUT_S = 180  # the whole run of one test's processes (a hang is killed and fails the test)
 ENDS_WITHIN_S = 30  # each faulty search, on each rank
@@ -302,14 +302,8 @@ def test_ranks_that_never_join_are_told_apart_from_a_network_problem(
 # -- Lightning's DDP strategy ----------------------------------------------------------------------------------------
 def _lightning_worker(rank: int, world: int, port: int, queue: Any, faults: list[str | None]) -> None:
     try:
-        torch.set_num_threads(1)
-        # As torchrun would: Lightning sees LOCAL_RANK and lets this process be one rank of strategy="ddp".
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), NODE_RANK="0",
-                          LOCAL_RANK=str(rank), RANK=str(rank))
+        as_lightning_rank(rank, world, port)
         os.environ[TIMEOUT_VARIABLE] = "20"
-        import warnings
-
-        warnings.filterwarnings("ignore")
         import pytorch_lightning as pl
 
         from batchfinder.lightning import BatchFinder
