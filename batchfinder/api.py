@@ -21,7 +21,7 @@ from torch import nn
 
 from .devices.base import DeviceLike
 from .devices.resolve import resolve_device
-from .engine.distributed import unwrap_ddp
+from .engine.distributed import agrees_across_ranks, unwrap_ddp
 from .engine.options import ProgressLike, SearchOptions
 from .engine.run import run_trial, search
 from .engine.workload import Workload
@@ -85,6 +85,7 @@ def _uncompiled(model: nn.Module) -> tuple[nn.Module, list[str]]:
     return original, [note]
 
 
+@agrees_across_ranks  # from before the first check: a bad argument or a failing scan on one rank reaches the others
 def find_batch_size(
     model: nn.Module,
     dataset: Any,
@@ -146,7 +147,9 @@ def find_batch_size(
             all ranks return the same result (see :mod:`batchfinder.engine.distributed`). ``False``: this rank searches on
             its own. ``True``: require ``torch.distributed``. A ``DistributedDataParallel`` model is searched through
             its unwrapped module (no collective runs inside a trial) with its gradient buckets charged; sharded
-            models (FSDP, DeepSpeed) are refused.
+            models (FSDP, DeepSpeed) are refused. When one rank fails (any error, Ctrl-C, an exit), it raises its
+            own error and the others :class:`~batchfinder.RankFailedError` within seconds (see
+            :mod:`batchfinder.engine.ranks`).
         confirm_steps: after the search, run this many steps (default 2) at the recommended size in one trial, with
             the device's cache kept between them (so that what steps leave cached and fragmented shows); if it runs
             out of memory the recommendation is lowered by the safety factor again and confirmed

@@ -63,7 +63,20 @@ class SearchIncompleteError(BatchFinderError):
 
 
 class RankFailedError(BatchFinderError):
-    """Another rank failed during the search; this rank stops too instead of waiting for it."""
+    """Another rank failed during the search (raised an error, was interrupted, exited or stopped answering); this
+    rank stops too instead of waiting for it.
+
+    ``ranks`` lists the ranks that failed (as far as this rank can tell: a rank that exited or hung is named when the
+    group has two ranks, otherwise every other rank is listed) and ``errors`` maps each rank that reported its error
+    to that error's type and first line (``"KeyError: 'x'"``). The failing rank itself raises its own error.
+    """
+
+    def __init__(
+        self, message: str, *, ranks: list[int] | tuple[int, ...] = (), errors: dict[int, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.ranks = list(ranks)
+        self.errors = dict(errors or {})
 
 
 class FakeTensorUnsupportedError(ValueError):

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import copy
 import gc
+import os
 import random
 import socket
+import types
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -179,6 +182,15 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def as_lightning_rank(rank: int, world: int, port: int) -> None:
+    """Make this (spawned) process one rank of Lightning's ``strategy="ddp"`` on the CPU, as torchrun would: Lightning
+    sees ``LOCAL_RANK`` and launches nothing. One intra-op thread (the ranks share the cores); warnings silenced."""
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), NODE_RANK="0",
+                      LOCAL_RANK=str(rank), RANK=str(rank))
+    warnings.filterwarnings("ignore")
 
 
 # -- a CUDA GPU on the CPU ----------------------------------------------------------------------------------------------

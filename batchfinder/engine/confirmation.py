@@ -68,14 +68,7 @@ def confirm(
         trial = _replayed_trial(strategy, size, steps, result) if replays else None
         if trial is None:
             batches = _confirmation_batches(source, size, options.confirm_steps)
-            try:
-                trial = session.run(size, steps=steps, host_batches=batches)
-            except Exception:
-                # As in the search loop: the other ranks learn of the failure in the collective they are waiting
-                # in, and raise RankFailedError, instead of waiting until the connection drops.
-                if agreement is not None:
-                    agreement.agree_outcome(False, 0, True, f"the confirmation at batch size {size}")
-                raise
+            trial = session.run(size, steps=steps, host_batches=batches)
             del batches
         if agreement is not None:
             trial, _peak = agreement.agree_trial(trial, f"the confirmation at batch size {size}")

@@ -5,11 +5,14 @@ line) gathers the user's pieces into a :class:`~batchfinder.engine.workload.Work
 from, how a trial steps) and the search settings into :class:`~batchfinder.engine.options.SearchOptions`, and calls
 :func:`search`, which
 
-1. checks the options and the model,
-2. opens a :class:`~batchfinder.engine.trial.TrialSession` (which snapshots and later restores the user's state,
+1. opens the agreement with the other ranks when ``torch.distributed`` runs several
+   (:func:`~batchfinder.engine.ranks.agreeing_ranks`; a front end opens it earlier, before it checks its arguments
+   and scans the data, and the engine then shares it), so that a failure on one rank anywhere reaches the others,
+2. checks the options and the model,
+3. opens a :class:`~batchfinder.engine.trial.TrialSession` (which snapshots and later restores the user's state,
    keeps the model resident on the device and checks once that the model takes a batch; for a mode that
-   :attr:`~batchfinder.engine.modes.SearchMode.records_on_entry`, that check is the recorded trial),
-3. agrees with the other ranks when ``torch.distributed`` runs several (:mod:`batchfinder.engine.distributed`),
+   :attr:`~batchfinder.engine.modes.SearchMode.records_on_entry`, that check is the recorded trial), after which
+   the ranks agree that every one got this far,
 4. runs the training search (and, when asked, a search of a separate evaluation batch size), asking the mode's
    strategy (:mod:`batchfinder.engine.modes`) which size to try next until it, the trial budget or the time budget
    ends the search,
@@ -44,9 +47,9 @@ from ..units import format_bytes
 from .confirmation import confirm
 from .distributed import (
     RankAgreement,
+    agreeing_ranks,
     ddp_bucket_bytes,
     local_batch_norm,
-    resolve_agreement,
 )
 from .modes import SearchContext, mode_named
 from .options import SearchOptions, progress_callback
@@ -69,6 +72,13 @@ def search(workload: Workload, device: DeviceBackend, options: SearchOptions) ->
     :class:`~batchfinder.SearchIncompleteError` when a budget ends the search before any size fitted. The user's
     state is restored in every case.
     """
+    with agreeing_ranks(options.distributed) as agreement:  # a failure from here on reaches the other ranks
+        return _search(workload, device, options, agreement)
+
+
+def _search(
+    workload: Workload, device: DeviceBackend, options: SearchOptions, agreement: RankAgreement | None
+) -> SearchResult:
     started = time.perf_counter()
     options.validate()
     check_model(workload.model)
@@ -82,34 +92,29 @@ def search(workload: Workload, device: DeviceBackend, options: SearchOptions) ->
         workload.model, source, device, workload.optimizer, workload.step, options.steps_per_trial, workload.precision,
         record=session.record_allocations if training else None,
     )
-    agreement = resolve_agreement(options.distributed)
     if agreement is not None:
         context = dataclasses.replace(context, smallest_over_ranks=agreement.smallest)
-    try:
-        with _open(session, agreement):
-            phase = "train" if training else "eval"
+    with _open(session, agreement):
+        phase = "train" if training else "eval"
+        result, strategy = _run(session, context, options, agreement, phase=phase, length=source.length)
+        if training and _looked_further(workload.source, time.perf_counter() - started, agreement):
+            session.notes.append(
+                f"a sample of other shapes than the rest turned up after the search ({source.scan.describe()}): "
+                "the search ran again on the largest samples"
+            )
             result, strategy = _run(session, context, options, agreement, phase=phase, length=source.length)
-            if training and _looked_further(workload.source, time.perf_counter() - started, agreement):
-                session.notes.append(
-                    f"a sample of other shapes than the rest turned up after the search ({source.scan.describe()}): "
-                    "the search ran again on the largest samples"
-                )
-                result, strategy = _run(session, context, options, agreement, phase=phase, length=source.length)
-            if training and workload.search_evaluation and workload.eval_source is not None:
-                eval_options = _evaluation_options(options, min(result.max_batch_size, workload.eval_source.length))
-                result.evaluation, _ = _run(
-                    session, context, eval_options, agreement, phase="eval", length=workload.eval_source.length
-                )
-                result.evaluation.data_scan = workload.eval_source.scan
-            if training and options.confirm_steps:
-                try:
-                    confirm(session, source, result, options, agreement, strategy)
-                except Exception as exc:
-                    note_search_progress(exc, result.trials)
-                    raise
-    finally:
-        if agreement is not None:
-            agreement.close()
+        if training and workload.search_evaluation and workload.eval_source is not None:
+            eval_options = _evaluation_options(options, min(result.max_batch_size, workload.eval_source.length))
+            result.evaluation, _ = _run(
+                session, context, eval_options, agreement, phase="eval", length=workload.eval_source.length
+            )
+            result.evaluation.data_scan = workload.eval_source.scan
+        if training and options.confirm_steps:
+            try:
+                confirm(session, source, result, options, agreement, strategy)
+            except Exception as exc:
+                note_search_progress(exc, result.trials)
+                raise
     if training and options.target_batch_size is not None:
         plan = plan_accumulation(
             math.ceil(options.target_batch_size / result.world_size), result.batch_size, options.multiple_of
@@ -129,7 +134,7 @@ def _looked_further(source: TrainingBatches, elapsed: float, agreement: RankAgre
     quarter of the time the search took (at most ``FIXED_CHECK_SECONDS``): True when a sample of other shapes turned
     up, so that the search must run again on the largest samples."""
     found = bool(source.look_further(min(FIXED_CHECK_SECONDS, elapsed / 4)))
-    if agreement is not None and agreement.any(found) and not found:
+    if agreement is not None and agreement.any(found, "the check for samples of other shapes") and not found:
         source.rescan()  # another rank found one: every rank searches the same largest samples
         found = True
     if found:
@@ -178,23 +183,15 @@ _SETUP = "the search's set-up (snapshot, model on the device, probe)"
 def _open(session: TrialSession, agreement: RankAgreement | None) -> Iterator[TrialSession]:
     """Enter ``session`` (snapshot, resident model, probe) for the length of the block, and restore on exit.
 
-    With an ``agreement`` every rank learns whether every other rank got in, so that a rank whose model does not fit
-    (or whose probe fails) does not leave the others waiting in the first trial's collective. ``SyncBatchNorm``
-    layers normalise locally while the session is open (their forward is a collective).
+    With an ``agreement`` every rank learns here whether every other rank got this far: a rank whose arguments, data
+    scan, model or probe failed has reported it instead (:func:`~batchfinder.engine.ranks.agreeing_ranks`), so the
+    others raise :class:`~batchfinder.RankFailedError` here rather than wait in the first trial's collective.
+    ``SyncBatchNorm`` layers normalise locally while the session is open (their forward is a collective).
     """
-    with local_batch_norm(session.model):
-        try:
-            session.__enter__()
-        except Exception:
-            if agreement is not None:
-                agreement.check(False, _SETUP)
-            raise
-        try:
-            if agreement is not None:
-                agreement.check(True, _SETUP)
-            yield session
-        finally:
-            session.__exit__(None, None, None)
+    with local_batch_norm(session.model), session:
+        if agreement is not None:
+            agreement.check(_SETUP)
+        yield session
 
 
 _BUDGET_STOPS = (StopReason.MAX_TRIALS, StopReason.TIME_BUDGET)
@@ -245,10 +242,8 @@ def _run(
             break
         try:
             trial = session.run(size, phase=phase)
-        except Exception as exc:
+        except Exception as exc:  # (any failure reaches the other ranks through agreeing_ranks, Ctrl-C included)
             note_search_progress(exc, trials, size)
-            if agreement is not None:
-                agreement.agree_outcome(False, 0, True, f"the trial at batch size {size}")
             raise
         peak = trial.peak_reserved_bytes  # what the allocator fails on (allocated bytes where nothing is cached)
         if agreement is not None:

@@ -27,6 +27,7 @@ from typing import Any
 
 from ..devices.base import DeviceBackend, DeviceLike
 from ..devices.resolve import resolve_device
+from ..engine.distributed import agrees_across_ranks
 from ..engine.options import ProgressLike, SearchOptions
 from ..engine.run import search
 from ..engine.workload import Workload
@@ -108,6 +109,7 @@ def _device(trainer: Any, device: DeviceLike, memory_limit: int | str | None) ->
     )
 
 
+@agrees_across_ranks  # from before the first check: a failure on one rank reaches the others
 def find_trainer_batch_size(
     trainer: Any,
     *,
@@ -166,7 +168,7 @@ def find_trainer_batch_size(
     if search_eval is not None:
         warnings.warn(
             "find_trainer_batch_size(search_eval=...) is now eval_batch_size=..., as in the Lightning callback",
-            DeprecationWarning, stacklevel=2,
+            DeprecationWarning, stacklevel=3,  # (the caller, past agrees_across_ranks)
         )
         eval_batch_size = search_eval
     if not isinstance(eval_batch_size, bool):

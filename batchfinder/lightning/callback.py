@@ -48,6 +48,7 @@ from ..devices.base import DeviceBackend, DeviceLike
 from ..devices.cuda import CudaDevice
 from ..devices.resolve import resolve_device
 from ..devices.simulated import SimulatedGPU
+from ..engine.distributed import agreeing_ranks
 from ..engine.options import ProgressLike, SearchOptions
 from ..engine.run import search
 from ..engine.workload import Workload
@@ -219,28 +220,29 @@ class BatchFinder(Callback):
         """Check the strategy, the device and where the batch size goes, before any trial runs."""
         if stage not in self.stages:
             return
-        check_strategy(trainer)
-        self._resolve_device(trainer)
-        if stage != "fit":
-            self._targets(trainer, pl_module, stage, self._eval_stage_name(), evaluation=True)
-            return
-        self._targets(trainer, pl_module, stage, self.batch_arg_name, evaluation=False)
-        if self.eval_batch_arg_name is not None:
-            self._targets(trainer, pl_module, stage, self.eval_batch_arg_name, evaluation=True)
-        if self.options.target_batch_size is not None:
-            if not pl_module.automatic_optimization:
-                raise ValueError(
-                    "target_batch_size needs automatic optimization: under manual optimization the training_step "
-                    "decides when the optimizer steps, so accumulate there"
-                )
-            if any(type(c).__name__ == "GradientAccumulationScheduler" for c in trainer.callbacks):
-                raise ValueError(
-                    "target_batch_size sets trainer.accumulate_grad_batches, which a GradientAccumulationScheduler "
-                    "callback would override; use one or the other"
-                )
-        if is_param_in_hook_signature(pl_module.training_step, "dataloader_iter", explicit=True):
-            raise ValueError("training_step takes a dataloader_iter: it chooses its own batches, so there is no "
-                             "batch to size")
+        with agreeing_ranks(self.options.distributed):  # a check failing on one rank reaches the others
+            check_strategy(trainer)
+            self._resolve_device(trainer)
+            if stage != "fit":
+                self._targets(trainer, pl_module, stage, self._eval_stage_name(), evaluation=True)
+                return
+            self._targets(trainer, pl_module, stage, self.batch_arg_name, evaluation=False)
+            if self.eval_batch_arg_name is not None:
+                self._targets(trainer, pl_module, stage, self.eval_batch_arg_name, evaluation=True)
+            if self.options.target_batch_size is not None:
+                if not pl_module.automatic_optimization:
+                    raise ValueError(
+                        "target_batch_size needs automatic optimization: under manual optimization the training_step "
+                        "decides when the optimizer steps, so accumulate there"
+                    )
+                if any(type(c).__name__ == "GradientAccumulationScheduler" for c in trainer.callbacks):
+                    raise ValueError(
+                        "target_batch_size sets trainer.accumulate_grad_batches, which a GradientAccumulationScheduler "
+                        "callback would override; use one or the other"
+                    )
+            if is_param_in_hook_signature(pl_module.training_step, "dataloader_iter", explicit=True):
+                raise ValueError("training_step takes a dataloader_iter: it chooses its own batches, so there is no "
+                                 "batch to size")
 
     # -- hooks -------------------------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -269,80 +271,82 @@ class BatchFinder(Callback):
         return [check_loader(loader, "validation") for loader in flatten_loaders(source.dataloader())]
 
     def _search_fit(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        check_strategy(trainer)
-        targets = self._targets(trainer, module, "fit", self.batch_arg_name, evaluation=False)
-        eval_targets = (
-            self._targets(trainer, module, "fit", self.eval_batch_arg_name, evaluation=True)
-            if self.eval_batch_arg_name is not None
-            else None
-        )
-        device = self._resolve_device(trainer)
-        wrapped = trainer.strategy.model
-        steps = LightningSteps(trainer, module, device, "validation_step")
-        with isolated(trainer, module, steps), _autocast_as_on(device):
-            source = training_source(
-                data_source(trainer, "fit").dataloader(), module, sample_size=self.sample_size,
-                scan_budget=self.scan_budget,
+        with agreeing_ranks(self.options.distributed):  # from the first check on, a failure reaches the others
+            check_strategy(trainer)
+            targets = self._targets(trainer, module, "fit", self.batch_arg_name, evaluation=False)
+            eval_targets = (
+                self._targets(trainer, module, "fit", self.eval_batch_arg_name, evaluation=True)
+                if self.eval_batch_arg_name is not None
+                else None
             )
-            val_loaders = self._validation_loaders(trainer, module) if (self.validate or eval_targets) else []
-            eval_source = evaluation_source(val_loaders, module, scan_budget=self.scan_budget) if val_loaders else None
-            steps.eval_loaders = len(val_loaders)
-            optimizers = list(trainer.optimizers)
-            spec = (
-                OptimizerSpec(lambda: optimizers[0], optimizers[0], type(optimizers[0]).__name__) if optimizers else None
-            )
-            workload = Workload(
-                module,
-                source,
-                steps.loss_step,
-                spec,
-                train_step=steps.train_step,
-                eval_step=steps.eval_step if eval_source is not None else None,
-                eval_source=eval_source,
-                validate=self.validate,
-                search_evaluation=eval_targets is not None,
-                extra_optimizers=optimizers[1:],
-                extra_state=trial_state(trainer, module),
-                ddp=wrapped if isinstance(wrapped, nn.parallel.DistributedDataParallel) else None,
-            )
-            result = search(workload, device, self.options)
-        if eval_targets is not None and result.eval_batch_size is None:
-            logger.warning("no validation data to search an evaluation batch size with: %s is left as it is",
-                           self.eval_batch_arg_name)
-        if eval_targets is not None and result.eval_batch_size is not None:
-            targets.apply(result.micro_batch_size, skip=(data_source(trainer, "fit", validation_of_fit=True),))
-            eval_targets.apply(result.eval_batch_size)
-        else:
-            targets.apply(result.micro_batch_size)
-        if self.options.target_batch_size is not None:
-            trainer.accumulate_grad_batches = result.accumulation_steps
-        self._report(trainer, result, "fit")
+            device = self._resolve_device(trainer)
+            wrapped = trainer.strategy.model
+            steps = LightningSteps(trainer, module, device, "validation_step")
+            with isolated(trainer, module, steps), _autocast_as_on(device):
+                source = training_source(
+                    data_source(trainer, "fit").dataloader(), module, sample_size=self.sample_size,
+                    scan_budget=self.scan_budget,
+                )
+                val_loaders = self._validation_loaders(trainer, module) if (self.validate or eval_targets) else []
+                eval_source = evaluation_source(val_loaders, module, scan_budget=self.scan_budget) if val_loaders else None
+                steps.eval_loaders = len(val_loaders)
+                optimizers = list(trainer.optimizers)
+                spec = (
+                    OptimizerSpec(lambda: optimizers[0], optimizers[0], type(optimizers[0]).__name__) if optimizers else None
+                )
+                workload = Workload(
+                    module,
+                    source,
+                    steps.loss_step,
+                    spec,
+                    train_step=steps.train_step,
+                    eval_step=steps.eval_step if eval_source is not None else None,
+                    eval_source=eval_source,
+                    validate=self.validate,
+                    search_evaluation=eval_targets is not None,
+                    extra_optimizers=optimizers[1:],
+                    extra_state=trial_state(trainer, module),
+                    ddp=wrapped if isinstance(wrapped, nn.parallel.DistributedDataParallel) else None,
+                )
+                result = search(workload, device, self.options)
+            if eval_targets is not None and result.eval_batch_size is None:
+                logger.warning("no validation data to search an evaluation batch size with: %s is left as it is",
+                               self.eval_batch_arg_name)
+            if eval_targets is not None and result.eval_batch_size is not None:
+                targets.apply(result.micro_batch_size, skip=(data_source(trainer, "fit", validation_of_fit=True),))
+                eval_targets.apply(result.eval_batch_size)
+            else:
+                targets.apply(result.micro_batch_size)
+            if self.options.target_batch_size is not None:
+                trainer.accumulate_grad_batches = result.accumulation_steps
+            self._report(trainer, result, "fit")
 
     def _search_eval(self, trainer: pl.Trainer, module: pl.LightningModule, stage: str) -> None:
-        check_strategy(trainer)
-        targets = self._targets(trainer, module, stage, self._eval_stage_name(), evaluation=True)
-        device = self._resolve_device(trainer)
-        loop = {"validate": trainer.validate_loop, "test": trainer.test_loop, "predict": trainer.predict_loop}[stage]
-        combined = loop._combined_loader
-        loaders = list(combined.flattened) if combined is not None else flatten_loaders(loop._data_source.dataloader())
-        loaders = [check_loader(loader, stage) for loader in loaders]
-        if not loaders:
-            raise ValueError(f"there is no {stage} dataloader to search a batch size with")
-        steps = LightningSteps(trainer, module, device, _EVAL_HOOKS[stage], eval_loaders=len(loaders))
-        with isolated(trainer, module, steps), _autocast_as_on(device):
-            workload = Workload(
-                module,
-                None,
-                None,
-                None,
-                eval_step=steps.eval_step,
-                eval_source=evaluation_source(loaders, module, scan_budget=self.scan_budget),
-                extra_state=trial_state(trainer, module),
-            )
-            result = search(workload, device, self.options)
-        targets.apply(result.batch_size)
-        reload_evaluation_loop(loop)
-        self._report(trainer, result, stage)
+        with agreeing_ranks(self.options.distributed):  # from the first check on, a failure reaches the others
+            check_strategy(trainer)
+            targets = self._targets(trainer, module, stage, self._eval_stage_name(), evaluation=True)
+            device = self._resolve_device(trainer)
+            loop = {"validate": trainer.validate_loop, "test": trainer.test_loop, "predict": trainer.predict_loop}[stage]
+            combined = loop._combined_loader
+            loaders = list(combined.flattened) if combined is not None else flatten_loaders(loop._data_source.dataloader())
+            loaders = [check_loader(loader, stage) for loader in loaders]
+            if not loaders:
+                raise ValueError(f"there is no {stage} dataloader to search a batch size with")
+            steps = LightningSteps(trainer, module, device, _EVAL_HOOKS[stage], eval_loaders=len(loaders))
+            with isolated(trainer, module, steps), _autocast_as_on(device):
+                workload = Workload(
+                    module,
+                    None,
+                    None,
+                    None,
+                    eval_step=steps.eval_step,
+                    eval_source=evaluation_source(loaders, module, scan_budget=self.scan_budget),
+                    extra_state=trial_state(trainer, module),
+                )
+                result = search(workload, device, self.options)
+            targets.apply(result.batch_size)
+            reload_evaluation_loop(loop)
+            self._report(trainer, result, stage)
 
     # -- reporting ---------------------------------------------------------------------------------------------------
     def _report(self, trainer: pl.Trainer, result: SearchResult, stage: str) -> None:
