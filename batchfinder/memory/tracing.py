@@ -114,11 +114,9 @@ class Trace:
 class PeakLedger(MemoryLedger):
     """A ledger that calls ``on_peak`` each time the running total passes its peak.
 
-    Call :meth:`close` when the trace is over. The ledger watches every storage it charged with a
-    ``weakref.finalize``, and ``weakref.finalize`` keeps its callback (the ledger) in a process-wide registry until
-    the storage dies; ``on_peak`` (the recorder's) holds the trace's fake parameters, batch and optimizer state,
-    whose storages are among those watched. Left in place, that chain keeps every trace's fake tensors and fake
-    mode alive for the life of the process.
+    Call :meth:`close` when the trace is over: ``on_peak`` (the recorder's) holds the trace's fake parameters, batch
+    and optimizer state, and the recorder holds the ledger; closing breaks that cycle, so that the trace's fake
+    tensors and fake mode go as soon as the trace is over instead of at the next full garbage collection.
     """
 
     def __init__(
@@ -343,7 +341,7 @@ class FakeTrainer:
         try:
             return self._trace_steps(batch_size, mode, convert, recorder, ledger)
         finally:
-            ledger.close()  # or weakref.finalize's registry keeps this trace's fake tensors alive (see PeakLedger)
+            ledger.close()  # the trace's fake tensors go now (see PeakLedger)
 
     def trace_steps_with(self, ledger: PeakLedger, step_sizes: Sequence[int]) -> None:
         """Trace the steps into ``ledger`` (one that logs its allocations), step ``i`` at ``step_sizes[i]``: for
