@@ -59,6 +59,7 @@ from ..training.precision import (
     cuda_autocast_policies,
     parameter_dtype,
 )
+from ..training.environment import torch_import_side_effects_contained
 from ..training.state import SnapshotFactory, TrainingState, deferred_interrupts
 from ..training.steps import PhaseTracker, StepFn, check_loss, run_training_step, step_phase
 from ..units import format_bytes
@@ -158,6 +159,7 @@ class TrialSession:
         try:
             self._state.clear_gradients()
             self._cast = contextlib.ExitStack()
+            self._cast.enter_context(torch_import_side_effects_contained())  # nothing left on disk or in os.environ
             if autocast_dtype(self.precision) is not None and self.device.torch_device.type != "cuda":
                 self._cast.enter_context(cuda_autocast_policies())  # registered once for every trial of the session
             if self._param_dtype is not None:

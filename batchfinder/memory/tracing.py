@@ -34,6 +34,7 @@ from torch.utils._pytree import tree_flatten
 from ..errors import FakeTensorUnsupportedError, StepContractError, exception_first_line
 from ..search.checks import MIN_STEPS_PER_TRIAL
 from ..training.batching import describe_batch
+from ..training.environment import torch_import_side_effects_contained
 from ..training.host import host_side_loading
 from ..training.optimizers import OptimizerSpec, state_tensors
 from ..training.precision import (
@@ -75,10 +76,13 @@ PHASES: tuple[str, ...] = ("setup", "forward", "backward", "optimizer step", "ze
 
 
 def _new_fake_mode() -> "FakeTensorMode":
-    """A fresh fake-tensor mode (imported on first use: it is not needed to import batchfinder)."""
+    """A fresh fake-tensor mode (imported on first use: it is not needed to import batchfinder). Its first creation
+    imports ``torch._dynamo``, whose marks on disk and in the environment are undone
+    (:mod:`batchfinder.training.environment`)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    return FakeTensorMode(allow_non_fake_inputs=True)
+    with torch_import_side_effects_contained():
+        return FakeTensorMode(allow_non_fake_inputs=True)
 
 
 @dataclass

@@ -9,6 +9,8 @@ whole file runs in seconds.
 from __future__ import annotations
 
 import gc
+import os
+import pathlib
 import signal
 import sys
 from collections.abc import Callable
@@ -245,3 +247,45 @@ def test_a_mixed_precision_search_registers_the_kernels_once(monkeypatch: pytest
     assert len(result.trials) > 5
     assert calls["register"] == 1
     assert precision_module._LIBRARY == []
+
+
+# -- nothing written to disk or left in the environment -------------------------------------------------------------------
+_FRESH_PROCESS = """
+import os, sys, tempfile
+import torch
+import batchfinder as bf
+
+def state():
+    return dict(os.environ), sorted(os.listdir(tempfile.gettempdir()))
+
+data = torch.utils.data.TensorDataset(torch.randn(300, 16), torch.randint(0, 4, (300,)))
+model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+before = state()
+{call}
+after = state()
+changed = sorted(k for k in set(before[0]) | set(after[0]) if before[0].get(k) != after[0].get(k))
+print("imported dynamo:", "torch._dynamo" in sys.modules)
+assert changed == [], changed
+assert before[1] == after[1], (before[1], after[1])
+"""
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        'bf.find_batch_size(model, data, device="sim:4MiB", max_trials=3)',
+        'bf.try_batch_size(model, data, 64, device="sim:4MiB", precision="bf16-mixed")',
+        "bf.estimate_memory(model, data[0][0].shape, batch_size=8)",
+    ],
+)
+def test_a_search_in_a_fresh_process_leaves_the_environment_and_the_temp_dir_as_they_were(call: str, tmp_path) -> None:
+    import subprocess
+
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    done = subprocess.run(
+        [sys.executable, "-c", _FRESH_PROCESS.format(call=call)], env=env, capture_output=True, text=True, timeout=300,
+        cwd=pathlib.Path(__file__).resolve().parents[2],
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []
