@@ -273,9 +273,8 @@ assert before[1] == after[1], (before[1], after[1])
 @pytest.mark.parametrize(
     "call",
     [
-        'bf.find_batch_size(model, data, device="sim:4MiB", max_trials=3)',
-        'bf.try_batch_size(model, data, 64, device="sim:4MiB", precision="bf16-mixed")',
-        "bf.estimate_memory(model, data[0][0].shape, batch_size=8)",
+        'bf.find_batch_size(model, data, device="sim:4MiB", max_trials=3, precision="bf16-mixed")',
+        pytest.param("bf.estimate_memory(model, data[0][0].shape, batch_size=8)", marks=pytest.mark.slow),
     ],
 )
 def test_a_search_in_a_fresh_process_leaves_the_environment_and_the_temp_dir_as_they_were(call: str, tmp_path) -> None:
@@ -289,3 +288,144 @@ def test_a_search_in_a_fresh_process_leaves_the_environment_and_the_temp_dir_as_
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert list(tmp_path.iterdir()) == []
+
+
+# -- point 9: the last small leftovers --------------------------------------------------------------------------------
+def test_a_fresh_optimizer_still_warns_about_the_scheduler_order_after_a_search() -> None:
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1)
+    bf.find_batch_size(model, _data(300), optimizer=optimizer, device=f"sim:{CAPACITY}", max_trials=3)
+    assert not hasattr(optimizer, "_opt_called")
+    with pytest.warns(UserWarning, match=r"lr_scheduler.step\(\)` before `optimizer.step\(\)"):
+        scheduler.step()
+
+
+def test_a_spectral_norm_layers_plain_weight_is_put_back() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.utils.spectral_norm(nn.Linear(32, 64)), nn.ReLU(), nn.Linear(64, 4))
+    model(torch.randn(2, 32))
+    weight = model[0].weight
+    gpu = bf.SimulatedGPU(CAPACITY)
+    bf.find_batch_size(model, _data(300), device=gpu, max_trials=3)
+    assert model[0].weight is weight
+    assert _zeroed(gpu) == (0, 0)
+
+
+# -- point 9: the fault-injection suite ---------------------------------------------------------------------------------
+class InjectedError(Exception):
+    """The error the suite injects (its own type: it must arrive as itself)."""
+
+
+class Injector:
+    """Counts each phase's calls and raises ``error`` at call ``at`` of ``phase``."""
+
+    def __init__(self, phase: str | None = None, at: int = 0, error: type[BaseException] = InjectedError) -> None:
+        self.phase, self.at, self.error = phase, at, error
+        self.calls: dict[str, int] = {}
+
+    def hit(self, phase: str) -> None:
+        self.calls[phase] = self.calls.get(phase, 0) + 1
+        if phase == self.phase and self.calls[phase] == self.at:
+            raise self.error(f"injected in {phase}, call {self.at}")
+
+
+class _Data(Dataset):
+    def __init__(self, injector: Injector, n: int = 64) -> None:
+        self.injector, self.inner = injector, _data(n)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, index: int) -> Any:
+        self.injector.hit("dataset")  # the first calls are the sample scan's
+        return self.inner[index]
+
+
+class _Model(nn.Module):
+    def __init__(self, injector: Injector) -> None:
+        super().__init__()
+        self.injector = injector
+        self.body = nn.Sequential(nn.Linear(32, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Dropout(0.2), nn.Linear(64, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.injector.hit("forward")
+        out = self.body(x)
+        if out.requires_grad:
+            out.register_hook(self._backward)
+        return out
+
+    def _backward(self, grad: torch.Tensor) -> torch.Tensor:
+        self.injector.hit("backward")
+        return grad
+
+
+class _Adam(torch.optim.Adam):
+    injector: Injector
+
+    def step(self, closure: Any = None) -> Any:
+        self.injector.hit("optimizer step")
+        return super().step(closure)
+
+
+def _pieces(injector: Injector) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader, Callable[..., Any]]:
+    torch.manual_seed(0)
+    model = _Model(injector)
+    optimizer = _Adam(model.parameters(), lr=1e-3)
+    optimizer.injector = Injector()  # the user's own step, before the search, counts nowhere
+    nn.functional.cross_entropy(model.body(torch.randn(8, 32)), torch.randint(0, 4, (8,))).backward()
+    optimizer.step()  # the optimizer holds state, the model gradients
+    optimizer.injector = injector
+    model.eval()  # a mode the search must give back
+    data = _Data(injector)
+
+    def collate(samples: list[Any]) -> Any:
+        injector.hit("collate")
+        return default_collate(samples)
+
+    def loss_fn(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        injector.hit("loss")
+        return nn.functional.cross_entropy(output, target)
+
+    return model, optimizer, DataLoader(data, batch_size=8, collate_fn=collate), loss_fn
+
+
+def _search(injector: Injector, gpu: bf.SimulatedGPU) -> tuple[nn.Module, torch.optim.Optimizer, Any, Callable[[], Any]]:
+    model, optimizer, loader, loss_fn = _pieces(injector)
+    return model, optimizer, loader, lambda: bf.find_batch_size(
+        model, loader, optimizer=optimizer, loss_fn=loss_fn, device=gpu, confirm_steps=2
+    )
+
+
+def _clean_calls() -> dict[str, int]:
+    injector = Injector()
+    _search(injector, bf.SimulatedGPU("64MiB"))[3]()
+    return injector.calls
+
+
+_CALLS = _clean_calls()
+_PHASES = ("dataset", "collate", "forward", "loss", "backward", "optimizer step")
+# Each phase at its first call (the scan for the dataset, the model check for the forward and collate), a middle one
+# (a trial) and its last (the confirmation).
+_POINTS = [(phase, at) for phase in _PHASES for at in sorted({1, (_CALLS[phase] + 1) // 2, _CALLS[phase]})]
+
+
+def test_the_suite_reaches_every_phase() -> None:
+    assert set(_PHASES) <= set(_CALLS) and all(_CALLS[phase] >= 2 for phase in _PHASES), _CALLS
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, InjectedError])
+@pytest.mark.parametrize(("phase", "at"), _POINTS)
+def test_a_fault_in_any_phase_arrives_as_itself_and_changes_nothing(phase: str, at: int, error: type[BaseException]) -> None:
+    injector = Injector(phase, at, error)
+    gpu = bf.SimulatedGPU("64MiB")
+    model, optimizer, _, run = _search(injector, gpu)
+    before = snapshot(model, optimizer)
+    adam_state_ids = [id(v) for state in optimizer.state.values() for v in state.values()]
+    with pytest.raises(error, match=f"injected in {phase}, call {at}"):
+        run()
+    assert injector.calls[phase] == at
+    assert_unchanged(before, model, optimizer)
+    assert [id(v) for state in optimizer.state.values() for v in state.values()] == adam_state_ids
+    assert not model.training
+    assert _zeroed(gpu) == (0, 0)
