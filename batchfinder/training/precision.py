@@ -335,9 +335,10 @@ def cuda_autocast_policies() -> Iterator[None]:
     while any such block runs (in any thread) and restored after the last one ends. Casts of parameters are cached
     until the outermost autocast region ends, as CUDA's autocast caches them.
 
-    Entering and leaving are one step each, with Ctrl-C held back: the kernels and the patch of
-    ``torch.clear_autocast_cache`` are there for the whole block and gone after it, whatever interrupts it. A search
-    enters it once for all its trials (registering the kernels takes about 80 ms); nested blocks only count."""
+    Entering and leaving are one step each, with Ctrl-C held back while the kernels are registered or removed: the
+    patch of ``torch.clear_autocast_cache`` is assigned only once the kernels it goes with are registered, and an
+    interrupt (or error) anywhere in that work undoes what was done. A search enters the block once for all its
+    trials, inside its own Ctrl-C protection (registering the kernels takes about 80 ms); nested blocks only count."""
     holder = object()
     try:
         with deferred_interrupts():
