@@ -91,6 +91,8 @@ def _build(
         raise CommandError(
             f"calling {spec} failed: {exception_first_line(exc)} (pass arguments with {flag} '{{\"name\": value}}')"
         ) from exc
+    except Exception as exc:  # the user's factory raised: say so in one line, with its type
+        raise CommandError(f"calling {spec} failed: {_described(exc)}") from exc
 
 
 def load_model(spec: str, kwargs: dict[str, Any] | None = None) -> Any:
@@ -177,7 +179,10 @@ def _import(where: str) -> Any:
         if spec is None or spec.loader is None:
             raise CommandError(f"cannot import {where}")
         module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:  # a syntax error, or the module's own code raising
+            raise CommandError(f"importing {where} failed: {_described(exc)}") from exc
         _FILE_MODULES[path] = module
         return module
     if os.getcwd() not in sys.path and "" not in sys.path:
@@ -186,6 +191,28 @@ def _import(where: str) -> Any:
         return importlib.import_module(where)
     except ImportError as exc:
         raise CommandError(f"cannot import {where!r}: {exception_first_line(exc)}") from exc
+    except Exception as exc:  # a syntax error, or the module's own code raising
+        raise CommandError(f"importing {where} failed: {_described(exc)}") from exc
+
+
+def _described(exc: BaseException) -> str:
+    """One line for an exception of the user's code: its type, its first line, and where (a syntax error's file and
+    line; batchfinder's note on where in a search it was raised)."""
+    from .errors import batchfinder_note
+
+    text = exception_first_line(exc)
+    if isinstance(exc, SyntaxError):
+        text = f"{exc.msg} ({exc.filename}, line {exc.lineno})"
+    note = batchfinder_note(exc)
+    where = note.splitlines()[0].removeprefix("batchfinder: ").strip() if note else ""
+    return f"{type(exc).__name__}: {text}" + (f" [{where}]" if where else "")
+
+
+def _check_plot_path(path: str | None) -> None:
+    """Refuse a --plot file whose directory does not exist or cannot be written, before any work."""
+    folder = os.path.dirname(os.path.abspath(path)) if path is not None else None
+    if folder is not None and not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+        raise CommandError(f"--plot {path}: the directory {folder} does not exist or is not writable (create it first)")
 
 
 def _optimizer(name: str) -> Any:
@@ -509,11 +536,22 @@ SUBCOMMANDS: list[Callable[[Any], None]] = [add_estimate, add_predict, add_find,
 """Functions that each add one subcommand to the parser (append to add a subcommand)."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line on standard error (with ``--json`` also an error object on standard output), exit 2."""
+
+    wants_json = False  # whether the command line being parsed has --json
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        command = self.prog.split(" ", 1)[1] if " " in self.prog else None
+        _report_error(command, f"{message} (see {self.prog} --help)", "usage", as_json=_Parser.wants_json)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``batchfinder`` argument parser with every subcommand of :data:`SUBCOMMANDS`."""
     from . import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="batchfinder", description=_DESCRIPTION, epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"batchfinder {__version__}")
@@ -525,18 +563,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _report_error(command: str | None, message: str, kind: str, *, as_json: bool) -> None:
+    """One line on standard error; with ``--json`` also ``{"error": {"command", "type", "message"}}`` on standard
+    output (``type``: the exception's class name, ``"usage"`` for a bad command line)."""
+    line = " ".join(message.split())
+    print(f"batchfinder{' ' + command if command else ''}: error: {line}", file=sys.stderr)
+    if as_json:
+        print(json.dumps({"error": {"command": command, "type": kind, "message": line}}, indent=2))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0 ok, 1 an error the message explains, 2 bad usage)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run the command line; returns the exit status: 0 ok, 1 an error (one line on standard error; the user's code's
+    with its type and where it was raised), 2 bad usage (``SystemExit(2)`` from the parser), 130 Ctrl-C."""
+    from .errors import BatchFinderError, batchfinder_note
+
+    _Parser.wants_json = "--json" in (sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    from .errors import BatchFinderError
-
+    as_json = bool(getattr(args, "json", False))
     try:
+        _check_plot_path(getattr(args, "plot", None))  # before the work whose result the plot would show
         return int(args.handler(args) or 0)
-    except (CommandError, ValueError, TypeError, BatchFinderError, ImportError) as exc:
-        print(f"batchfinder {args.command}: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        _report_error(args.command, "interrupted (Ctrl-C)", "KeyboardInterrupt", as_json=as_json)
+        return 130
+    except Exception as exc:
+        checks = (CommandError, BatchFinderError, ValueError, TypeError, ImportError)  # the library's own checks
+        own = isinstance(exc, checks) and (isinstance(exc, CommandError) or batchfinder_note(exc) is None)
+        kind = type(exc.__cause__ if isinstance(exc, CommandError) and exc.__cause__ is not None else exc).__name__
+        _report_error(args.command, str(exc) if own else _described(exc), kind, as_json=as_json)
         return 1
 
 

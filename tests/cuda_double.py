@@ -121,12 +121,12 @@ class CudaDouble:
             "device": _DeviceContext,
             "get_device_properties": self._properties,
             "get_device_name": lambda device=None: self._gpu(device).name,
-            "memory_allocated": lambda device=None: self._gpu(device).allocator.allocated,
-            "max_memory_allocated": lambda device=None: self._gpu(device).allocator.peak_allocated,
-            "memory_reserved": lambda device=None: self._gpu(device).allocator.reserved,
-            "max_memory_reserved": lambda device=None: self._gpu(device).allocator.peak_reserved,
-            "reset_peak_memory_stats": lambda device=None: self._gpu(device).allocator.reset_peak(),
-            "mem_get_info": lambda device=None: (self._gpu(device).free(), self._gpu(device).total),
+            "memory_allocated": lambda device=None: self._settled(device).allocator.allocated,
+            "max_memory_allocated": lambda device=None: self._settled(device).allocator.peak_allocated,
+            "memory_reserved": lambda device=None: self._settled(device).allocator.reserved,
+            "max_memory_reserved": lambda device=None: self._settled(device).allocator.peak_reserved,
+            "reset_peak_memory_stats": lambda device=None: self._settled(device).allocator.reset_peak(),
+            "mem_get_info": lambda device=None: (self._settled(device).free(), self._gpu(device).total),
             "empty_cache": self._empty_cache,
             "synchronize": lambda device=None: None,
             "set_per_process_memory_fraction": self._set_fraction,
@@ -231,6 +231,12 @@ class CudaDouble:
         backend = CudaDevice(device, **options)
         backend.torch_device = torch.device("cpu")
         return backend
+
+    def _settled(self, device: Any = None) -> _Gpu:
+        """The device, its ledger's pending frees accounted first (as CUDA's statistics count a freed block at once)."""
+        gpu = self._gpu(device)
+        gpu.ledger.settle()
+        return gpu
 
     def put(self, *holders: nn.Module | torch.Tensor, device: Any = None) -> None:
         """Charge the tensors of ``holders`` to a device, as if the user had moved them there."""

@@ -67,7 +67,8 @@ def confirm(
     for _ in range(_CONFIRMATION_ATTEMPTS):
         trial = _replayed_trial(strategy, size, steps, result) if replays else None
         if trial is None:
-            batches = _confirmation_batches(source, size, options.confirm_steps)
+            # Built inside the trial: running out of memory while collating them is running out of memory at this size.
+            batches = (lambda: _confirmation_batches(source, size, options.confirm_steps)) if source.varies else None
             trial = session.run(size, steps=steps, host_batches=batches)
             del batches
         if agreement is not None:

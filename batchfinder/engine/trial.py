@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..devices.base import DeviceBackend, swapped_data
+from ..devices.base import DeviceBackend, DeviceBatches, flush_autograd, swapped_data
 from ..errors import NoBatchSizeFitsError, exception_first_line
 from ..memory.accounting import round_allocation, tensor_storages
 from ..memory.recording import RECORDED_SIZES, record_trial
@@ -52,15 +52,18 @@ from ..training.host import host_side_loading
 from ..training.optimizers import OptimizerSpec, lacks_state, state_tensors
 from ..training.precision import (
     StepPrecision,
+    autocast_dtype,
     cast_floating,
     cast_optimizer_state,
     check_precision,
+    cuda_autocast_policies,
     parameter_dtype,
 )
+from ..training.environment import torch_import_side_effects_contained
 from ..training.state import SnapshotFactory, TrainingState, deferred_interrupts
 from ..training.steps import PhaseTracker, StepFn, check_loss, run_training_step, step_phase
 from ..units import format_bytes
-from .error_context import note_error, noting
+from .error_context import note_error
 from .oom import is_ambiguous_oom_error, is_fatal_device_error, is_oom_error
 
 __all__ = ["TrialSession", "TrainStepFn", "EvalStepFn"]
@@ -155,9 +158,12 @@ class TrialSession:
         self._state = TrainingState.capture(self.model, [*bound, *self.extra_optimizers], extras=self.extra_state)
         try:
             self._state.clear_gradients()
+            self._cast = contextlib.ExitStack()
+            self._cast.enter_context(torch_import_side_effects_contained())  # nothing left on disk or in os.environ
+            if autocast_dtype(self.precision) is not None and self.device.torch_device.type != "cuda":
+                self._cast.enter_context(cuda_autocast_policies())  # registered once for every trial of the session
             if self._param_dtype is not None:
                 dtype = self._param_dtype
-                self._cast = contextlib.ExitStack()
                 self._cast.enter_context(
                     swapped_data(
                         self.model, lambda data: data.to(dtype), only=lambda tensor: tensor.is_floating_point(),
@@ -191,6 +197,8 @@ class TrialSession:
         gc.collect(0)
         if self.device.memory_allocated() > self._entry_allocated:
             gc.collect()
+        if self.device.memory_allocated() > self._entry_allocated:
+            flush_autograd(self.device)  # a backward pass interrupted (Ctrl-C, an error) leaves its graph there
 
     def _enter_resident(self) -> None:
         bound = self.optimizer.bound if self.optimizer is not None else None
@@ -332,7 +340,12 @@ class TrialSession:
 
     # -- trials --------------------------------------------------------------------------------------------------
     def run(
-        self, batch_size: int, *, phase: str = "train", steps: int | None = None, host_batches: Sequence[Any] | None = None
+        self,
+        batch_size: int,
+        *,
+        phase: str = "train",
+        steps: int | None = None,
+        host_batches: Sequence[Any] | Callable[[], Sequence[Any] | None] | None = None,
     ) -> Trial:
         """Run one trial at ``batch_size`` and return how it went; restores the user's state afterwards.
 
@@ -343,48 +356,41 @@ class TrialSession:
         training. Its time per step is then the evaluation step's. ``steps`` overrides ``steps_per_trial`` for one
         training trial (the confirmation run). ``host_batches`` (training only) gives one host batch per step
         instead of one batch of ``batch_size`` for every step: each moves to the device before the previous one is
-        dropped, as in a training loop, with the allocator's cache kept between steps.
+        dropped, as in a training loop, with the allocator's cache kept between steps; or a callable that returns
+        them (None: one batch of ``batch_size``), called inside the trial. An out-of-memory error while a batch is
+        built (a ``collate_fn`` that moves it to the GPU) or moved to the device means the size does not fit, as
+        one in the steps does.
         """
         state = self._require_state()
-        eval_host: Any = None
         tracker = PhaseTracker()
         where = f"in the {'evaluation ' if phase == 'eval' else ''}trial at batch size {batch_size}"
-        if phase == "train":
-            if not self.trains:
-                raise ValueError("this session only evaluates: use run(batch_size, phase='eval')")
-            with noting(tracker, where, batch_size):
-                tracker.enter("collate")
-                host_batch = (
-                    self._host(self.source.batch(batch_size)) if host_batches is None else [self._host(b) for b in host_batches]
-                )
-                if self.validate and self.eval_step is not None and self.eval_source is not None:
-                    eval_host = self._host(self.eval_source.batch(min(batch_size, self.eval_source.length)))
-            if host_batches is not None and not host_batch:
-                raise ValueError("host_batches is empty: give one batch per step")
-            train_steps = self.steps_per_trial if steps is None else steps
-            if host_batches is not None:
-                train_steps = len(host_batch)
-        elif phase == "eval":
-            if self.eval_step is None or self.eval_source is None:
-                raise ValueError("this session has no eval step to measure")
-            with noting(tracker, where, batch_size):
-                tracker.enter("collate")
-                host_batch = self.source.batch(min(2, self.source.length)) if self.trains else None
-                eval_host = self._host(self.eval_source.batch(batch_size))
-            train_steps = 1
-        else:
+        if phase not in ("train", "eval"):
             raise ValueError(f"phase must be 'train' or 'eval', not {phase!r}")
+        if phase == "train" and not self.trains:
+            raise ValueError("this session only evaluates: use run(batch_size, phase='eval')")
+        if phase == "eval" and (self.eval_step is None or self.eval_source is None):
+            raise ValueError("this session has no eval step to measure")
+        if host_batches is not None and not callable(host_batches) and not host_batches:
+            raise ValueError("host_batches is empty: give one batch per step")
+        # The level before the batch is built: a collate_fn that moves the batch to the GPU charges it to the trial.
         baseline = self.device.start_measurement()
         durations: list[float] = []
         eval_durations: list[float] = []
         error: str | None = None
+        host_batch: Any = None
+        eval_host: Any = None
+        train_steps = 1
         try:
+            tracker.enter("collate")
+            host_batch, eval_host, train_steps, per_step = self._host_batches(batch_size, phase, steps, host_batches)
             with tracker.active():
                 self._steps(
                     host_batch, durations, train_steps=train_steps, eval_host=eval_host, eval_durations=eval_durations,
-                    per_step=host_batches is not None, tracker=tracker,
+                    per_step=per_step, tracker=tracker,
                 )
         except Exception as exc:  # recovery happens below, outside this block
+            # Out of memory anywhere, the data path included (a collate_fn that moves the batch to the GPU, the
+            # transfer), means the size does not fit.
             if not is_oom_error(exc) or is_fatal_device_error(exc):
                 note_error(exc, tracker, where, steps=train_steps, batch_size=batch_size)
                 raise
@@ -410,6 +416,24 @@ class TrialSession:
             error=error,
             peak_reserved_bytes=peak_reserved,
         )
+
+    def _host_batches(
+        self, batch_size: int, phase: str, steps: int | None, given: Sequence[Any] | Callable[[], Any] | None
+    ) -> tuple[Any, Any, int, bool]:
+        """The host batches of a trial: (the training batch or one per step, the evaluation batch, the training
+        steps, whether each step has its own batch)."""
+        if phase == "eval":
+            host = self.source.batch(min(2, self.source.length)) if self.trains else None
+            return host, self._host(self.eval_source.batch(batch_size)), 1, False  # type: ignore[union-attr]
+        given = given() if callable(given) else given
+        if given is not None and not given:
+            raise ValueError("host_batches is empty: give one batch per step")
+        host = self._host(self.source.batch(batch_size)) if given is None else [self._host(b) for b in given]
+        eval_host = None
+        if self.validate and self.eval_step is not None and self.eval_source is not None:
+            eval_host = self._host(self.eval_source.batch(min(batch_size, self.eval_source.length)))
+        train_steps = self.steps_per_trial if steps is None else steps
+        return host, eval_host, len(host) if given is not None else train_steps, given is not None
 
     def record_allocations(self, sizes: tuple[int, int] = RECORDED_SIZES) -> AllocationLog | None:
         """Run one training trial with every allocator call logged, its first step at batch size ``sizes[0]`` and
@@ -472,7 +496,7 @@ class TrialSession:
         if self.device.memory_allocated() > baseline:
             gc.collect()
         if self.device.memory_allocated() > baseline:
-            _flush_autograd(self.device)
+            flush_autograd(self.device)
         self.device.synchronize()
         self.device.empty_cache()
         self.device.reset_peak_memory_stats()
@@ -512,7 +536,7 @@ class TrialSession:
                 self.model.train()
                 index = 0
                 tracker.enter("moving the batch to the device", 0)
-                batches = _DeviceBatches(self.device, host_batch, per_step)
+                batches = DeviceBatches(self.device, host_batch, per_step)
                 while index < steps or (index < steps + _MAX_EXTRA_STEPS and self._state_missing(None)):
                     tracker.enter("moving the batch to the device", index)
                     batch = batches.get(index)
@@ -532,7 +556,7 @@ class TrialSession:
                 self.model.train()
                 index = 0
                 tracker.enter("moving the batch to the device", 0)
-                batches = _DeviceBatches(self.device, host_batch, per_step)
+                batches = DeviceBatches(self.device, host_batch, per_step)
                 while index < steps or (index < steps + _MAX_EXTRA_STEPS and self._state_missing(optimizer)):
                     tracker.enter("moving the batch to the device", index)
                     batch = batches.get(index)
@@ -561,32 +585,3 @@ class TrialSession:
                 del batch
             del optimizer
 
-
-def _flush_autograd(device: DeviceBackend) -> None:
-    """Run a trivial backward pass on ``device``'s autograd thread: the graph of a backward pass that raised (out
-    of memory) is only released by the next backward there, and until then holds the failed step's activations."""
-    with host_side_loading():
-        leaf = torch.ones((), device=device.torch_device, requires_grad=True)
-        (leaf * 1.0).backward()
-    del leaf
-
-
-class _DeviceBatches:
-    """The device batch of each step: one batch moved once and reused (a trial), or, for a list of host batches (the
-    confirmation run), each step's own, moved before the previous one is dropped as a training loop does (the last
-    one again for any extra step)."""
-
-    def __init__(self, device: DeviceBackend, host: Any, per_step: bool) -> None:
-        self.device = device
-        self.host = host
-        self.per_step = per_step
-        self.index = -1
-        self.current: Any = None if self.per_step else device.to_device(host)
-
-    def get(self, index: int) -> Any:
-        if self.per_step:
-            index = min(index, len(self.host) - 1)
-            if index != self.index:
-                self.current = self.device.to_device(self.host[index])  # the previous batch goes after this one arrives
-                self.index = index
-        return self.current

@@ -34,6 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from ..training.host import host_side_loading, loading_on_host
+from ..training.state import deferred_interrupts
 from ..units import format_bytes
 from .allocator import MIN_BLOCK_SIZE, AllocatorOutOfMemory, CachingAllocator
 
@@ -72,31 +73,51 @@ class MemoryLedger:
         """The workspaces charged so far, by pass (``"forward"``, ``"backward"``); they live as long as the ledger,
         as cuBLAS keeps its workspaces for the life of the process."""
         self._handles: dict[int, int] = {}  # token -> the allocator's block handle
-        # id(storage) -> token. A storage's entry goes when its finalizer runs, which is while the storage object is
-        # being deallocated, before its id can be reused; a plain dict is several times faster than a weak one.
+        # id(storage) -> token. A freed storage's entry goes at the next settling (below), before any lookup by id;
+        # a plain dict is several times faster than a weak one.
         self._tokens: dict[int, int] = {}
         self._ids: dict[int, int] = {}  # token -> id(storage)
         self._sizes: dict[int, int] = {}  # token -> charged bytes
-        self._finalizers: dict[int, weakref.finalize] = {}
+        # id(weakref) -> (the weakref, token). A storage's weak reference calls ``self._dead.append`` when the storage
+        # is freed: a C function, in which no signal handler can run, so a Ctrl-C cannot break it (a Python finalizer
+        # that a KeyboardInterrupt hits loses both the interrupt and the accounting). The freed storages are settled
+        # at the next query or charge (:meth:`_settle`), with Ctrl-C held back meanwhile, before any lookup by
+        # ``id(storage)``: an id can only be reused after its storage was freed, so entries are never confused.
+        self._refs: dict[int, tuple[weakref.ref, int]] = {}
+        self._dead: list[weakref.ref] = []
+        self._ref_ids: dict[int, int] = {}  # token -> id(weakref)
         self._lock = threading.RLock()
         self._next_token = 0
-        self.allocated = 0
+        self._allocated = 0
         self.peak = 0
 
     # -- queries -------------------------------------------------------------------------------------------
+    @property
+    def allocated(self) -> int:
+        """Bytes charged for the live storages."""
+        if self._dead:
+            self._settle()
+        return self._allocated
+
     def is_charged(self, storage: torch.UntypedStorage) -> bool:
         """True when ``storage`` is currently charged."""
+        if self._dead:
+            self._settle()
         return id(storage) in self._tokens
 
     def charged_bytes(self, storage: torch.UntypedStorage) -> int:
         """Bytes charged for ``storage`` (0 when it is not charged)."""
+        if self._dead:
+            self._settle()
         token = self._tokens.get(id(storage))
         return 0 if token is None else self._sizes.get(token, 0)
 
     @property
     def reserved(self) -> int:
         """Bytes in the allocator's segments (the charged bytes when there is no allocator)."""
-        return self.allocator.reserved if self.allocator is not None else self.allocated
+        if self._dead:
+            self._settle()
+        return self.allocator.reserved if self.allocator is not None else self._allocated
 
     @property
     def peak_reserved(self) -> int:
@@ -113,6 +134,8 @@ class MemoryLedger:
     def empty_cache(self) -> None:
         """Release the allocator's wholly free cached segments (nothing to do without an allocator)."""
         with self._lock:
+            if self._dead:
+                self._settle()
             if self.allocator is not None:
                 self.allocator.empty_cache()
 
@@ -124,6 +147,8 @@ class MemoryLedger:
         is charged then.
         """
         with self._lock:
+            if self._dead:
+                self._settle()
             pending: dict[int, tuple[torch.UntypedStorage, int, int, int]] = {}
             for storage in storages:
                 if id(storage) in pending:
@@ -139,30 +164,26 @@ class MemoryLedger:
             if self.allocator is not None:
                 entries = list(pending.values())
                 handles = self._malloc(self.allocator, [e[1] for e in entries], [e[3] for e in entries])
-            elif self.capacity is not None and self.allocated + extra > self.capacity:
+            elif self.capacity is not None and self._allocated + extra > self.capacity:
                 raise torch.OutOfMemoryError(self._oom_message(extra))
             else:
                 handles = [None] * len(pending)
             for (storage, size, _, _), handle in zip(pending.values(), handles):
                 self._record(storage, size, handle)
-            self.allocated += extra
-            self.peak = max(self.peak, self.allocated)
+            self._allocated += extra
+            self.peak = max(self.peak, self._allocated)
             return extra
 
     def release(self, storage: torch.UntypedStorage) -> int:
         """Stop charging ``storage`` now (it left the device); returns the bytes released."""
-        with self._lock:
+        with self._lock, deferred_interrupts():
+            if self._dead:
+                self._settle()
             token = self._tokens.pop(id(storage), None)
             if token is None:
                 return 0
             self._ids.pop(token, None)
-            finalizer = self._finalizers.pop(token, None)
-            if finalizer is not None:
-                finalizer.detach()
-            self._free(token)
-            size = self._sizes.pop(token, 0)
-            self.allocated -= size
-            return size
+            return self._uncharge(token)
 
     def charge_workspace(self, kind: str) -> None:
         """Charge the cuBLAS workspace of ``kind`` (``"forward"``: the main thread's handle; ``"backward"``: the
@@ -211,24 +232,54 @@ class MemoryLedger:
         self._sizes[token] = size
         if handle is not None:
             self._handles[token] = handle
-        self._finalizers[token] = weakref.finalize(storage, self._freed, token)
+        ref = weakref.ref(storage, self._dead.append)
+        self._refs[id(ref)] = (ref, token)
+        self._ref_ids[token] = id(ref)
+
+    def forget_storages(self) -> None:
+        """Stop watching the storages charged so far: their frees are no longer accounted (a recording of real
+        tensors that outlive it)."""
+        with self._lock:
+            self._refs.clear()
+            self._ref_ids.clear()
+            self._dead.clear()
+
+    def settle(self) -> None:
+        """Account for the storages freed since the last call now (every query and charge does it first)."""
+        if self._dead:
+            self._settle()
+
+    def _settle(self) -> None:
+        """Account for the storages freed since the last call, with Ctrl-C held back until the books agree."""
+        with self._lock, deferred_interrupts():
+            while self._dead:
+                entry = self._refs.get(id(self._dead[-1]))
+                if entry is not None and entry[0] is self._dead[-1]:
+                    self._freed(entry[1])  # (drops the entry)
+                self._dead.pop()
+
+    def _uncharge(self, token: int) -> int:
+        """Release ``token``'s block and bytes; returns the bytes."""
+        self._refs.pop(self._ref_ids.pop(token, -1), None)
+        self._free(token)
+        size = self._sizes.pop(token, 0)
+        self._allocated -= size
+        return size
 
     def _freed(self, token: int) -> None:
-        with self._lock:
-            self._finalizers.pop(token, None)
-            key = self._ids.pop(token, None)
-            if key is not None and self._tokens.get(key) == token:
-                del self._tokens[key]
-            self._free(token)
-            self.allocated -= self._sizes.pop(token, 0)
+        """The storage of ``token`` was freed."""
+        key = self._ids.pop(token, None)
+        if key is not None and self._tokens.get(key) == token:
+            del self._tokens[key]
+        self._uncharge(token)
 
     def _oom_message(self, request: int) -> str:
         capacity = self.capacity or 0
-        free = max(capacity - self.allocated, 0)
+        free = max(capacity - self._allocated, 0)
         return (
             f"CUDA out of memory. Tried to allocate {format_bytes(request)}. {self.device_label} has a total capacity "
             f"of {format_bytes(capacity)} of which {format_bytes(free)} is free. Of the allocated memory "
-            f"{format_bytes(self.allocated)} is allocated by PyTorch, and 0 bytes is reserved by PyTorch but "
+            f"{format_bytes(self._allocated)} is allocated by PyTorch, and 0 bytes is reserved by PyTorch but "
             "unallocated. (simulated GPU: batchfinder.SimulatedGPU charges what a real GPU would hold)"
         )
 

@@ -116,25 +116,30 @@ class RecordingLedger(PeakLedger):
 
     def mark_phase(self, phase: str, index: int) -> None:
         """Called by the trace when a phase begins: forward and backward storages scale with the step's size."""
+        self.settle()  # the frees of the phase before belong to it
         self.events.append((_PHASE, phase, index))
         self.scale = self.step_sizes[index - 1] if phase in _SCALING_PHASES else None
 
     @contextlib.contextmanager
     def scaling(self, batch_size: int | None) -> Iterator[None]:
         """Storages made within this block scale with ``batch_size`` (the batch's transfer)."""
+        self.settle()
         previous, self.scale = self.scale, batch_size
         try:
             yield
         finally:
+            self.settle()
             self.scale = previous
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
         """Allocator calls within this block are not logged (the later steps' batch, which a trial does not make)."""
+        self.settle()
         self._paused = True
         try:
             yield
         finally:
+            self.settle()
             self._paused = False
 
     def charge(self, storages: Any) -> int:
@@ -155,10 +160,7 @@ class RecordingLedger(PeakLedger):
     def forget(self) -> None:
         """Stop watching the storages charged so far (a recording of real tensors, such as the model's parameters,
         which outlive it: their finalizers would otherwise keep this ledger and its log alive)."""
-        with self._lock:
-            for finalizer in self._finalizers.values():
-                finalizer.detach()
-            self._finalizers.clear()
+        self.forget_storages()
         self.close()
 
     def _free(self, token: int) -> None:

@@ -34,6 +34,7 @@ from torch.utils._pytree import tree_flatten
 from ..errors import FakeTensorUnsupportedError, StepContractError, exception_first_line
 from ..search.checks import MIN_STEPS_PER_TRIAL
 from ..training.batching import describe_batch
+from ..training.environment import torch_import_side_effects_contained
 from ..training.host import host_side_loading
 from ..training.optimizers import OptimizerSpec, state_tensors
 from ..training.precision import (
@@ -75,10 +76,13 @@ PHASES: tuple[str, ...] = ("setup", "forward", "backward", "optimizer step", "ze
 
 
 def _new_fake_mode() -> "FakeTensorMode":
-    """A fresh fake-tensor mode (imported on first use: it is not needed to import batchfinder)."""
+    """A fresh fake-tensor mode (imported on first use: it is not needed to import batchfinder). Its first creation
+    imports ``torch._dynamo``, whose marks on disk and in the environment are undone
+    (:mod:`batchfinder.training.environment`)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    return FakeTensorMode(allow_non_fake_inputs=True)
+    with torch_import_side_effects_contained():
+        return FakeTensorMode(allow_non_fake_inputs=True)
 
 
 @dataclass
@@ -114,11 +118,9 @@ class Trace:
 class PeakLedger(MemoryLedger):
     """A ledger that calls ``on_peak`` each time the running total passes its peak.
 
-    Call :meth:`close` when the trace is over. The ledger watches every storage it charged with a
-    ``weakref.finalize``, and ``weakref.finalize`` keeps its callback (the ledger) in a process-wide registry until
-    the storage dies; ``on_peak`` (the recorder's) holds the trace's fake parameters, batch and optimizer state,
-    whose storages are among those watched. Left in place, that chain keeps every trace's fake tensors and fake
-    mode alive for the life of the process.
+    Call :meth:`close` when the trace is over: ``on_peak`` (the recorder's) holds the trace's fake parameters, batch
+    and optimizer state, and the recorder holds the ledger; closing breaks that cycle, so that the trace's fake
+    tensors and fake mode go as soon as the trace is over instead of at the next full garbage collection.
     """
 
     def __init__(
@@ -343,7 +345,7 @@ class FakeTrainer:
         try:
             return self._trace_steps(batch_size, mode, convert, recorder, ledger)
         finally:
-            ledger.close()  # or weakref.finalize's registry keeps this trace's fake tensors alive (see PeakLedger)
+            ledger.close()  # the trace's fake tensors go now (see PeakLedger)
 
     def trace_steps_with(self, ledger: PeakLedger, step_sizes: Sequence[int]) -> None:
         """Trace the steps into ``ledger`` (one that logs its allocations), step ``i`` at ``step_sizes[i]``: for

@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from .state import deferred_interrupts
+
 __all__ = [
     "PRECISIONS",
     "check_precision",
@@ -183,7 +185,7 @@ class _Emulation(threading.local):
 
 _STATE = _Emulation()
 _LOCK = threading.RLock()
-_LIBRARY: list[Any] = []  # the live registration: [library, users, torch's own clear_autocast_cache]
+_LIBRARY: list[Any] = []  # the live registration: [library, its holders, torch's own clear_autocast_cache, the patch]
 _NO_AUTOCAST = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
 
 
@@ -254,23 +256,76 @@ def _kernel(op: Any, policy: str) -> Any:
 
 
 def _register() -> Any:
+    """CUDA's policies as AutocastCPU kernels, all registered or none (a registration that raises, Ctrl-C included,
+    is undone)."""
     from torch.library import Library, fallthrough_kernel
 
     library = Library("aten", "IMPL")
-    cuda = _registered("AutocastCUDA")
-    for name in cuda:
-        policy = CUDA_POLICIES.get(_base(name))
-        op_name = name[len("aten::"):]
-        base, _, overload = op_name.partition(".")
-        packet = getattr(torch.ops.aten, base, None)
-        op = None if packet is None else getattr(packet, overload or "default", None)
-        if policy is not None and op is not None:
-            library.impl(op_name, _kernel(op, policy), "AutocastCPU")
-    cuda_names = set(cuda)
-    for name in _registered("AutocastCPU"):
-        if name not in cuda_names and _base(name) not in _KEEP_CPU_KERNEL:
-            library.impl(name[len("aten::"):], fallthrough_kernel, "AutocastCPU")
+    try:
+        cuda = _registered("AutocastCUDA")
+        for name in cuda:
+            policy = CUDA_POLICIES.get(_base(name))
+            op_name = name[len("aten::"):]
+            base, _, overload = op_name.partition(".")
+            packet = getattr(torch.ops.aten, base, None)
+            op = None if packet is None else getattr(packet, overload or "default", None)
+            if policy is not None and op is not None:
+                library.impl(op_name, _kernel(op, policy), "AutocastCPU")
+        cuda_names = set(cuda)
+        for name in _registered("AutocastCPU"):
+            if name not in cuda_names and _base(name) not in _KEEP_CPU_KERNEL:
+                library.impl(name[len("aten::"):], fallthrough_kernel, "AutocastCPU")
+    except BaseException:
+        library._destroy()
+        raise
     return library
+
+
+def _acquire(holder: object) -> None:
+    """Count ``holder`` in; the first one registers the kernels and then, with everything it must undo recorded,
+    patches ``torch.clear_autocast_cache``."""
+    with _LOCK:
+        if _LIBRARY:
+            _LIBRARY[1].add(holder)
+            return
+        library = _register()
+        try:
+            original = torch.clear_autocast_cache
+
+            def clear_both() -> None:  # torch.autocast's exit clears its cache: clear the emulation's with it
+                _STATE.cache.clear()
+                original()
+
+            _LIBRARY[:] = [library, {holder}, original, clear_both]
+            torch.clear_autocast_cache = clear_both
+        except BaseException:
+            _undo()
+            library._destroy()
+            raise
+
+
+def _release(holder: object) -> None:
+    """Count ``holder`` out (again is harmless); the last one restores ``torch.clear_autocast_cache`` and the CPU's
+    own kernels."""
+    with _LOCK:
+        if not _LIBRARY or holder not in _LIBRARY[1]:
+            return
+        _LIBRARY[1].discard(holder)
+        if not _LIBRARY[1]:
+            _undo()
+
+
+def _undo() -> None:
+    """Restore ``torch.clear_autocast_cache`` and the CPU's kernels (each step harmless when already undone)."""
+    if not _LIBRARY:
+        return
+    library, _, original, patch = _LIBRARY
+    try:
+        if torch.clear_autocast_cache is patch:
+            torch.clear_autocast_cache = original
+    finally:
+        _LIBRARY.clear()
+        library._destroy()
 
 
 @contextlib.contextmanager
@@ -278,28 +333,23 @@ def cuda_autocast_policies() -> Iterator[None]:
     """For the length of the block, CPU autocast (``torch.autocast("cpu", dtype)``, entered by this library or by a
     framework such as Lightning's precision plugin) follows CUDA's policies: the CPU's autocast kernels are replaced
     while any such block runs (in any thread) and restored after the last one ends. Casts of parameters are cached
-    until the outermost autocast region ends, as CUDA's autocast caches them."""
-    with _LOCK:
-        if not _LIBRARY:
-            clear = torch.clear_autocast_cache
+    until the outermost autocast region ends, as CUDA's autocast caches them.
 
-            def clear_both() -> None:  # torch.autocast's exit clears its cache: clear the emulation's with it
-                _STATE.cache.clear()
-                clear()
-
-            torch.clear_autocast_cache = clear_both
-            _LIBRARY.extend([_register(), 0, clear])
-        _LIBRARY[1] += 1
+    Entering and leaving are one step each, with Ctrl-C held back while the kernels are registered or removed: the
+    patch of ``torch.clear_autocast_cache`` is assigned only once the kernels it goes with are registered, and an
+    interrupt (or error) anywhere in that work undoes what was done. A search enters the block once for all its
+    trials, inside its own Ctrl-C protection (registering the kernels takes about 80 ms); nested blocks only count."""
+    holder = object()
     try:
+        with deferred_interrupts():
+            _acquire(holder)
         yield
     finally:
-        with _LOCK:
-            _LIBRARY[1] -= 1
-            if _LIBRARY[1] == 0:
-                library, _, clear = _LIBRARY
-                _LIBRARY.clear()
-                torch.clear_autocast_cache = clear
-                library._destroy()
+        try:
+            with deferred_interrupts():
+                _release(holder)
+        finally:
+            _release(holder)  # (an interrupt before the first call could hold it back)
 
 
 @contextlib.contextmanager

@@ -212,12 +212,20 @@ def preserved_rng() -> Iterator[RngState]:
             saved.restore()
 
 
+_FLAGS = ("_opt_called",)
+"""Optimizer attributes a trial's steps set: ``_opt_called``, which a learning-rate scheduler's wrapper of
+``optimizer.step`` sets (``torch/optim/lr_scheduler.py``) and reads to warn about ``scheduler.step()`` called before
+``optimizer.step()``; a fresh optimizer must still warn after a search."""
+
+
 @dataclass
 class _OptimizerState:
     optimizer: torch.optim.Optimizer
     state: dict[torch.Tensor, dict[str, Any]]
     devices: dict[tuple[int, str], torch.device]
     hyperparameters: list[dict[str, Any]]
+    flags: dict[str, Any] = field(default_factory=dict)
+    """The attributes of :data:`_FLAGS` the optimizer had (absent ones are deleted again on restore)."""
 
     @classmethod
     def capture(cls, optimizer: torch.optim.Optimizer) -> "_OptimizerState":
@@ -235,7 +243,8 @@ class _OptimizerState:
         hyperparameters = [
             {key: copy.deepcopy(value) for key, value in group.items() if key != "params"} for group in optimizer.param_groups
         ]
-        return cls(optimizer, state, devices, hyperparameters)
+        flags = {name: getattr(optimizer, name) for name in _FLAGS if hasattr(optimizer, name)}
+        return cls(optimizer, state, devices, hyperparameters, flags)
 
     def restore(self, *, final: bool = True) -> None:
         """Put the state back; between trials (``final=False``) a tensor cast meanwhile (true half precision casts
@@ -264,6 +273,11 @@ class _OptimizerState:
             for key in [k for k in group if k != "params" and k not in saved_group]:
                 del group[key]
             group.update(copy.deepcopy(saved_group))
+        for name in _FLAGS:
+            if name in self.flags:
+                setattr(self.optimizer, name, self.flags[name])
+            elif name in vars(self.optimizer):
+                delattr(self.optimizer, name)
 
 
 @dataclass
@@ -278,6 +292,9 @@ class TrainingState:
     rng: RngState
     optimizers: list[_OptimizerState] = field(default_factory=list)
     extras: list[Snapshot] = field(default_factory=list)
+    tensor_attributes: list[tuple[nn.Module, dict[str, torch.Tensor]]] = field(default_factory=list)
+    """Plain tensor attributes of modules (neither parameters nor buffers), by reference: ``spectral_norm``'s
+    ``weight``, recomputed by a forward pre-hook, must not keep the last trial's value (and its device memory)."""
 
     @classmethod
     def capture(
@@ -325,6 +342,7 @@ class TrainingState:
             rng=RngState.capture(),
             optimizers=[_OptimizerState.capture(o) for o in optimizers or []],
             extras=[factory() for factory in extras],
+            tensor_attributes=[(m, _tensor_attributes(m)) for m in model.modules()],
         )
 
     def clear_gradients(self) -> None:
@@ -355,8 +373,17 @@ class TrainingState:
                 param.grad = None
         for module, flag in self.training_flags:
             module.training = flag
+        for module, attributes in self.tensor_attributes:
+            live = vars(module)
+            for key in [k for k, v in live.items() if isinstance(v, torch.Tensor) and k not in attributes]:
+                del live[key]
+            live.update(attributes)
         for optimizer_state in self.optimizers:
             optimizer_state.restore(final=final)
         for extra in self.extras:
             extra.restore()
         self.rng.restore()
+
+
+def _tensor_attributes(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value for key, value in vars(module).items() if isinstance(value, torch.Tensor)}

@@ -312,3 +312,98 @@ def test_precision_is_an_option_of_every_command_and_an_unknown_one_is_refused(c
     with pytest.raises(SystemExit):
         main(["estimate", "torchvision:resnet18", "--input", "3x32x32", "--precision", "fp8"])
     assert "invalid choice: 'fp8'" in capsys.readouterr().err
+
+
+# -- every error in one line (issue 22) -------------------------------------------------------------------------------
+FAULTY = '''
+import torch
+from torch import nn
+
+
+class Raising(torch.utils.data.Dataset):
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, index):
+        if index == 3:
+            raise KeyError("sample 3 is missing")
+        return torch.zeros(8), 0
+
+
+def data():
+    return Raising()
+
+
+def model():
+    return nn.Linear(8, 2)
+
+
+def broken_factory():
+    raise RuntimeError("the checkpoint is corrupt\\nmore detail")
+'''
+
+
+@pytest.fixture
+def faulty(tmp_path):
+    source = tmp_path / "faulty.py"
+    source.write_text(FAULTY)
+    return str(source)
+
+
+def _one_line_error(code: int, out: str, err: str, *needles: str) -> None:
+    assert code == 1, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("batchfinder find: error: ") and "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_every_error_of_the_users_code_is_one_line_with_its_type(capsys, faulty, tmp_path):
+    syntax = tmp_path / "syntax.py"
+    syntax.write_text("def model(:\n    pass\n")
+    raising_module = tmp_path / "raising.py"
+    raising_module.write_text("raise RuntimeError('no GPU driver here')\n")
+    cases = [
+        ([f"{syntax}:model", "--input", "8"], ["SyntaxError", f"{syntax}", "line 1"]),
+        ([f"{raising_module}:model", "--input", "8"], ["RuntimeError: no GPU driver here", "importing"]),
+        ([f"{faulty}:broken_factory", "--input", "8"], ["RuntimeError: the checkpoint is corrupt", "broken_factory"]),
+        ([f"{faulty}:model", "--data", f"{faulty}:data"], ["KeyError", "sample 3 is missing", "sample 3"]),
+    ]
+    for argv, needles in cases:
+        code, out, err = _run(capsys, "find", *argv, "--device", "sim:16MiB")
+        _one_line_error(code, out, err, *needles)
+        assert out == ""
+        code, out, err = _run(capsys, "find", *argv, "--device", "sim:16MiB", "--json")
+        _one_line_error(code, out, err, *needles)
+        error = json.loads(out)["error"]
+        assert error["command"] == "find" and error["type"] == needles[0].split(":")[0]
+        assert needles[-1] in error["message"]
+
+
+def test_a_plot_into_a_missing_directory_is_refused_before_the_search(capsys, monkeypatch, tmp_path):
+    searched = []
+    monkeypatch.setattr(bf.api, "find_batch_size", lambda *a, **k: searched.append(1))
+    target = tmp_path / "no" / "such" / "dir" / "search.png"
+    code, out, err = _run(capsys, "find", "batchfinder.zoo:mnist_mlp", "--input", "1x28x28", "--device", "sim:64MiB",
+                          "--plot", str(target))
+    _one_line_error(code, out, err, "--plot", "does not exist")
+    assert searched == [] and not target.parent.exists()
+
+
+def test_usage_errors_are_one_line_and_json_when_asked(capsys):
+    with pytest.raises(SystemExit) as usage:
+        main(["find", "batchfinder.zoo:mnist_mlp", "--input", "8", "--safety", "x", "--json"])
+    assert usage.value.code == 2
+    out, err = capsys.readouterr()
+    assert len(err.strip().splitlines()) == 1 and "argument --safety" in err
+    assert json.loads(out)["error"]["type"] == "usage"
+
+
+def test_ctrl_c_is_one_line_and_status_130(capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bf.api, "find_batch_size", interrupted)
+    code, out, err = _run(capsys, "find", "batchfinder.zoo:mnist_mlp", "--input", "1x28x28", "--device", "sim:64MiB")
+    assert code == 130 and err.strip() == "batchfinder find: error: interrupted (Ctrl-C)"
