@@ -55,11 +55,35 @@ __all__ = [
     "ddp_bucket_bytes",
     "local_batch_norm",
     "check_supported_wrapper",
+    "check_reducer_untouched",
 ]
 
 
 # -- wrappers -----------------------------------------------------------------------------------------------------
 _SHARDED_WRAPPERS = ("FullyShardedDataParallel", "FSDPModule", "DeepSpeedEngine", "PipelineEngine")
+
+
+def check_reducer_untouched(ddp: Any) -> None:
+    """Refuse a ``DistributedDataParallel(static_graph=True)`` wrapper that has not finished its first iteration.
+
+    Trials run on ``ddp.module``, but the reducer's gradient hooks sit on the parameters themselves, so they fire in
+    every trial's backward. For a static graph, PyTorch's ``Reducer::autograd_hook``
+    (``torch/csrc/distributed/c10d/reducer.cpp``) counts the hooks of the first iteration (``num_bwd_calls_``,
+    ``numGradHooksTriggeredMap_``) *before* it checks whether hooks are expected; those counts decide how the first
+    real iteration reduces, so a search before it would break it. Once the first iteration ran (DDP's ``_DDPSink``
+    sets ``_static_graph_delay_allreduce_enqueued``, ``torch/nn/parallel/distributed.py``), the hooks return early
+    and trials are safe. Wrappers that are not PyTorch's DDP (a plan of one) are not checked.
+    """
+    if not isinstance(ddp, nn.parallel.DistributedDataParallel):
+        return
+    if getattr(ddp, "static_graph", False) and not getattr(ddp, "_static_graph_delay_allreduce_enqueued", False):
+        raise ValueError(
+            "the model is wrapped in DistributedDataParallel(static_graph=True) that has not run its first training "
+            "iteration yet: DDP counts the gradient hooks of that first iteration to plan its static graph, and the "
+            "search's trials would add to that count and break your first real iteration. Search the model before "
+            "wrapping it (find_batch_size(model, ...) on every rank), after one training step, or wrap it with "
+            "static_graph=False"
+        )
 
 
 def check_supported_wrapper(model: Any) -> None:

@@ -48,6 +48,7 @@ from .confirmation import confirm
 from .distributed import (
     RankAgreement,
     agreeing_ranks,
+    check_reducer_untouched,
     ddp_bucket_bytes,
     local_batch_norm,
 )
@@ -154,6 +155,8 @@ def _evaluation_options(options: SearchOptions, init_batch_size: int) -> SearchO
 
 def _session(workload: Workload, device: DeviceBackend, options: SearchOptions) -> TrialSession:
     """The trial session of ``workload`` on ``device`` (not yet entered)."""
+    if workload.ddp is not None:
+        check_reducer_untouched(workload.ddp)
     # A real GPU already holds DDP's gradient buckets (the reducer allocates them when the wrapper is built); a
     # simulated one is told, and so is every device for a wrapper not built yet (the one HF's train() will build).
     charge_buckets = workload.ddp is not None and (device.simulated or not getattr(workload.ddp, "holds_buckets", True))

@@ -28,7 +28,15 @@ from batchfinder.engine.distributed import (
 )
 from batchfinder.errors import RankFailedError
 from batchfinder.search.strategies import recommend_batch_size
-from tests.helpers import as_lightning_rank, batchnorm_mlp, classification_data, free_port, requires_cuda
+from tests.helpers import (
+    as_lightning_rank,
+    assert_unchanged,
+    batchnorm_mlp,
+    classification_data,
+    free_port,
+    requires_cuda,
+    snapshot,
+)
 
 CAPACITIES = ("512KiB", "320KiB")  # rank 0 has more memory than rank 1 (allocated bytes only: allocator="ideal")
 TIMEOUT_S = 240
@@ -389,3 +397,29 @@ def test_ranks_on_nccl_agree_over_the_cpu_and_report_a_failing_rank():
     results = _spawn(_nccl_worker)
     assert results[0][:2] == results[1][:2] and results[0][1] == 2
     assert (results[0][2], results[1][2]) == ("RankFailedError", "KeyError")
+
+
+def test_a_static_graph_before_its_first_iteration_is_refused_and_searched_after_it() -> None:
+    """DDP's reducer counts the gradient hooks of a static graph's first iteration, and its hooks fire in trials on
+    ``ddp.module`` (reducer.cpp): searching before that iteration would break it, so it is refused; after it, the
+    hooks return early and the search runs."""
+    port = free_port()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        data = classification_data(512, (1, 8, 8), 10)
+        model = batchnorm_mlp()
+        ddp = nn.parallel.DistributedDataParallel(model, static_graph=True)
+        before = snapshot(model)
+        with pytest.raises(ValueError, match=r"static_graph=True\) that has not run its first training iteration"):
+            bf.find_batch_size(ddp, data, device="sim:64MiB", max_trials=2)
+        assert_unchanged(before, model)
+        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        x, y = data[:8]
+        nn.functional.cross_entropy(ddp(x), y).backward()  # the first iteration: DDP plans its static graph
+        optimizer.step()
+        optimizer.zero_grad()
+        result = bf.find_batch_size(ddp, data, device="sim:64MiB", max_trials=2, confirm_steps=0)
+        assert result.trials and all(t.fits for t in result.trials)
+        nn.functional.cross_entropy(ddp(x), y).backward()  # the second real iteration still reduces
+    finally:
+        dist.destroy_process_group()
