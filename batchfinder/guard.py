@@ -45,7 +45,7 @@ from .training.host import host_side_loading
 from .training.precision import StepPrecision, check_precision
 from .training.steps import LossFn, StepFn, check_loss, make_step
 
-__all__ = ["OOMGuard"]
+__all__ = ["OOMGuard", "batch_length", "slice_batch", "release_after_oom", "unsplittable_note"]
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class OOMGuard:
         """
         _check_single_process()
         batch = plain_containers(batch)
-        total = _batch_length(batch)
+        total = batch_length(batch)
         while True:
             size = total if self.micro_batch_size is None else min(self.micro_batch_size, total)
             error: str | None = None
@@ -159,10 +159,7 @@ class OOMGuard:
             self._recover()
             if size == 1:
                 failure = torch.OutOfMemoryError(error)
-                failure.add_note(
-                    "batchfinder.OOMGuard: a micro-batch of 1 sample does not fit, so the step cannot be split further; "
-                    "the model, its gradients and the optimizer state alone are too large for the device"
-                )
+                failure.add_note(unsplittable_note("batchfinder.OOMGuard"))
                 raise failure
             self.micro_batch_size = max(1, size // 2)
             self.splits += 1
@@ -183,7 +180,7 @@ class OOMGuard:
         for start in range(0, total, size):
             count = min(size, total - start)
             with host_side_loading():  # slicing the host batch is not device memory (a simulated GPU would charge it)
-                part = _slice(batch, start, start + count)
+                part = slice_batch(batch, start, start + count)
             micro = self._to_device(part)
             del part
             with self._precision.autocast():
@@ -225,14 +222,30 @@ class OOMGuard:
     def _recover(self) -> None:
         """What a failed micro-batch left: gradients dropped, short cycles collected, the device's cache emptied."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.model.zero_grad(set_to_none=True)
-        gc.collect()
-        if self.device is not None:
-            self.device.synchronize()
-            self.device.empty_cache()
-        elif self._device_type() == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
+        release_after_oom(self.model, self.device)
+
+
+def release_after_oom(model: nn.Module, device: DeviceBackend | None) -> None:
+    """After an out-of-memory step, outside the ``except`` block: the model's gradients dropped, short cycles
+    collected, the device (``device``, or CUDA when the model is there) synchronised and its cache emptied."""
+    model.zero_grad(set_to_none=True)
+    gc.collect()
+    if device is not None:
+        device.synchronize()
+        device.empty_cache()
+        return
+    parameter = next(model.parameters(), None)
+    if parameter is not None and parameter.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def unsplittable_note(where: str) -> str:
+    """The note an out-of-memory error gains when a micro-batch of one sample does not fit."""
+    return (
+        f"{where}: a micro-batch of 1 sample does not fit, so the step cannot be split further; the model, its "
+        "gradients and the optimizer state alone are too large for the device"
+    )
 
 
 def _check_owns(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -264,7 +277,7 @@ def _tensors(batch: Any) -> list[torch.Tensor]:
     return []
 
 
-def _batch_length(batch: Any) -> int:
+def batch_length(batch: Any) -> int:
     """The batch's length (the first dimension of its tensors); ValueError when the batch cannot be split."""
     tensors = _tensors(batch)
     if not tensors or tensors[0].dim() == 0:
@@ -291,14 +304,15 @@ def _check_splittable(value: Any, length: int, where: str) -> None:
         raise ValueError(f"{where} is a {type(value).__name__}, which OOMGuard cannot split along the batch")
 
 
-def _slice(value: Any, start: int, stop: int) -> Any:
+def slice_batch(value: Any, start: int, stop: int) -> Any:
+    """Samples ``start`` to ``stop`` of a batch (every tensor sliced along dimension 0; containers kept)."""
     if isinstance(value, torch.Tensor):
         return value[start:stop]
     if isinstance(value, Mapping):
-        return {key: _slice(item, start, stop) for key, item in value.items()}
+        return {key: slice_batch(item, start, stop) for key, item in value.items()}
     if isinstance(value, tuple) and hasattr(value, "_fields"):
-        return type(value)(*(_slice(item, start, stop) for item in value))
+        return type(value)(*(slice_batch(item, start, stop) for item in value))
     if isinstance(value, (list, tuple)):
-        return type(value)(_slice(item, start, stop) for item in value)
+        return type(value)(slice_batch(item, start, stop) for item in value)
     return value
 

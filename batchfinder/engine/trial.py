@@ -60,6 +60,7 @@ from ..training.precision import (
 from ..training.state import SnapshotFactory, TrainingState, deferred_interrupts
 from ..training.steps import PhaseTracker, StepFn, check_loss, run_training_step, step_phase
 from ..units import format_bytes
+from .batches import DeviceBatches, flush_autograd
 from .error_context import note_error, noting
 from .oom import is_ambiguous_oom_error, is_fatal_device_error, is_oom_error
 
@@ -104,6 +105,7 @@ class TrialSession:
         extra_state: Sequence[SnapshotFactory] = (),
         precision: str = "32-true",
         record_on_entry: bool = False,
+        inference: bool = False,
     ) -> None:
         """``step``/``optimizer`` drive the built-in training step; ``train_step`` replaces it (then ``step`` may be
         None); with neither the session only evaluates (``eval_step`` and ``eval_source`` required). ``precision``
@@ -111,7 +113,8 @@ class TrialSession:
         the mixed precisions; for ``"16-true"``/``"bf16-true"`` the model's floating parameters and buffers, and the
         batches' floating tensors, are cast for the length of the session. ``record_on_entry``: the model check on
         entry is the recorded trial of :meth:`record_allocations` where one can be made (one real step less for a
-        guided search). See the module documentation for the other keywords."""
+        guided search). ``inference``: evaluation steps run under ``torch.inference_mode()`` instead of
+        ``torch.no_grad()``. See the module documentation for the other keywords."""
         self.model = model
         self.source = source
         self.step = step
@@ -128,6 +131,7 @@ class TrialSession:
         self.extra_state = list(extra_state)
         self.precision = check_precision(precision)
         self.record_on_entry = record_on_entry
+        self.inference = inference
         self._entry_log: AllocationLog | None = None
         self._entry_recording_failed = False
         self._param_dtype = parameter_dtype(self.precision)
@@ -332,13 +336,15 @@ class TrialSession:
         eval step, ``eval_steps`` evaluation steps at the same size (at most the evaluation data's length); the trial
         fits only if both do. ``phase="eval"``: evaluation steps at ``batch_size``; a session that trains first runs
         one training step at a batch of 2, so that optimizer state and gradients are held as during validation inside
-        training. Its time per step is then the evaluation step's. ``steps`` overrides ``steps_per_trial`` for one
-        training trial (the confirmation run). ``host_batches`` (training only) gives one host batch per step
-        instead of one batch of ``batch_size`` for every step: each moves to the device before the previous one is
-        dropped, as in a training loop, with the allocator's cache kept between steps.
+        training. Its time per step is then the evaluation step's. ``steps`` overrides ``steps_per_trial`` (or
+        ``eval_steps``) for one trial (the confirmation run). ``host_batches`` gives one host batch per training
+        step (or, for ``phase="eval"``, per evaluation step) instead of one batch of ``batch_size`` for every step:
+        each moves to the device before the previous one is dropped, as in a loop, with the allocator's cache kept.
         """
         state = self._require_state()
         eval_host: Any = None
+        eval_steps: int | None = None
+        eval_per_step = False
         tracker = PhaseTracker()
         where = f"in the {'evaluation ' if phase == 'eval' else ''}trial at batch size {batch_size}"
         if phase == "train":
@@ -362,8 +368,15 @@ class TrialSession:
             with noting(tracker, where, batch_size):
                 tracker.enter("collate")
                 host_batch = self.source.batch(min(2, self.source.length)) if self.trains else None
-                eval_host = self._host(self.eval_source.batch(batch_size))
+                eval_host = (
+                    self._host(self.eval_source.batch(batch_size)) if host_batches is None
+                    else [self._host(b) for b in host_batches]
+                )
             train_steps = 1
+            eval_steps = len(eval_host) if host_batches is not None else (steps or self.eval_steps)
+            if self.inference and host_batches is None:  # a loop's batches: each step's moves before the last goes
+                eval_host = [eval_host] * eval_steps
+            eval_per_step = host_batches is not None or self.inference
         else:
             raise ValueError(f"phase must be 'train' or 'eval', not {phase!r}")
         self.device.synchronize()
@@ -376,7 +389,8 @@ class TrialSession:
             with tracker.active():
                 self._steps(
                     host_batch, durations, train_steps=train_steps, eval_host=eval_host, eval_durations=eval_durations,
-                    per_step=host_batches is not None, tracker=tracker,
+                    per_step=phase == "train" and host_batches is not None, tracker=tracker, eval_steps=eval_steps,
+                    eval_per_step=eval_per_step,
                 )
         except Exception as exc:  # recovery happens below, outside this block
             if not is_oom_error(exc) or is_fatal_device_error(exc):
@@ -467,7 +481,7 @@ class TrialSession:
         if self.device.memory_allocated() > baseline:
             gc.collect()
         if self.device.memory_allocated() > baseline:
-            _flush_autograd(self.device)
+            flush_autograd(self.device)
         self.device.synchronize()
         self.device.empty_cache()
         self.device.reset_peak_memory_stats()
@@ -498,6 +512,8 @@ class TrialSession:
         eval_durations: list[float] | None = None,
         per_step: bool = False,
         tracker: PhaseTracker | None = None,
+        eval_steps: int | None = None,
+        eval_per_step: bool = False,
     ) -> None:
         steps = self.steps_per_trial if train_steps is None else train_steps
         tracker = tracker if tracker is not None else PhaseTracker()
@@ -507,7 +523,7 @@ class TrialSession:
                 self.model.train()
                 index = 0
                 tracker.enter("moving the batch to the device", 0)
-                batches = _DeviceBatches(self.device, host_batch, per_step)
+                batches = DeviceBatches(self.device, host_batch, per_step)
                 while index < steps or (index < steps + _MAX_EXTRA_STEPS and self._state_missing(None)):
                     tracker.enter("moving the batch to the device", index)
                     batch = batches.get(index)
@@ -527,7 +543,7 @@ class TrialSession:
                 self.model.train()
                 index = 0
                 tracker.enter("moving the batch to the device", 0)
-                batches = _DeviceBatches(self.device, host_batch, per_step)
+                batches = DeviceBatches(self.device, host_batch, per_step)
                 while index < steps or (index < steps + _MAX_EXTRA_STEPS and self._state_missing(optimizer)):
                     tracker.enter("moving the batch to the device", index)
                     batch = batches.get(index)
@@ -541,47 +557,22 @@ class TrialSession:
                 del batches
             if eval_host is not None and self.eval_step is not None:
                 # The training batch is gone, the optimizer (and its state) is not: as during validation in training.
-                tracker.enter("moving the batch to the device")
                 tracker.step_index = None
-                batch = self.device.to_device(eval_host)
                 self.model.eval()
-                with torch.no_grad():
-                    for _ in range(self.eval_steps):
+                output: Any = None
+                with torch.inference_mode() if self.inference else torch.no_grad():
+                    tracker.enter("moving the batch to the device")
+                    eval_batches = DeviceBatches(self.device, eval_host, eval_per_step)
+                    for index in range(self.eval_steps if eval_steps is None else eval_steps):
+                        tracker.enter("moving the batch to the device")
+                        batch = eval_batches.get(index)
                         tracker.enter("evaluation step")
                         start = time.perf_counter()
-                        self.eval_step(self.model, batch)
+                        # the previous output is still held while this one is computed, as a caller's loop holds it
+                        output = self.eval_step(self.model, batch)
                         self.device.synchronize()
                         if eval_durations is not None:
                             eval_durations.append(time.perf_counter() - start)
-                del batch
+                        del batch
+                    del eval_batches, output
             del optimizer
-
-
-def _flush_autograd(device: DeviceBackend) -> None:
-    """Run a trivial backward pass on ``device``'s autograd thread: the graph of a backward pass that raised (out
-    of memory) is only released by the next backward there, and until then holds the failed step's activations."""
-    with host_side_loading():
-        leaf = torch.ones((), device=device.torch_device, requires_grad=True)
-        (leaf * 1.0).backward()
-    del leaf
-
-
-class _DeviceBatches:
-    """The device batch of each step: one batch moved once and reused (a trial), or, for a list of host batches (the
-    confirmation run), each step's own, moved before the previous one is dropped as a training loop does (the last
-    one again for any extra step)."""
-
-    def __init__(self, device: DeviceBackend, host: Any, per_step: bool) -> None:
-        self.device = device
-        self.host = host
-        self.per_step = per_step
-        self.index = -1
-        self.current: Any = None if self.per_step else device.to_device(host)
-
-    def get(self, index: int) -> Any:
-        if self.per_step:
-            index = min(index, len(self.host) - 1)
-            if index != self.index:
-                self.current = self.device.to_device(self.host[index])  # the previous batch goes after this one arrives
-                self.index = index
-        return self.current

@@ -369,6 +369,28 @@ def test_separate_evaluation_batch_size(tmp_path: Path) -> None:
     assert "evaluation batch size" in str(result)
 
 
+
+def test_train_false_searches_only_the_evaluation_batch_size(tmp_path: Path) -> None:
+    class EvalSized(LitMLP):
+        def __init__(self) -> None:
+            super().__init__()
+            self.eval_batch_size = 4
+
+        def val_dataloader(self) -> DataLoader:
+            return DataLoader(self.data, batch_size=self.eval_batch_size)
+
+    model = EvalSized()
+    before = model.batch_size
+    callback = finder(eval_batch_size=True, train=False)
+    trainer(tmp_path, [callback]).fit(model)
+    result = callback.result
+    assert result.train is False and result.evaluation is None and result.trials
+    assert model.eval_batch_size == result.batch_size == recommend_batch_size(result.max_batch_size)
+    assert model.batch_size == before  # the training batch size is left alone
+    assert model.val_batch_sizes == [result.batch_size] * 2
+    with pytest.raises(ValueError, match="pass eval_batch_size=True"):
+        BatchFinder(train=False)
+
 # -- no side effects ---------------------------------------------------------------------------------------------------
 class RichModule(pl.LightningModule):
     """BatchNorm, dropout, a torchmetrics metric, AdamW with a per-step scheduler, shuffled data, Python/NumPy RNG."""

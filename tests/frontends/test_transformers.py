@@ -136,6 +136,16 @@ def test_an_eval_dataset_gets_its_own_batch_size(tmp_path):
     assert "eval_loss" in metrics
 
 
+def test_train_false_searches_only_the_eval_batch_size(tmp_path):
+    trainer = make_trainer(tmp_path, eval_dataset=text_dataset(96, seed=1), max_steps=1)
+    train_size = trainer.args.per_device_train_batch_size
+    result = find_trainer_batch_size(trainer, device=f"sim:{CAPACITY}", train=False, confirm_steps=0)
+    assert result.train is False and result.evaluation is None
+    assert trainer.args.per_device_eval_batch_size == result.batch_size
+    assert trainer.args.per_device_train_batch_size == train_size
+    with pytest.raises(ValueError, match="no eval_dataset"):
+        find_trainer_batch_size(make_trainer(tmp_path), device=f"sim:{CAPACITY}", train=False)
+
 def test_several_eval_datasets_are_searched_as_one(tmp_path):
     evaluation = {"short": text_dataset(24, longest=40, seed=2), "long": text_dataset(24, shortest=150, seed=3)}
     trainer = make_trainer(tmp_path, train=text_dataset(64), eval_dataset=evaluation)
