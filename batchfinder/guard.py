@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -45,14 +45,79 @@ from .training.host import host_side_loading
 from .training.precision import StepPrecision, check_precision
 from .training.steps import LossFn, StepFn, check_loss, make_step
 
-__all__ = ["OOMGuard", "batch_length", "slice_batch", "release_after_oom", "unsplittable_note"]
+__all__ = ["OOMGuard", "HalvingRetry", "batch_length", "slice_batch", "release_after_oom", "unsplittable_note"]
 
 logger = logging.getLogger(__name__)
 
 _REDUCTIONS = ("mean", "sum")
 
 
-class OOMGuard:
+T = TypeVar("T")
+
+
+class HalvingRetry:
+    """The micro-batch size of a guarded step and the retry that halves it: shared by :class:`OOMGuard` and the
+    Hugging Face Trainer's guard (:mod:`batchfinder.hf.guard`).
+
+    ``micro_batch_size`` is the size in use (None: whole batches), ``splits`` counts the halvings and
+    ``retried_steps`` the steps redone; with ``grow_after`` the size doubles again after that many clean steps."""
+
+    def __init__(self, micro_batch_size: int | None, grow_after: int | None) -> None:
+        for name, value in (("micro_batch_size", micro_batch_size), ("grow_after", grow_after)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}={value!r} must be a whole number of at least 1, or None")
+        self.micro_batch_size = micro_batch_size
+        self.grow_after = grow_after
+        self.splits = 0
+        self.retried_steps = 0
+        self._clean_steps = 0
+
+    def retry_halving(
+        self, attempt: Callable[[int], T], total: int, release: Callable[[], None], on_error: Callable[[], None],
+        where: str,
+    ) -> T:
+        """``attempt(micro_batch_size)`` on a batch of ``total`` samples until it does not run out of memory: after
+        each out-of-memory error, outside the ``except`` block, ``release()`` and the size halves (an error at 1 is
+        raised with a note). Any other error calls ``on_error()`` and propagates with its own type."""
+        while True:
+            size = total if self.micro_batch_size is None else min(self.micro_batch_size, total)
+            error: str | None = None
+            try:
+                return_value = attempt(size)
+            except Exception as exc:  # recovery happens below, outside this block
+                if not is_oom_error(exc) or is_fatal_device_error(exc):
+                    on_error()
+                    raise
+                error = exception_first_line(exc)
+            if error is None:
+                break
+            release()
+            if size == 1:
+                failure = torch.OutOfMemoryError(error)
+                failure.add_note(unsplittable_note(where))
+                raise failure
+            self.micro_batch_size = max(1, size // 2)
+            self.splits += 1
+            self.retried_steps += 1
+            self._clean_steps = 0
+            logger.warning(
+                "out of memory at a micro-batch of %d samples (%s): redoing the step in micro-batches of %d",
+                size, error, self.micro_batch_size,
+            )
+        return return_value
+
+    def after_clean_step(self, total: int) -> None:
+        """Count a step without an out-of-memory error; with ``grow_after`` double the size after that many."""
+        if self.grow_after is None or self.micro_batch_size is None:
+            return
+        self._clean_steps += 1
+        if self._clean_steps >= self.grow_after and self.micro_batch_size < total:
+            self.micro_batch_size = min(total, self.micro_batch_size * 2)
+            self._clean_steps = 0
+            logger.info("no out-of-memory error for %d steps: micro-batches of %d again", self.grow_after, self.micro_batch_size)
+
+
+class OOMGuard(HalvingRetry):
     """Run training steps that survive running out of memory: an out-of-memory micro-batch halves the micro-batch
     size and the same batch is redone (see the module documentation).
 
@@ -94,14 +159,8 @@ class OOMGuard:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer bound to the model, not {type(optimizer).__name__}")
         _check_owns(model, optimizer)
-        if micro_batch_size is not None and (
-            isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size < 1
-        ):
-            raise ValueError(f"micro_batch_size={micro_batch_size!r} must be a whole number of at least 1, or None")
         if loss_reduction not in _REDUCTIONS:
             raise ValueError(f"loss_reduction={loss_reduction!r} must be one of {list(_REDUCTIONS)}")
-        if grow_after is not None and (isinstance(grow_after, bool) or not isinstance(grow_after, int) or grow_after < 1):
-            raise ValueError(f"grow_after={grow_after!r} must be a whole number of steps of at least 1, or None")
         if device is not None and not isinstance(device, DeviceBackend):
             raise TypeError(
                 f"device must be a SimulatedGPU (or another batchfinder device backend) or None for the model's "
@@ -113,16 +172,12 @@ class OOMGuard:
                 f"precision={precision!r}: a true precision is the model's own dtype here; cast the model and pass "
                 "precision='32-true'"
             )
+        HalvingRetry.__init__(self, micro_batch_size, grow_after)
         self.model = model
         self.optimizer = optimizer
         self.step_fn = make_step(loss_fn, step_fn)
-        self.micro_batch_size = micro_batch_size
         self.device = device
         self.loss_reduction = loss_reduction
-        self.grow_after = grow_after
-        self.splits = 0
-        self.retried_steps = 0
-        self._clean_steps = 0
         self._precision = StepPrecision(precision, self._device_type())
 
     @classmethod
@@ -144,33 +199,12 @@ class OOMGuard:
         _check_single_process()
         batch = plain_containers(batch)
         total = batch_length(batch)
-        while True:
-            size = total if self.micro_batch_size is None else min(self.micro_batch_size, total)
-            error: str | None = None
-            try:
-                loss = self._accumulate(batch, total, size)
-            except Exception as exc:  # recovery happens below, outside this block
-                if not is_oom_error(exc) or is_fatal_device_error(exc):
-                    self.optimizer.zero_grad(set_to_none=True)
-                    raise
-                error = exception_first_line(exc)
-            if error is None:
-                break
-            self._recover()
-            if size == 1:
-                failure = torch.OutOfMemoryError(error)
-                failure.add_note(unsplittable_note("batchfinder.OOMGuard"))
-                raise failure
-            self.micro_batch_size = max(1, size // 2)
-            self.splits += 1
-            self.retried_steps += 1
-            self._clean_steps = 0
-            logger.warning(
-                "out of memory at a micro-batch of %d samples (%s): redoing the step in micro-batches of %d",
-                size, error, self.micro_batch_size,
-            )
+        loss = self.retry_halving(
+            lambda size: self._accumulate(batch, total, size), total, self._recover,
+            lambda: self.optimizer.zero_grad(set_to_none=True), "batchfinder.OOMGuard",
+        )
         self._precision.step(self.optimizer)
-        self._after_clean_step(total)
+        self.after_clean_step(total)
         return loss
 
     def _accumulate(self, batch: Any, total: int, size: int) -> torch.Tensor:
@@ -191,15 +225,6 @@ class OOMGuard:
             accumulated += loss.detach().float().cpu() * weight
             del loss, micro
         return accumulated
-
-    def _after_clean_step(self, total: int) -> None:
-        if self.grow_after is None or self.micro_batch_size is None:
-            return
-        self._clean_steps += 1
-        if self._clean_steps >= self.grow_after and self.micro_batch_size < total:
-            self.micro_batch_size = min(total, self.micro_batch_size * 2)
-            self._clean_steps = 0
-            logger.info("no out-of-memory error for %d steps: micro-batches of %d again", self.grow_after, self.micro_batch_size)
 
     # -- device -----------------------------------------------------------------------------------------------------
     def _device_type(self) -> str:

@@ -20,9 +20,7 @@ from typing import Any
 import torch
 
 from ..devices.base import DeviceBackend
-from ..engine.oom import is_fatal_device_error, is_oom_error
-from ..errors import exception_first_line
-from ..guard import batch_length, release_after_oom, slice_batch, unsplittable_note
+from ..guard import HalvingRetry, batch_length, release_after_oom, slice_batch
 from ..training.host import host_side_loading
 
 __all__ = ["TrainerGuard", "install_oom_guard"]
@@ -30,18 +28,15 @@ __all__ = ["TrainerGuard", "install_oom_guard"]
 logger = logging.getLogger(__name__)
 
 
-class TrainerGuard:
+class TrainerGuard(HalvingRetry):
     """A guarded ``training_step`` of one Trainer (see the module documentation); ``remove()`` puts the Trainer's
     own back. ``splits`` counts the halvings, ``micro_batch_size`` is the size in use (None: whole batches)."""
 
     def __init__(self, trainer: Any, micro_batch_size: int | None, grow_after: int | None, device: DeviceBackend | None):
+        super().__init__(micro_batch_size, grow_after)
         self.trainer = trainer
         self.original = trainer.training_step
-        self.micro_batch_size = micro_batch_size
-        self.grow_after = grow_after
         self.device = device
-        self.splits = 0
-        self._clean_steps = 0
 
     def remove(self) -> None:
         """Give the Trainer its own ``training_step`` back."""
@@ -53,31 +48,11 @@ class TrainerGuard:
             raise RuntimeError("install_oom_guard runs on one process: a retry on one rank alone would leave the "
                                "others waiting in the gradients' all-reduce")
         total = batch_length(inputs)
-        while True:
-            size = total if self.micro_batch_size is None else min(self.micro_batch_size, total)
-            error: str | None = None
-            try:
-                loss = self._accumulate(model, inputs, num_items_in_batch, total, size)
-            except Exception as exc:  # recovery happens below, outside this block
-                if not is_oom_error(exc) or is_fatal_device_error(exc):
-                    raise
-                error = exception_first_line(exc)
-            if error is None:
-                break
-            release_after_oom(model, self.device)
-            if size == 1:
-                failure = torch.OutOfMemoryError(error)
-                failure.add_note(unsplittable_note("batchfinder install_oom_guard"))
-                raise failure
-            self.micro_batch_size = max(1, size // 2)
-            self.splits += 1
-            self._clean_steps = 0
-            logger.warning("out of memory at a micro-batch of %d samples: redoing the step in micro-batches of %d",
-                           size, self.micro_batch_size)
-        if self.grow_after is not None and self.micro_batch_size is not None:
-            self._clean_steps += 1
-            if self._clean_steps >= self.grow_after:
-                self.micro_batch_size, self._clean_steps = min(total, self.micro_batch_size * 2), 0
+        loss = self.retry_halving(
+            lambda size: self._accumulate(model, inputs, num_items_in_batch, total, size), total,
+            lambda: release_after_oom(model, self.device), lambda: None, "batchfinder install_oom_guard",
+        )
+        self.after_clean_step(total)
         return loss
 
     def _accumulate(self, model: torch.nn.Module, inputs: Any, num_items: Any, total: int, size: int) -> torch.Tensor:
@@ -146,9 +121,6 @@ def install_oom_guard(
             "gradients of the earlier batches of an accumulation would be lost with a failed one); set it to 1 and let "
             "the guard split batches that do not fit"
         )
-    for name, value in (("micro_batch_size", micro_batch_size), ("grow_after", grow_after)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name}={value!r} must be a whole number of at least 1, or None")
     if "training_step" in vars(trainer):
         raise ValueError("the Trainer's training_step is already replaced (a guard installed twice?)")
     guard = TrainerGuard(trainer, micro_batch_size, grow_after, device)

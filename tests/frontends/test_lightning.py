@@ -346,15 +346,18 @@ def test_validation_memory_is_respected(tmp_path: Path) -> None:
         real_fit(results[False].batch_size)
 
 
+class EvalSized(LitMLP):
+    """A module with a separate evaluation batch size, which its validation loader uses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.eval_batch_size = 4
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=self.eval_batch_size)
+
+
 def test_separate_evaluation_batch_size(tmp_path: Path) -> None:
-    class EvalSized(LitMLP):
-        def __init__(self) -> None:
-            super().__init__()
-            self.eval_batch_size = 4
-
-        def val_dataloader(self) -> DataLoader:
-            return DataLoader(self.data, batch_size=self.eval_batch_size)
-
     model = EvalSized()
     callback = finder(eval_batch_size=True)
     trainer(tmp_path, [callback]).fit(model)
@@ -369,16 +372,7 @@ def test_separate_evaluation_batch_size(tmp_path: Path) -> None:
     assert "evaluation batch size" in str(result)
 
 
-
 def test_train_false_searches_only_the_evaluation_batch_size(tmp_path: Path) -> None:
-    class EvalSized(LitMLP):
-        def __init__(self) -> None:
-            super().__init__()
-            self.eval_batch_size = 4
-
-        def val_dataloader(self) -> DataLoader:
-            return DataLoader(self.data, batch_size=self.eval_batch_size)
-
     model = EvalSized()
     before = model.batch_size
     callback = finder(eval_batch_size=True, train=False)
