@@ -12,8 +12,9 @@ with Adam:
    again after 4 clean steps; the number of splits, the steps redone and the final micro-batch size are recorded.
 3. **reference**: the plain loop on a simulated GPU large enough for every batch, unsplit.
 
-It reports the guarded run's wall time against the reference's (the time the splits and the redone steps cost; both
-run on the CPU, so the figures are CPU times of the simulated GPU, not a GPU's) and the largest absolute difference
+It reports the guarded run's CPU time against the reference's (the time the splits and the redone steps cost; both
+run on the CPU, so the figures are CPU seconds of the process driving the simulated GPU, not a GPU's; CPU time
+rather than wall time, which other work on a shared machine inflates) and the largest absolute difference
 between the guarded run's final parameters and the reference's (floating-point order only, for a loss that is a
 mean over the batch).
 
@@ -129,7 +130,7 @@ def _run(name: str, setup: GuardSetup, capacity: str, batches: list[Any], guarde
     gpu = bf.SimulatedGPU(capacity)
     record = RunRecord(name, gpu.capacity_bytes, len(batches), finished=False)
     guard = bf.OOMGuard(model, optimizer, step_fn=step_fn, device=gpu, grow_after=setup.grow_after) if guarded else None
-    started = time.perf_counter()
+    started = time.process_time()  # CPU time of this process: steadier than wall time on a shared machine
     with gpu.resident(model, optimizer), gpu:
         for index, batch in enumerate(batches):
             try:
@@ -148,7 +149,7 @@ def _run(name: str, setup: GuardSetup, capacity: str, batches: list[Any], guarde
         else:
             record.finished = True
         optimizer.zero_grad(set_to_none=True)
-    record.seconds = round(time.perf_counter() - started, 3)
+    record.seconds = round(time.process_time() - started, 3)
     if guard is not None:
         record.splits, record.retried_steps = guard.splits, guard.retried_steps
         record.final_micro_batch_size = guard.micro_batch_size
@@ -193,7 +194,7 @@ def markdown_document(document: dict[str, Any]) -> str:
         f"{document['batches']} batches padded to {lengths['min']}-{lengths['max']} positions (median "
         f"{lengths['median']}). Simulated GPU of {setup['capacity']}; the reference runs unsplit on one 64 times larger.",
         "",
-        "| run | capacity | finished | died at step | splits | steps redone | final micro-batch | seconds |",
+        "| run | capacity | finished | died at step | splits | steps redone | final micro-batch | CPU seconds |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for run in document["runs"]:
@@ -207,7 +208,7 @@ def markdown_document(document: dict[str, Any]) -> str:
         "",
         f"Time lost by the guarded run against the unsplit reference: {document['time_lost_seconds']:.1f} s"
         + (f" ({fraction:+.0%})" if fraction is not None else "")
-        + " (CPU time of the simulated GPU, on a shared machine).",
+        + " (CPU seconds of the process driving the simulated GPU).",
         f"Largest absolute difference of the final parameters, guarded vs reference: "
         f"{document['max_abs_parameter_difference']:.2e}.",
         "",

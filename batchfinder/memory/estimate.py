@@ -55,7 +55,7 @@ from ..training.sample_sizes import DEFAULT_SCAN_BUDGET, SampleSize
 from ..training.steps import LossFn, StepFn, check_train, forward, make_step
 from ..training.synthetic import as_shape
 from ..training.validation import check_model
-from .breakdown import MemoryEstimate, MemoryEstimates
+from .breakdown import NO_OPTIMIZER, MemoryEstimate, MemoryEstimates
 from .replay import AllocationLog, Replay, record, replay_obstacle
 from .shapes import check_sample, is_data, largest_template, template_from_shape
 from .tracing import FakeTrainer, StepContractError, Trace, describe_template
@@ -423,7 +423,7 @@ class Estimator:
             trainable_parameter_count=self._counts[1],
             sample_bytes=sum(parts.values()),
             sample_parts=parts,
-            optimizer=self.optimizer.label if self.optimizer is not None else "none (inference)",
+            optimizer=self.optimizer.label if self.optimizer is not None else NO_OPTIMIZER,
             model=type(self.model).__name__,
             sample=self.sample_label,
             steps=self.steps,
