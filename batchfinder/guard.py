@@ -21,13 +21,18 @@ Known limitations:
 * Layers whose output depends on the whole batch see micro-batches: BatchNorm's statistics (and its running
   estimates) are computed per micro-batch, so a split step differs from the unsplit one there; losses that are not a
   mean or a sum over samples (contrastive losses over the batch) change meaning when split.
-* The guard runs on one process. Under ``torch.distributed`` with several ranks it refuses to run, since a retry on
-  one rank alone would leave the others waiting in the gradients' all-reduce.
+* Under DDP (a ``DistributedDataParallel`` model, several ranks) every micro-batch runs under ``no_sync``, the
+  ranks agree over the CPU (gloo) whether every one got through, and only then are the gradients all-reduced
+  (averaged, as DDP does): an out-of-memory error on one rank makes every rank redo the batch with half its
+  micro-batch size, and no rank waits in a collective another never enters. The gradients are all-reduced after the
+  backward passes rather than overlapped with them, which costs some of DDP's speed. Other wrappers with several
+  ranks (FSDP, DeepSpeed) are refused.
 * An out-of-memory error in ``optimizer.step()`` itself does not depend on the batch and is raised as it is.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 from collections.abc import Callable, Mapping
@@ -37,6 +42,7 @@ import torch
 from torch import nn
 
 from .devices.base import DeviceBackend
+from .engine.distributed import RankAgreement
 from .engine.oom import is_fatal_device_error, is_oom_error
 from .errors import exception_first_line
 from .result import SearchResult
@@ -178,6 +184,7 @@ class OOMGuard(HalvingRetry):
         self.step_fn = make_step(loss_fn, step_fn)
         self.device = device
         self.loss_reduction = loss_reduction
+        self._agreement: RankAgreement | None = None
         self._precision = StepPrecision(precision, self._device_type())
 
     @classmethod
@@ -196,12 +203,14 @@ class OOMGuard(HalvingRetry):
         in its first dimension. Raises ``torch.OutOfMemoryError`` (with a note) when even a micro-batch of one
         sample does not fit, and any other error of the step with its own type; the gradients are dropped then.
         """
-        _check_single_process()
+        agreement = self._rank_agreement()
         batch = plain_containers(batch)
         total = batch_length(batch)
+        attempt = (lambda size: self._accumulate(batch, total, size)) if agreement is None else (
+            lambda size: self._agreed_attempt(agreement, batch, total, size)
+        )
         loss = self.retry_halving(
-            lambda size: self._accumulate(batch, total, size), total, self._recover,
-            lambda: self.optimizer.zero_grad(set_to_none=True), "batchfinder.OOMGuard",
+            attempt, total, self._recover, lambda: self.optimizer.zero_grad(set_to_none=True), "batchfinder.OOMGuard"
         )
         self._precision.step(self.optimizer)
         self.after_clean_step(total)
@@ -217,14 +226,69 @@ class OOMGuard(HalvingRetry):
                 part = slice_batch(batch, start, start + count)
             micro = self._to_device(part)
             del part
-            with self._precision.autocast():
-                loss = self.step_fn(self.model, micro)
-            check_loss(loss)
             weight = count / total if self.loss_reduction == "mean" else 1.0
-            self._precision.backward(loss * weight)
+            with self._no_sync():  # under DDP the gradients are all-reduced once the ranks agree (_agreed_attempt)
+                with self._precision.autocast():
+                    loss = self.step_fn(self.model, micro)
+                check_loss(loss)
+                self._precision.backward(loss * weight)
             accumulated += loss.detach().float().cpu() * weight
             del loss, micro
         return accumulated
+
+    # -- several ranks ----------------------------------------------------------------------------------------------
+    def _rank_agreement(self) -> RankAgreement | None:
+        """The agreement with the other ranks under DDP (None on one process); refuses several ranks without DDP."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return None
+        if torch.distributed.get_world_size() == 1:
+            return None
+        if not isinstance(self.model, nn.parallel.DistributedDataParallel):
+            raise RuntimeError(
+                "OOMGuard with several ranks needs the model wrapped in DistributedDataParallel (the guard then "
+                "all-reduces the gradients once every rank got through the batch); other wrappers are not supported"
+            )
+        if self._agreement is None:
+            self._agreement = RankAgreement(self.model.process_group)
+        return self._agreement
+
+    def _no_sync(self) -> Any:
+        if isinstance(self.model, nn.parallel.DistributedDataParallel) and self._agreement is not None:
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+    def _agreed_attempt(self, agreement: RankAgreement, batch: Any, total: int, size: int) -> torch.Tensor:
+        """One attempt on every rank: every micro-batch under ``no_sync`` (no collective while a rank may run out of
+        memory), then the ranks agree on the outcome over the CPU; only when every rank got through are the
+        gradients all-reduced (averaged, as DDP does). An out-of-memory error on any rank makes every rank retry
+        with half its micro-batch size; any other error on one rank stops the others with ``RankFailedError``."""
+        loss: torch.Tensor | None = None
+        error: BaseException | None = None
+        out_of_memory: str | None = None
+        try:
+            loss = self._accumulate(batch, total, size)
+        except Exception as exc:  # agreed on below, outside this block
+            if is_oom_error(exc) and not is_fatal_device_error(exc):
+                out_of_memory = exception_first_line(exc)
+            else:
+                error = exc
+        fits, _, ranks = agreement.agree_outcome(
+            error is None and out_of_memory is None, 0, error is not None, f"a guarded step at micro-batches of {size}"
+        )
+        if error is not None:
+            raise error
+        if not fits:
+            raise torch.OutOfMemoryError(out_of_memory or f"out of memory on rank(s) {ranks}")
+        group = self.model.process_group
+        world = torch.distributed.get_world_size(group)
+        for parameter in self.model.parameters():
+            if parameter.requires_grad:
+                if parameter.grad is None:  # every rank all-reduces every gradient, in the same order
+                    parameter.grad = torch.zeros_like(parameter)
+                torch.distributed.all_reduce(parameter.grad, group=group)
+                parameter.grad.div_(world)
+        assert loss is not None
+        return loss
 
     # -- device -----------------------------------------------------------------------------------------------------
     def _device_type(self) -> str:
@@ -281,14 +345,6 @@ def _check_owns(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         raise ValueError(
             f"the optimizer does not own the model's parameters ({foreign} of its {len(owned)} parameters are not the "
             "model's): build it from model.parameters() of the model you pass"
-        )
-
-
-def _check_single_process() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        raise RuntimeError(
-            "OOMGuard runs on one process: with several ranks a retry on one rank alone would leave the others "
-            "waiting in the gradients' all-reduce"
         )
 
 

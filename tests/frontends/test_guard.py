@@ -205,3 +205,54 @@ def test_each_out_of_memory_error_halves_the_micro_batch_size():
         guard.step(_batches(count=1, size=2048)[0])
     assert len(tried) >= 3 and tried == [2048 >> i for i in range(len(tried))]
     assert guard.micro_batch_size == tried[-1] and guard.splits == len(tried) - 1
+
+
+def _two_rank_worker(rank: int, world: int, port: int, queue) -> None:
+    import traceback
+
+    from tests.engine.test_distributed import _init
+
+    try:
+        _init(rank, world, port)
+        sizes = [256, 2048 if rank == 1 else 256, 256]  # rank 1's second batch runs out of memory on 32 MiB
+        g = torch.Generator().manual_seed(10 + rank)
+        batches = [(torch.randn(n, 64, generator=g), torch.randint(0, 10, (n,), generator=g)) for n in sizes]
+        finals, splits = {}, {}
+        for name in ("guarded", "reference"):
+            model = _model()
+            ddp = nn.parallel.DistributedDataParallel(model)
+            optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+            gpu = bf.SimulatedGPU("32MiB" if name == "guarded" else "1GiB")
+            guard = OOMGuard(ddp, optimizer, device=gpu) if name == "guarded" else None
+            with gpu.resident(model, optimizer), gpu:
+                for x, y in batches:
+                    if guard is not None:
+                        guard.step((x, y))
+                    else:  # plain DDP: its own all-reduce in backward
+                        optimizer.zero_grad()
+                        nn.functional.cross_entropy(ddp(gpu.to_device(x)), gpu.to_device(y)).backward()
+                        optimizer.step()
+            finals[name] = [p.detach().clone() for p in model.parameters()]
+            splits[name] = guard.splits if guard is not None else 0
+        difference = max((a - b).abs().max().item() for a, b in zip(finals["guarded"], finals["reference"]))
+        queue.put((rank, {"difference": difference, "splits": splits["guarded"]}))
+    except BaseException:
+        queue.put((rank, traceback.format_exc()))
+
+
+@pytest.mark.slow
+def test_two_ranks_retry_together_and_train_as_plain_ddp():
+    from tests.engine.test_distributed import _spawn
+
+    results = _spawn(_two_rank_worker)
+    assert results[0]["splits"] == results[1]["splits"] >= 1  # rank 0 fitted and still redid the batch with rank 1
+    assert all(result["difference"] < 1e-5 for result in results.values())
+
+
+def test_several_ranks_without_ddp_are_refused(monkeypatch):
+    model = _model()
+    guard = OOMGuard(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    with pytest.raises(RuntimeError, match="needs the model wrapped in DistributedDataParallel"):
+        guard.step(_batches(count=1, size=8)[0])
