@@ -57,6 +57,7 @@ from ..training.optimizers import OptimizerSpec
 from ..training.precision import cuda_autocast_policies
 from ..training.sample_sizes import DEFAULT_SCAN_BUDGET, SampleSize, check_scan_budget
 from .framework import Callback, is_overridden, is_param_in_hook_signature, pl
+from .guard import GuardHooks, check_on_oom
 from .isolation import isolated, trial_state
 from .sources import check_sample_size_option, evaluation_source, training_source
 from .steps import LightningSteps
@@ -83,7 +84,7 @@ def _autocast_as_on(device: DeviceBackend) -> Any:
     return cuda_autocast_policies() if device.simulated else contextlib.nullcontext()
 
 
-class BatchFinder(Callback):
+class BatchFinder(GuardHooks, Callback):
     """Find the batch size at the start of ``fit`` (and optionally of validate/test/predict) and apply it.
 
     Args:
@@ -120,6 +121,8 @@ class BatchFinder(Callback):
         scan_budget: seconds the scan of each loader's sample sizes may take (default 10).
         train: ``False``: at ``fit``, search only the evaluation batch size (evaluation-only trials of
             ``validation_step``, applied where ``eval_batch_size`` says; needs it), not the training batch size.
+        on_oom: ``"split"``: a training batch that runs out of memory is redone in micro-batches for the rest of
+            ``fit``, without a restart (:mod:`batchfinder.lightning.guard`); None (default): no guard.
 
     After a search :attr:`result` holds the :class:`~batchfinder.SearchResult` (:attr:`results` one per stage).
     """
@@ -149,9 +152,11 @@ class BatchFinder(Callback):
         sample_size: SampleSize | dict[str, SampleSize] | None = None,
         scan_budget: float = DEFAULT_SCAN_BUDGET,
         train: bool = True,
+        on_oom: str | None = None,
     ) -> None:
         super().__init__()
         self.options = SearchOptions.from_arguments(locals())
+        self.on_oom = check_on_oom(on_oom)
         if batch_arg_name is not None and (not isinstance(batch_arg_name, str) or not batch_arg_name.isidentifier()):
             raise ValueError(f"batch_arg_name={batch_arg_name!r} must be an attribute name such as 'batch_size'")
         if not isinstance(eval_batch_size, (bool, str)):
@@ -234,15 +239,11 @@ class BatchFinder(Callback):
             self._targets(trainer, pl_module, stage, self.eval_batch_arg_name, evaluation=True)
         if self.options.target_batch_size is not None:
             if not pl_module.automatic_optimization:
-                raise ValueError(
-                    "target_batch_size needs automatic optimization: under manual optimization the training_step "
-                    "decides when the optimizer steps, so accumulate there"
-                )
+                raise ValueError("target_batch_size needs automatic optimization: under manual optimization the "
+                                 "training_step decides when the optimizer steps, so accumulate there")
             if any(type(c).__name__ == "GradientAccumulationScheduler" for c in trainer.callbacks):
-                raise ValueError(
-                    "target_batch_size sets trainer.accumulate_grad_batches, which a GradientAccumulationScheduler "
-                    "callback would override; use one or the other"
-                )
+                raise ValueError("target_batch_size sets trainer.accumulate_grad_batches, which a "
+                                 "GradientAccumulationScheduler callback would override; use one or the other")
         if is_param_in_hook_signature(pl_module.training_step, "dataloader_iter", explicit=True):
             raise ValueError("training_step takes a dataloader_iter: it chooses its own batches, so there is no "
                              "batch to size")
