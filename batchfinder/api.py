@@ -33,10 +33,10 @@ from .search.checks import (
 )
 from .training.batching import BatchSource
 from .training.optimizers import OptimizerLike, resolve_optimizer
-from .training.precision import check_precision
+from .training.precision import StepPrecision, check_precision
 from .training.state import preserved_rng
 from .training.sample_sizes import DEFAULT_SCAN_BUDGET, SampleSize, check_scan_budget
-from .training.steps import LossFn, StepFn, make_step
+from .training.steps import LossFn, StepFn, check_train, forward, make_step
 from .training.validation import check_materialised, check_model
 
 __all__ = ["find_batch_size", "try_batch_size"]
@@ -54,19 +54,46 @@ def _function_workload(
     scan_budget: float,
     precision: str,
     defer_fixed_check: bool = True,
+    train: bool = True,
 ) -> Workload:
     """The user's pieces as a :class:`Workload`, each checked before anything runs (``defer_fixed_check``: see
-    :class:`~batchfinder.training.batching.BatchSource`; a search looks further after it ran)."""
+    :class:`~batchfinder.training.batching.BatchSource`; a search looks further after it ran). ``train=False``: an
+    inference workload, whose evaluation step :func:`_inference_step` gives once the device is known."""
     check_model(model)
     check_scan_budget(scan_budget)
     check_precision(precision)
+    check_train(train, optimizer, loss_fn)
     model, notes = _uncompiled(model)
     module, ddp = unwrap_ddp(model)  # trials run on the unwrapped module: DDP's collectives could hang on an OOM
     check_materialised(module)
-    step = make_step(loss_fn, step_fn)
-    spec = resolve_optimizer(optimizer, module)
+    step = make_step(loss_fn, step_fn) if train or step_fn is not None else None  # (checks step_fn)
+    spec = resolve_optimizer(optimizer, module) if train else None
     source = BatchSource(dataset, sample_size=sample_size, scan_budget=scan_budget, defer_fixed_check=defer_fixed_check)
+    if not train:
+        return Workload(
+            module, None, None, None, eval_source=source, inference=True, ddp=ddp, precision=precision, notes=notes
+        )
     return Workload(module, source, step, spec, ddp=ddp, precision=precision, notes=notes)
+
+
+def _inference_step(step_fn: StepFn | None, precision: str, device_type: str) -> Any:
+    """``step(model, batch) -> output``: one forward pass as inference runs it (the trial calls it in eval mode under
+    ``torch.inference_mode()`` and keeps its output until the next step's), under the precision's autocast."""
+    run = step_fn if step_fn is not None else forward
+    autocast = StepPrecision(precision, device_type).autocast
+
+    def inference_step(model: nn.Module, batch: Any) -> Any:
+        with autocast():
+            return run(model, batch)
+
+    return inference_step
+
+
+def _with_device(workload: Workload, step_fn: StepFn | None, backend: Any) -> Workload:
+    """The workload with what depends on the device: an inference workload's step (its autocast)."""
+    if workload.inference:
+        workload.eval_step = _inference_step(step_fn, workload.precision, backend.torch_device.type)
+    return workload
 
 
 def _uncompiled(model: nn.Module) -> tuple[nn.Module, list[str]]:
@@ -110,8 +137,10 @@ def find_batch_size(
     sample_size: SampleSize | None = None,
     scan_budget: float = DEFAULT_SCAN_BUDGET,
     precision: str = "32-true",
+    train: bool = True,
 ) -> SearchResult:
-    """Find the largest batch size ``model`` can train with on ``device`` by running real training steps.
+    """Find the largest batch size ``model`` can train with on ``device`` by running real training steps (with
+    ``train=False``: the largest inference batch, by running real forward passes).
 
     Args:
         model: any ``nn.Module``; its weights, buffers, gradients, train/eval mode, the optimizer's state and the
@@ -167,6 +196,13 @@ def find_batch_size(
             ``GradScaler``), ``"bf16-mixed"`` (autocast to bfloat16), ``"16-true"``/``"bf16-true"`` (parameters and
             floating inputs in half precision for the search; your model is cast back). On a simulated GPU mixed
             precision follows CUDA's autocast policies (:mod:`batchfinder.training.precision`), not the CPU's.
+        train: ``False`` sizes inference (evaluation, embedding, batch prediction) instead of training: each trial
+            runs ``steps_per_trial`` forward passes with the model in eval mode under ``torch.inference_mode()``, no
+            optimizer and no gradients, and keeps each output until the next batch's output exists, as a loop that
+            collects outputs does. ``step_fn(model, batch) -> output`` replaces the default forward; ``optimizer``,
+            ``loss_fn`` and ``target_batch_size`` are refused. The search, safety factor, worst-case batches for
+            variable-size data and the confirmation are the same; ``result.train`` is False. The model is left in
+            the train/eval mode it was in.
 
     Returns:
         A :class:`~batchfinder.SearchResult`. Raises :class:`~batchfinder.NoBatchSizeFitsError` when batch size 1
@@ -175,8 +211,11 @@ def find_batch_size(
     """
     options = SearchOptions.from_arguments(locals())
     with preserved_rng():  # captured before anything of the user's runs (the sample scan), restored on every exit
-        workload = _function_workload(model, dataset, optimizer, loss_fn, step_fn, sample_size, scan_budget, precision)
-        return search(workload, resolve_device(device, memory_limit=memory_limit, model=workload.model), options)
+        workload = _function_workload(
+            model, dataset, optimizer, loss_fn, step_fn, sample_size, scan_budget, precision, train=train
+        )
+        backend = resolve_device(device, memory_limit=memory_limit, model=workload.model)
+        return search(_with_device(workload, step_fn, backend), backend, options)
 
 
 def try_batch_size(
@@ -193,8 +232,10 @@ def try_batch_size(
     sample_size: SampleSize | None = None,
     scan_budget: float = DEFAULT_SCAN_BUDGET,
     precision: str = "32-true",
+    train: bool = True,
 ) -> Trial:
-    """Run one trial: does ``batch_size`` fit? Same arguments and guarantees as :func:`find_batch_size`.
+    """Run one trial: does ``batch_size`` fit? Same arguments and guarantees as :func:`find_batch_size`
+    (``train=False``: does an inference batch of ``batch_size`` fit?).
 
     ``batch_size`` may not exceed ``len(dataset)``. When sample sizes vary the trial runs on the ``batch_size``
     largest samples (the worst case of every batch of that size); ``trial.data_scan`` says what was scanned.
@@ -205,12 +246,8 @@ def try_batch_size(
     options = SearchOptions.from_arguments(locals())
     with preserved_rng():  # captured before anything of the user's runs (the sample scan), restored on every exit
         workload = _function_workload(
-            model, dataset, optimizer, loss_fn, step_fn, sample_size, scan_budget, precision, defer_fixed_check=False
+            model, dataset, optimizer, loss_fn, step_fn, sample_size, scan_budget, precision, defer_fixed_check=False,
+            train=train,
         )
-        if batch_size > workload.source.length:
-            raise ValueError(
-                f"batch_size={batch_size} is larger than the dataset ({workload.source.length} samples): "
-                "a trial needs that many real samples"
-            )
         backend = resolve_device(device, memory_limit=memory_limit, model=workload.model)
-        return run_trial(workload, backend, options, batch_size)
+        return run_trial(_with_device(workload, step_fn, backend), backend, options, batch_size)

@@ -299,7 +299,11 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", default=None, help="dtype of the --input: float32 (default), float16, bfloat16, int64 (token ids), ..."
     )
-    parser.add_argument("--optimizer", default="adam", help="a torch.optim optimizer by name: adam (default), sgd, adamw, ...")
+    parser.add_argument("--optimizer", default=None, help="a torch.optim optimizer by name: adam (default), sgd, adamw, ...")
+    parser.add_argument(
+        "--inference", action="store_true",
+        help="size inference instead of training: forward passes in eval mode without gradients, no optimizer",
+    )
     parser.add_argument(
         "--model-kwargs", type=_json_object("--model-kwargs"), default=None, metavar="JSON", help="keyword arguments for MODEL, as a JSON object"
     )
@@ -330,7 +334,10 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     dtype = DTYPES.get(name.lower())
     if dtype is None:
         raise CommandError(f"--dtype {name!r} is not one of {', '.join(sorted(DTYPES))}")
-    return load_model(args.model, args.model_kwargs), _optimizer(args.optimizer), dtype
+    if args.inference and args.optimizer is not None:
+        raise CommandError("--inference runs no optimizer: leave --optimizer out")
+    optimizer = None if args.inference else _optimizer(args.optimizer or "adam")
+    return load_model(args.model, args.model_kwargs), optimizer, dtype
 
 
 def _sample(args: argparse.Namespace) -> Any:
@@ -373,7 +380,7 @@ def run_estimate(args: argparse.Namespace) -> int:
     model, optimizer, dtype = _prepare(args)
     estimates = estimate_memory_curve(
         model, _sample(args), list(args.batch_sizes), optimizer=optimizer, input_dtype=dtype, scan_budget=args.scan_budget,
-        precision=args.precision,
+        precision=args.precision, train=not args.inference,
     )
     if args.plot:
         estimates.plot(args.plot, capacity=args.capacity)
@@ -422,6 +429,7 @@ def run_predict(args: argparse.Namespace) -> int:
         input_dtype=dtype,
         scan_budget=args.scan_budget,
         precision=args.precision,
+        train=not args.inference,
     )
     if args.plot:
         prediction.plot(args.plot)
@@ -496,6 +504,7 @@ def run_find(args: argparse.Namespace) -> int:
         confirm_steps=args.confirm_steps,
         scan_budget=args.scan_budget,
         precision=args.precision,
+        train=not args.inference,
     )
     if args.plot:
         result.plot(args.plot)

@@ -137,6 +137,9 @@ class SearchResult:
     (trials then ran on the largest samples)."""
     precision: str = "32-true"
     """The precision the trials trained in (``precision=``; a framework's own steps report ``"32-true"`` here)."""
+    train: bool = True
+    """False for a search of inference batch sizes (``train=False``, or an evaluation-only search): trials ran
+    forward passes in eval mode with no optimizer."""
     notes: list[str] = field(default_factory=list)
     """What the search did or noticed that bears on the answer (a compiled model searched uncompiled, a
     checkpointed part that computes no gradients, ...)."""
@@ -259,6 +262,7 @@ class SearchResult:
             "confirmations": [trial.as_dict() for trial in self.confirmations],
             "data_scan": None if self.data_scan is None else self.data_scan.as_dict(),
             "precision": self.precision,
+            "train": self.train,
             "notes": list(self.notes),
         }
 
@@ -273,7 +277,7 @@ class SearchResult:
     def __str__(self) -> str:
         capacity = f", capacity {format_bytes(self.capacity_bytes)}" if self.capacity_bytes else ""
         lines = [
-            f"batch size search on {self.device}{capacity}, mode {self.mode}"
+            f"{'' if self.train else 'inference '}batch size search on {self.device}{capacity}, mode {self.mode}"
             + (f", precision {self.precision}" if self.precision != "32-true" else "")
             + f": {self.num_trials} trial{'' if self.num_trials == 1 else 's'}, "
             f"{self.num_steps} steps, {self.num_ooms} out of memory, {self.seconds:.1f} s",

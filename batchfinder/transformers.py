@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from .hf.guard import install_oom_guard
 from .hf.trainer import find_trainer_batch_size
 
-__all__ = ["find_trainer_batch_size"]
+__all__ = ["find_trainer_batch_size", "install_oom_guard"]

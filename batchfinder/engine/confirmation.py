@@ -52,6 +52,8 @@ def confirm(
     options: ConfirmationOptions,
     agreement: RankAgreement | None,
     strategy: SearchStrategy,
+    *,
+    phase: str = "train",
 ) -> None:
     """Run ``options.confirm_steps`` steps at the recommended size in one trial, the allocator's cache kept between
     them, so that memory the steps leave cached and fragmented shows (for variable-size data: batches in the
@@ -60,16 +62,17 @@ def confirm(
 
     After ``mode="guided"`` confirmed its prediction to the byte on the simulated GPU (stop reason ``"prediction
     confirmed"``), a confirmation of fixed-size data with as many steps as a trial is the recorded trial replayed at
-    the recommended size: the same figures as running it, without the steps."""
+    the recommended size: the same figures as running it, without the steps. ``phase="eval"`` confirms an inference
+    search the same way, with inference steps."""
     size = result.batch_size
     steps = max(options.confirm_steps, MIN_STEPS_PER_TRIAL)
-    replays = not source.varies and steps == options.steps_per_trial
+    replays = phase == "train" and not source.varies and steps == options.steps_per_trial
     for _ in range(_CONFIRMATION_ATTEMPTS):
         trial = _replayed_trial(strategy, size, steps, result) if replays else None
         if trial is None:
             # Built inside the trial: running out of memory while collating them is running out of memory at this size.
             batches = (lambda: _confirmation_batches(source, size, options.confirm_steps)) if source.varies else None
-            trial = session.run(size, steps=steps, host_batches=batches)
+            trial = session.run(size, phase=phase, steps=steps, host_batches=batches)
             del batches
         if agreement is not None:
             trial, _peak = agreement.agree_trial(trial, f"the confirmation at batch size {size}")

@@ -46,6 +46,9 @@ class SearchOptions:
     target_batch_size: int | None = None
     """The effective batch size over all ranks (micro-batch x accumulation steps x ranks)."""
     distributed: bool | None = None
+    train: bool = True
+    """False: size inference instead of training: trials run forward passes only, in eval mode under
+    ``torch.inference_mode()``, with no optimizer, each output kept until the next batch's is computed."""
     confirm_steps: int = MIN_STEPS_PER_TRIAL
     """After the search, this many steps at the recommended size in one trial (0: none). On a caching allocator
     "fits" is not monotone in the batch size (segments pack differently), so the recommended size, below the largest
@@ -85,6 +88,10 @@ class SearchOptions:
         validate_target_batch_size(self.target_batch_size)
         if isinstance(self.confirm_steps, bool) or not isinstance(self.confirm_steps, int) or self.confirm_steps < 0:
             raise ValueError(f"confirm_steps={self.confirm_steps!r} must be a whole number of steps, 0 for none")
+        if not isinstance(self.train, bool):
+            raise TypeError(f"train must be True (size training) or False (size inference), not {self.train!r}")
+        if not self.train and self.target_batch_size is not None:
+            raise ValueError("target_batch_size plans gradient accumulation for training: leave it out with train=False")
         if self.distributed is not None and not isinstance(self.distributed, bool):
             raise TypeError(f"distributed must be True, False or None (automatic), not {type(self.distributed).__name__}")
 

@@ -87,6 +87,7 @@ def _search(
     session = _session(workload, device, options)
     training = workload.trains
     source = workload.searched_source
+    full = training or workload.inference  # a search of its own data: looks further, confirms
     check_precision(workload.precision)
     device.check_precision(workload.precision)
     context = SearchContext(
@@ -97,8 +98,10 @@ def _search(
         context = dataclasses.replace(context, smallest_over_ranks=agreement.smallest)
     with _open(session, agreement):
         phase = "train" if training else "eval"
+        if not training:  # the guided mode models training memory
+            options = _evaluation_options(options, options.init_batch_size)
         result, strategy = _run(session, context, options, agreement, phase=phase, length=source.length)
-        if training and _looked_further(workload.source, time.perf_counter() - started, agreement):
+        if full and _looked_further(source, time.perf_counter() - started, agreement):
             session.notes.append(
                 f"a sample of other shapes than the rest turned up after the search ({source.scan.describe()}): "
                 "the search ran again on the largest samples"
@@ -110,9 +113,9 @@ def _search(
                 session, context, eval_options, agreement, phase="eval", length=workload.eval_source.length
             )
             result.evaluation.data_scan = workload.eval_source.scan
-        if training and options.confirm_steps:
+        if full and options.confirm_steps:
             try:
-                confirm(session, source, result, options, agreement, strategy)
+                confirm(session, source, result, options, agreement, strategy, phase=phase)
             except Exception as exc:
                 note_search_progress(exc, result.trials)
                 raise
@@ -125,6 +128,7 @@ def _search(
         result.accumulation_steps = plan.accumulation_steps
     result.data_scan = source.scan
     result.precision = workload.precision
+    result.train = training
     result.notes = [*workload.notes, *session.notes]
     result.seconds = time.perf_counter() - started
     return result
@@ -175,6 +179,8 @@ def _session(workload: Workload, device: DeviceBackend, options: SearchOptions) 
         reserved_bytes=ddp_bucket_bytes(workload.ddp) if charge_buckets and workload.ddp is not None else (),
         extra_state=workload.extra_state,
         precision=workload.precision,
+        inference=workload.inference,
+        eval_steps=options.steps_per_trial if workload.inference else 1,
         record_on_entry=mode_named(options.mode).records_on_entry and workload.trains,
     )
 
@@ -314,5 +320,5 @@ def run_trial(workload: Workload, device: DeviceBackend, options: SearchOptions,
     check_precision(workload.precision)
     device.check_precision(workload.precision)
     with _session(workload, device, options) as session:
-        trial = session.run(batch_size)
+        trial = session.run(batch_size, phase="train" if workload.trains else "eval")
     return dataclasses.replace(trial, data_scan=source.scan)

@@ -107,6 +107,7 @@ class TrialSession:
         extra_state: Sequence[SnapshotFactory] = (),
         precision: str = "32-true",
         record_on_entry: bool = False,
+        inference: bool = False,
     ) -> None:
         """``step``/``optimizer`` drive the built-in training step; ``train_step`` replaces it (then ``step`` may be
         None); with neither the session only evaluates (``eval_step`` and ``eval_source`` required). ``precision``
@@ -114,7 +115,8 @@ class TrialSession:
         the mixed precisions; for ``"16-true"``/``"bf16-true"`` the model's floating parameters and buffers, and the
         batches' floating tensors, are cast for the length of the session. ``record_on_entry``: the model check on
         entry is the recorded trial of :meth:`record_allocations` where one can be made (one real step less for a
-        guided search). See the module documentation for the other keywords."""
+        guided search). ``inference``: evaluation steps run under ``torch.inference_mode()`` instead of
+        ``torch.no_grad()``. See the module documentation for the other keywords."""
         self.model = model
         self.source = source
         self.step = step
@@ -131,6 +133,7 @@ class TrialSession:
         self.extra_state = list(extra_state)
         self.precision = check_precision(precision)
         self.record_on_entry = record_on_entry
+        self.inference = inference
         self._entry_log: AllocationLog | None = None
         self._entry_recording_failed = False
         self._param_dtype = parameter_dtype(self.precision)
@@ -353,13 +356,13 @@ class TrialSession:
         eval step, ``eval_steps`` evaluation steps at the same size (at most the evaluation data's length); the trial
         fits only if both do. ``phase="eval"``: evaluation steps at ``batch_size``; a session that trains first runs
         one training step at a batch of 2, so that optimizer state and gradients are held as during validation inside
-        training. Its time per step is then the evaluation step's. ``steps`` overrides ``steps_per_trial`` for one
-        training trial (the confirmation run). ``host_batches`` (training only) gives one host batch per step
-        instead of one batch of ``batch_size`` for every step: each moves to the device before the previous one is
-        dropped, as in a training loop, with the allocator's cache kept between steps; or a callable that returns
-        them (None: one batch of ``batch_size``), called inside the trial. An out-of-memory error while a batch is
-        built (a ``collate_fn`` that moves it to the GPU) or moved to the device means the size does not fit, as
-        one in the steps does.
+        training. Its time per step is then the evaluation step's. ``steps`` overrides ``steps_per_trial`` (or
+        ``eval_steps``) for one trial (the confirmation run). ``host_batches`` gives one host batch per training
+        step (or, for ``phase="eval"``, per evaluation step) instead of one batch of ``batch_size`` for every step:
+        each moves to the device before the previous one is dropped, as in a loop, with the allocator's cache kept;
+        or a callable that returns them (None: one batch of ``batch_size``), called inside the trial. An
+        out-of-memory error while a batch is built (a ``collate_fn`` that moves it to the GPU) or moved to the device
+        means the size does not fit, as one in the steps does.
         """
         state = self._require_state()
         tracker = PhaseTracker()
@@ -382,11 +385,13 @@ class TrialSession:
         train_steps = 1
         try:
             tracker.enter("collate")
-            host_batch, eval_host, train_steps, per_step = self._host_batches(batch_size, phase, steps, host_batches)
+            batches = self._host_batches(batch_size, phase, steps, host_batches)
+            host_batch, eval_host, train_steps, per_step, eval_steps, eval_per_step = batches
+            del batches
             with tracker.active():
                 self._steps(
                     host_batch, durations, train_steps=train_steps, eval_host=eval_host, eval_durations=eval_durations,
-                    per_step=per_step, tracker=tracker,
+                    per_step=per_step, tracker=tracker, eval_steps=eval_steps, eval_per_step=eval_per_step,
                 )
         except Exception as exc:  # recovery happens below, outside this block
             # Out of memory anywhere, the data path included (a collate_fn that moves the batch to the GPU, the
@@ -419,21 +424,30 @@ class TrialSession:
 
     def _host_batches(
         self, batch_size: int, phase: str, steps: int | None, given: Sequence[Any] | Callable[[], Any] | None
-    ) -> tuple[Any, Any, int, bool]:
-        """The host batches of a trial: (the training batch or one per step, the evaluation batch, the training
-        steps, whether each step has its own batch)."""
-        if phase == "eval":
-            host = self.source.batch(min(2, self.source.length)) if self.trains else None
-            return host, self._host(self.eval_source.batch(batch_size)), 1, False  # type: ignore[union-attr]
+    ) -> tuple[Any, Any, int, bool, int | None, bool]:
+        """The host batches of a trial: (the training batch or one per step, the evaluation batch or one per step,
+        the training steps, whether each training step has its own batch, the evaluation steps (None: the
+        session's), whether each evaluation step has its own batch)."""
         given = given() if callable(given) else given
         if given is not None and not given:
             raise ValueError("host_batches is empty: give one batch per step")
+        if phase == "eval":
+            host = self.source.batch(min(2, self.source.length)) if self.trains else None
+            if given is None:
+                eval_host: Any = self._host(self.eval_source.batch(batch_size))  # type: ignore[union-attr]
+                eval_steps = steps or self.eval_steps
+                if self.inference:  # a loop's batches: each step's moves to the device before the last one goes
+                    eval_host = [eval_host] * eval_steps
+            else:
+                eval_host = [self._host(b) for b in given]
+                eval_steps = len(eval_host)
+            return host, eval_host, 1, False, eval_steps, given is not None or self.inference
         host = self._host(self.source.batch(batch_size)) if given is None else [self._host(b) for b in given]
         eval_host = None
         if self.validate and self.eval_step is not None and self.eval_source is not None:
             eval_host = self._host(self.eval_source.batch(min(batch_size, self.eval_source.length)))
         train_steps = self.steps_per_trial if steps is None else steps
-        return host, eval_host, len(host) if given is not None else train_steps, given is not None
+        return host, eval_host, len(host) if given is not None else train_steps, given is not None, None, False
 
     def record_allocations(self, sizes: tuple[int, int] = RECORDED_SIZES) -> AllocationLog | None:
         """Run one training trial with every allocator call logged, its first step at batch size ``sizes[0]`` and
@@ -527,6 +541,8 @@ class TrialSession:
         eval_durations: list[float] | None = None,
         per_step: bool = False,
         tracker: PhaseTracker | None = None,
+        eval_steps: int | None = None,
+        eval_per_step: bool = False,
     ) -> None:
         steps = self.steps_per_trial if train_steps is None else train_steps
         tracker = tracker if tracker is not None else PhaseTracker()
@@ -570,18 +586,23 @@ class TrialSession:
                 del batches
             if eval_host is not None and self.eval_step is not None:
                 # The training batch is gone, the optimizer (and its state) is not: as during validation in training.
-                tracker.enter("moving the batch to the device")
                 tracker.step_index = None
-                batch = self.device.to_device(eval_host)
                 self.model.eval()
-                with torch.no_grad():
-                    for _ in range(self.eval_steps):
+                output: Any = None
+                with torch.inference_mode() if self.inference else torch.no_grad():
+                    tracker.enter("moving the batch to the device")
+                    eval_batches = DeviceBatches(self.device, eval_host, eval_per_step)
+                    for index in range(self.eval_steps if eval_steps is None else eval_steps):
+                        tracker.enter("moving the batch to the device")
+                        batch = eval_batches.get(index)
                         tracker.enter("evaluation step")
                         start = time.perf_counter()
-                        self.eval_step(self.model, batch)
+                        # the previous output is still held while this one is computed, as a caller's loop holds it
+                        output = self.eval_step(self.model, batch)
                         self.device.synchronize()
                         if eval_durations is not None:
                             eval_durations.append(time.perf_counter() - start)
-                del batch
+                        del batch
+                    del eval_batches, output
             del optimizer
 

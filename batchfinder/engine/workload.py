@@ -41,6 +41,11 @@ class Workload:
     extra_state: Sequence[SnapshotFactory] = ()
     ddp: nn.parallel.DistributedDataParallel | None = None
     """The DDP wrapper around ``model``, when there is one (its gradient buckets are charged)."""
+    inference: bool = False
+    """An evaluation-only workload that sizes inference (``train=False``): its evaluation steps run under
+    ``torch.inference_mode()``, ``steps_per_trial`` of them, each output kept until the next one is computed; the
+    search looks further for larger samples and confirms its recommendation as a training search does.
+    ``eval_source`` is then a :class:`TrainingBatches` (the function front end's ``BatchSource``)."""
     precision: str = "32-true"
     """The built-in step's precision (:mod:`batchfinder.training.precision`); a front end's own ``train_step`` runs
     in its framework's precision instead."""

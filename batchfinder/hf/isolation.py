@@ -173,6 +173,11 @@ def apply_result(trainer: Any, result: SearchResult, *, accumulate: bool) -> dic
     searched, to ``per_device_eval_batch_size`` (evaluation loaders cached with the old size are dropped).
     """
     args = trainer.args
+    if not result.train:  # an evaluation-only search (train=False)
+        _set_argument(args, "per_device_eval_batch_size", result.batch_size)
+        vars(trainer).pop("_eval_dataloaders", None)
+        logger.info("training arguments set: per_device_eval_batch_size=%d", result.batch_size)
+        return {"per_device_eval_batch_size": result.batch_size}
     written = {"per_device_train_batch_size": result.micro_batch_size if accumulate else result.batch_size}
     if accumulate:
         written["gradient_accumulation_steps"] = result.accumulation_steps

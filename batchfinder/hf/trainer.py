@@ -131,6 +131,7 @@ def find_trainer_batch_size(
     memory_limit: int | str | None = None,
     distributed: bool | None = None,
     search_eval: bool | None = None,
+    train: bool = True,
 ) -> SearchResult:
     """Find the largest batch size a Hugging Face ``Trainer`` can train with, and set it in ``trainer.args``.
 
@@ -148,6 +149,8 @@ def find_trainer_batch_size(
             evaluation-only trials, so that evaluation never lowers the training size) and set
             ``per_device_eval_batch_size`` (the Lightning callback's ``eval_batch_size``, the same concept).
         search_eval: the former name of ``eval_batch_size`` (deprecated: it warns, and wins when given).
+        train: ``False``: search only ``per_device_eval_batch_size`` (evaluation-only trials of the Trainer's
+            ``prediction_step``; needs an ``eval_dataset``), leaving the training arguments as they are.
         init_batch_size: the first size tried (default: ``args.per_device_train_batch_size``).
         sample_size: the size of each training sample (a callable ``index -> number`` or one number per sample).
             Default: the dataset's length column (``args.length_column_name``) or ``input_ids`` lengths for a
@@ -173,6 +176,8 @@ def find_trainer_batch_size(
         eval_batch_size = search_eval
     if not isinstance(eval_batch_size, bool):
         raise TypeError(f"eval_batch_size must be True or False, not {type(eval_batch_size).__name__}")
+    if train is False and trainer.eval_dataset is None:
+        raise ValueError("train=False searches per_device_eval_batch_size, but the Trainer has no eval_dataset")
     if init_batch_size is None:
         init_batch_size = max(1, int(args.per_device_train_batch_size))
         if max_batch_size is not None:
@@ -183,13 +188,13 @@ def find_trainer_batch_size(
     precision = trainer_precision(args)
     module, ddp = trial_model(trainer, distributed)
     with kept_attributes(trainer), checkpointing(module, args) as checkpointed:
-        source = training_source(trainer, sample_size, scan_budget)
-        eval_source = evaluation_source(trainer, scan_budget) if eval_batch_size else None
+        source = training_source(trainer, sample_size, scan_budget) if train else None
+        eval_source = evaluation_source(trainer, scan_budget) if (eval_batch_size or not train) else None
         workload = Workload(
             model=module,
             source=source,
-            step=loss_step(trainer),
-            optimizer=optimizer_spec(trainer),
+            step=loss_step(trainer) if train else None,
+            optimizer=optimizer_spec(trainer) if train else None,
             eval_step=eval_step(trainer, precision, backend.torch_device.type) if eval_source is not None else None,
             eval_source=eval_source,
             validate=False,

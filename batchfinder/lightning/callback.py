@@ -58,6 +58,7 @@ from ..training.optimizers import OptimizerSpec
 from ..training.precision import cuda_autocast_policies
 from ..training.sample_sizes import DEFAULT_SCAN_BUDGET, SampleSize, check_scan_budget
 from .framework import Callback, is_overridden, is_param_in_hook_signature, pl
+from .guard import GuardHooks, check_on_oom
 from .isolation import isolated, trial_state
 from .sources import check_sample_size_option, evaluation_source, training_source
 from .steps import LightningSteps
@@ -84,7 +85,7 @@ def _autocast_as_on(device: DeviceBackend) -> Any:
     return cuda_autocast_policies() if device.simulated else contextlib.nullcontext()
 
 
-class BatchFinder(Callback):
+class BatchFinder(GuardHooks, Callback):
     """Find the batch size at the start of ``fit`` (and optionally of validate/test/predict) and apply it.
 
     Args:
@@ -119,6 +120,10 @@ class BatchFinder(Callback):
             per sample; with a dict of training dataloaders, a dict of those by loader name. Default: element counts.
             Trials of size B run on each loader's B largest samples (validation loaders' too, by element count).
         scan_budget: seconds the scan of each loader's sample sizes may take (default 10).
+        train: ``False``: at ``fit``, search only the evaluation batch size (evaluation-only trials of
+            ``validation_step``, applied where ``eval_batch_size`` says; needs it), not the training batch size.
+        on_oom: ``"split"``: a training batch that runs out of memory is redone in micro-batches for the rest of
+            ``fit``, without a restart (:mod:`batchfinder.lightning.guard`); None (default): no guard.
 
     After a search :attr:`result` holds the :class:`~batchfinder.SearchResult` (:attr:`results` one per stage).
     """
@@ -147,9 +152,12 @@ class BatchFinder(Callback):
         confirm_steps: int = MIN_STEPS_PER_TRIAL,
         sample_size: SampleSize | dict[str, SampleSize] | None = None,
         scan_budget: float = DEFAULT_SCAN_BUDGET,
+        train: bool = True,
+        on_oom: str | None = None,
     ) -> None:
         super().__init__()
         self.options = SearchOptions.from_arguments(locals())
+        self.on_oom = check_on_oom(on_oom)
         if batch_arg_name is not None and (not isinstance(batch_arg_name, str) or not batch_arg_name.isidentifier()):
             raise ValueError(f"batch_arg_name={batch_arg_name!r} must be an attribute name such as 'batch_size'")
         if not isinstance(eval_batch_size, (bool, str)):
@@ -161,6 +169,8 @@ class BatchFinder(Callback):
         stage_list = [stages] if isinstance(stages, str) else list(stages)
         if not stage_list or any(s not in _STAGES for s in stage_list):
             raise ValueError(f"stages={stages!r}: each stage must be one of {list(_STAGES)}")
+        if not train and "fit" in stage_list and not eval_batch_size:
+            raise ValueError("train=False searches only the evaluation batch size at fit: pass eval_batch_size=True")
         check_sample_size_option(sample_size)
         self.sample_size = sample_size
         self.scan_budget = check_scan_budget(scan_budget)
@@ -273,6 +283,13 @@ class BatchFinder(Callback):
     def _search_fit(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         with agreeing_ranks(self.options.distributed):  # from the first check on, a failure reaches the others
             check_strategy(trainer)
+            if not self.options.train and self.eval_batch_arg_name is not None:
+                targets = self._targets(trainer, module, "fit", self.eval_batch_arg_name, evaluation=True)
+                if not (loaders := self._validation_loaders(trainer, module)):
+                    raise ValueError(
+                        "train=False searches the evaluation batch size, but the run has no validation data"
+                    )
+                return self._evaluation_search(trainer, module, "fit", targets, loaders, "validation_step")
             targets = self._targets(trainer, module, "fit", self.batch_arg_name, evaluation=False)
             eval_targets = (
                 self._targets(trainer, module, "fit", self.eval_batch_arg_name, evaluation=True)
@@ -325,28 +342,34 @@ class BatchFinder(Callback):
         with agreeing_ranks(self.options.distributed):  # from the first check on, a failure reaches the others
             check_strategy(trainer)
             targets = self._targets(trainer, module, stage, self._eval_stage_name(), evaluation=True)
-            device = self._resolve_device(trainer)
+            self._resolve_device(trainer)
             loop = {"validate": trainer.validate_loop, "test": trainer.test_loop, "predict": trainer.predict_loop}[stage]
             combined = loop._combined_loader
             loaders = list(combined.flattened) if combined is not None else flatten_loaders(loop._data_source.dataloader())
             loaders = [check_loader(loader, stage) for loader in loaders]
             if not loaders:
                 raise ValueError(f"there is no {stage} dataloader to search a batch size with")
-            steps = LightningSteps(trainer, module, device, _EVAL_HOOKS[stage], eval_loaders=len(loaders))
-            with isolated(trainer, module, steps), _autocast_as_on(device):
-                workload = Workload(
-                    module,
-                    None,
-                    None,
-                    None,
-                    eval_step=steps.eval_step,
-                    eval_source=evaluation_source(loaders, module, scan_budget=self.scan_budget),
-                    extra_state=trial_state(trainer, module),
-                )
-                result = search(workload, device, self.options)
-            targets.apply(result.batch_size)
+            self._evaluation_search(trainer, module, stage, targets, loaders, _EVAL_HOOKS[stage])
             reload_evaluation_loop(loop)
-            self._report(trainer, result, stage)
+
+    def _evaluation_search(self, trainer: pl.Trainer, module: pl.LightningModule, stage: str, targets: Targets,
+                           loaders: list[DataLoader], hook: str) -> None:
+        """An evaluation-only search of ``hook`` over ``loaders``, applied to ``targets`` and reported as ``stage``."""
+        device = self._resolve_device(trainer)
+        steps = LightningSteps(trainer, module, device, hook, eval_loaders=len(loaders))
+        with isolated(trainer, module, steps), _autocast_as_on(device):
+            workload = Workload(
+                module,
+                None,
+                None,
+                None,
+                eval_step=steps.eval_step,
+                eval_source=evaluation_source(loaders, module, scan_budget=self.scan_budget),
+                extra_state=trial_state(trainer, module),
+            )
+            result = search(workload, device, self.options)
+        targets.apply(result.batch_size)
+        self._report(trainer, result, stage)
 
     # -- reporting ---------------------------------------------------------------------------------------------------
     def _report(self, trainer: pl.Trainer, result: SearchResult, stage: str) -> None:

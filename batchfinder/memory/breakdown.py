@@ -11,7 +11,7 @@ from typing import Any
 from ..search.checks import MIN_STEPS_PER_TRIAL
 from ..units import format_bytes, parse_bytes
 
-__all__ = ["MemoryEstimate", "MemoryEstimates"]
+__all__ = ["MemoryEstimate", "MemoryEstimates", "NO_OPTIMIZER"]
 
 _CATEGORY_LABELS: tuple[tuple[str, str], ...] = (
     ("parameters", "parameters"),
@@ -129,7 +129,8 @@ class MemoryEstimate:
             f"{self.optimizer}, batch size {self.batch_size:,}",
             f"batch {self.sample}: {self.sample_bytes:,} B per sample ({parts})" if parts else f"batch {self.sample}",
             self.table(),
-            f"the peak is in {self.peak_phase}; {self.steps} training steps traced under fake tensors, every storage "
+            f"the peak is in {self.peak_phase}; {self.steps} {'inference' if self.optimizer == NO_OPTIMIZER else 'training'} "
+            "steps traced under fake tensors, every storage "
             "rounded up to 512 B as the CUDA allocator does",
             f"PyTorch's caching allocator would reserve {format_bytes(self.peak_reserved)} for this step from an empty "
             "cache (whole segments, cached blocks)",
@@ -143,6 +144,9 @@ class MemoryEstimate:
 
         return plot_estimates([self], path, capacity=capacity, safety=safety)
 
+
+NO_OPTIMIZER = "none (inference)"
+"""The optimizer an estimate of inference (``train=False``) names."""
 
 class MemoryEstimates(list[MemoryEstimate]):
     """Estimates at several batch sizes (a list of :class:`MemoryEstimate`, in the order asked) with a table and a

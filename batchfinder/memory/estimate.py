@@ -40,7 +40,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 
 from ..errors import FakeTensorUnsupportedError, exception_first_line
@@ -49,21 +48,16 @@ from ..search.checks import (
     check_positive_int,
     check_steps_per_trial,
 )
-from ..training.batching import (
-    BatchSource,
-    describe_batch,
-    is_supported_sample,
-    sample_bytes,
-)
+from ..training.batching import describe_batch, sample_bytes
 from ..training.optimizers import OptimizerLike, OptimizerSpec, resolve_optimizer
 from ..training.precision import check_precision
 from ..training.sample_sizes import DEFAULT_SCAN_BUDGET, SampleSize
-from ..training.steps import LossFn, StepFn, make_step
+from ..training.steps import LossFn, StepFn, check_train, forward, make_step
 from ..training.synthetic import as_shape
 from ..training.validation import check_model
-from .breakdown import MemoryEstimate, MemoryEstimates
+from .breakdown import NO_OPTIMIZER, MemoryEstimate, MemoryEstimates
 from .replay import AllocationLog, Replay, record, replay_obstacle
-from .shapes import template_from_shape
+from .shapes import check_sample, is_data, largest_template, template_from_shape
 from .tracing import FakeTrainer, StepContractError, Trace, describe_template
 
 __all__ = [
@@ -88,16 +82,6 @@ def _sample_parts(template: Any) -> dict[str, int]:
     return {"input": sample_bytes(template)}
 
 
-def _check_sample(sample: Any) -> None:
-    if is_supported_sample(sample):
-        return
-    raise TypeError(
-        f"sample must be one dataset item as dataset[0] returns it (a tensor, an (input, target, ...) tuple or a dict "
-        f"of tensors, without the batch dimension) or an input shape such as (1, 28, 28) or '1x28x28', not "
-        f"{describe_batch(sample)}"
-    )
-
-
 class Estimator:
     """Memory estimates of one model, sample, optimizer and step at any batch size (peaks are cached).
 
@@ -119,6 +103,7 @@ class Estimator:
         allocator_capacity: int | None = None,
         sample_index: int | None = None,
         precision: str = "32-true",
+        train: bool = True,
     ) -> None:
         self.model = model
         self.template = template
@@ -133,9 +118,10 @@ class Estimator:
         a real GPU runs out of memory, rather than the allocated peak."""
         self.trainer = FakeTrainer(
             model, template, optimizer, step, steps=steps, workspace_bytes=workspace_bytes,
-            allocator_capacity=allocator_capacity, precision=precision,
+            allocator_capacity=allocator_capacity, precision=precision, train=train,
         )
         self.precision = precision
+        self.train = train
         self.steps = steps
         self.sample_label = sample_label or describe_template(template)
         self._traces: dict[int, Trace] = {}
@@ -146,7 +132,7 @@ class Estimator:
         self.replayable: bool | None = None
         """Whether one recorded trace stands for every batch size (None until first needed; see
         :mod:`batchfinder.memory.replay`)."""
-        self.method = "not yet run"
+        self.method = "not yet run" if train else "a trace per size (inference)"
         """How peaks are computed: ``"one trace, replayed at each size"`` or, when the model's memory is not an
         affine function of the batch size (or cannot be recorded), ``"a trace per size"`` with the reason."""
         self.detailed = False
@@ -174,23 +160,25 @@ class Estimator:
         sample_size: SampleSize | None = None,
         scan_budget: float = DEFAULT_SCAN_BUDGET,
         precision: str = "32-true",
+        train: bool = True,
     ) -> "Estimator":
         """Validate the public arguments (see :func:`estimate_memory`) and build the estimator."""
         check_precision(precision)
         check_model(model)
         check_steps_per_trial(steps_per_trial)
-        step = make_step(loss_fn, step_fn)
-        spec = resolve_optimizer(optimizer, model)
+        check_train(train, optimizer, loss_fn)
+        step = make_step(loss_fn, step_fn) if train or step_fn is not None else forward
+        spec = resolve_optimizer(optimizer, model) if train else None
         index = None
-        shape = None if _is_data(sample) else as_shape(sample, argument="sample")
-        if _is_data(sample):
-            template, label, index = _largest_template(sample, sample_size, scan_budget)
+        shape = None if is_data(sample) else as_shape(sample, argument="sample")
+        if is_data(sample):
+            template, label, index = largest_template(sample, sample_size, scan_budget)
         elif sample_size is not None:
             raise ValueError("sample_size applies when sample is a Dataset or DataLoader (to find its largest sample)")
         elif shape is not None:
             template, label = template_from_shape(model, shape, input_dtype)
         else:
-            _check_sample(sample)
+            check_sample(sample)
             try:
                 template = default_collate([sample])
             except (TypeError, RuntimeError) as exc:
@@ -199,7 +187,7 @@ class Estimator:
         return cls(
             model, template, spec, step, steps=steps_per_trial, sample_label=label, reserved=reserved,
             workspace_bytes=workspace_bytes, allocator_capacity=allocator_capacity, sample_index=index,
-            precision=precision,
+            precision=precision, train=train,
         )
 
     @classmethod
@@ -267,7 +255,7 @@ class Estimator:
 
     def _replay(self, batch_size: int) -> Replay | None:
         """The replay of the recorded trace at ``batch_size`` (None where the log cannot stand for it)."""
-        if batch_size < 2 or self.replayable is False:
+        if batch_size < 2 or self.replayable is False or not self.train:
             return None
         found = self._replays.get(batch_size)
         if found is not None:
@@ -435,7 +423,7 @@ class Estimator:
             trainable_parameter_count=self._counts[1],
             sample_bytes=sum(parts.values()),
             sample_parts=parts,
-            optimizer=self.optimizer.label,
+            optimizer=self.optimizer.label if self.optimizer is not None else NO_OPTIMIZER,
             model=type(self.model).__name__,
             sample=self.sample_label,
             steps=self.steps,
@@ -451,23 +439,6 @@ class Estimator:
             "(input, target) tuple or a dict of tensors, without the batch dimension) or the input shape, e.g. "
             "(1, 28, 28) for MNIST; pass loss_fn or step_fn when the default loss does not suit the model."
         )
-
-
-def _is_data(value: Any) -> bool:
-    return isinstance(value, (Dataset, DataLoader))
-
-
-def _largest_template(data: Any, sample_size: SampleSize | None, scan_budget: float) -> tuple[Any, str, int]:
-    """(a batch of one, the largest sample of ``data``, collated as its loader collates; its label; its index)."""
-    source = BatchSource(data, sample_size=sample_size, scan_budget=scan_budget)
-    index = source.largest_index
-    template = source.collate([source.sample(index)])
-    scan = source.scan
-    if scan.varies:
-        where = f"dataset[{index:,}], the largest sample ({scan.describe().split(': trials')[0]})"
-    else:
-        where = f"dataset[{index}] (samples are fixed-size)"
-    return template, f"{describe_template(template)} from {where}", index
 
 
 def _unique(tensors: Any) -> list[torch.Tensor]:
@@ -488,6 +459,7 @@ def estimate_memory(
     sample_size: SampleSize | None = None,
     scan_budget: float = DEFAULT_SCAN_BUDGET,
     precision: str = "32-true",
+    train: bool = True,
 ) -> MemoryEstimate:
     """Estimate the GPU memory of training ``model`` at ``batch_size``, on the CPU, in a fraction of a second.
 
@@ -514,6 +486,9 @@ def estimate_memory(
         precision: ``"32-true"`` (default), ``"16-mixed"``, ``"bf16-mixed"``, ``"16-true"`` or ``"bf16-true"``, as for
             :func:`~batchfinder.find_batch_size`; mixed precision follows CUDA's autocast policies
             (:mod:`batchfinder.training.precision`).
+        train: ``False`` estimates inference as ``find_batch_size(..., train=False)`` runs it: ``steps_per_trial``
+            forward passes in eval mode without gradients, no optimizer (``optimizer``/``loss_fn`` refused;
+            ``step_fn(model, batch) -> output`` replaces the forward), each output kept until the next one exists.
 
     Returns:
         A :class:`MemoryEstimate`. Print it for a table; its ``peak`` equals what a trial on a large enough
@@ -534,7 +509,7 @@ def estimate_memory(
     curve = estimate_memory_curve(
         model, sample, [batch_size], optimizer=optimizer, loss_fn=loss_fn, step_fn=step_fn,
         steps_per_trial=steps_per_trial, input_dtype=input_dtype, sample_size=sample_size, scan_budget=scan_budget,
-        precision=precision,
+        precision=precision, train=train,
     )
     return curve[0]
 
@@ -552,13 +527,14 @@ def estimate_memory_curve(
     sample_size: SampleSize | None = None,
     scan_budget: float = DEFAULT_SCAN_BUDGET,
     precision: str = "32-true",
+    train: bool = True,
 ) -> MemoryEstimates:
     """Estimate the GPU memory of training ``model`` at each of ``batch_sizes``, as :func:`estimate_memory` does
     at one: one estimator (the sample and arguments are checked once), one fake-tensor trace per distinct size.
 
     Args:
-        model, sample, optimizer, loss_fn, step_fn, steps_per_trial, input_dtype, sample_size, scan_budget, precision:
-            as for :func:`estimate_memory`.
+        model, sample, optimizer, loss_fn, step_fn, steps_per_trial, input_dtype, sample_size, scan_budget, precision,
+        train: as for :func:`estimate_memory`.
         batch_sizes: the batch sizes (a list, tuple or range of whole numbers of at least 1), e.g.
             ``[64, 256, 1024, 4096]``.
 
@@ -583,7 +559,7 @@ def estimate_memory_curve(
         raise ValueError("batch_sizes is empty; give at least one batch size, e.g. [64, 256, 1024]")
     estimator = Estimator.create(
         model, sample, optimizer=optimizer, loss_fn=loss_fn, step_fn=step_fn, steps_per_trial=steps_per_trial,
-        input_dtype=input_dtype, sample_size=sample_size, scan_budget=scan_budget, precision=precision,
+        input_dtype=input_dtype, sample_size=sample_size, scan_budget=scan_budget, precision=precision, train=train,
     )
     estimates = MemoryEstimates(estimator.estimate(size) for size in sizes)
     logger.debug("estimated %d batch size(s) with %d fake-tensor trace(s)", len(sizes), estimator.calls)

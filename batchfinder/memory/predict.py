@@ -201,6 +201,7 @@ def predict_max_batch_size(
     sample_size: SampleSize | None = None,
     scan_budget: float = DEFAULT_SCAN_BUDGET,
     precision: str = "32-true",
+    train: bool = True,
 ) -> Prediction:
     """Predict the largest batch size ``model`` can train with in ``capacity`` bytes or on ``gpu``, without a GPU.
 
@@ -220,6 +221,8 @@ def predict_max_batch_size(
             allocator="ideal")`` does.
         optimizer, loss_fn, step_fn, steps_per_trial, input_dtype, sample_size, scan_budget, precision: as for
             :func:`~batchfinder.estimate_memory`.
+        train: ``False`` predicts the largest inference batch (forward passes only, as
+            ``find_batch_size(..., train=False)`` runs them; see :func:`~batchfinder.estimate_memory`).
         safety: the recommendation is ``floor(safety * max_batch_size)`` (default 0.8).
         multiple_of: round the recommendation down to a multiple of this.
         max_batch_size: the largest size considered (default 2**31 - 1).
@@ -241,7 +244,7 @@ def predict_max_batch_size(
         model, sample, optimizer=optimizer, loss_fn=loss_fn, step_fn=step_fn, steps_per_trial=steps_per_trial,
         input_dtype=input_dtype, reserved=allocator == "caching", workspace_bytes=spec.workspace_bytes if spec else 0,
         allocator_capacity=limit if allocator == "caching" else None, sample_size=sample_size, scan_budget=scan_budget,
-        precision=precision,
+        precision=precision, train=train,
     )
     estimator.detailed = True  # when traced per size, the breakdown at the answer then costs no extra trace
     cap = max_batch_size if max_batch_size is not None else DEFAULT_MAX_BATCH_SIZE
@@ -250,7 +253,7 @@ def predict_max_batch_size(
         est = estimator.estimate_unbounded(1)
         one = est.peak_reserved if allocator == "caching" else est.peak
         raise ValueError(
-            f"{where} is too small for batch size 1: training needs {format_bytes(one)} at batch size 1 (parameters "
+            f"{where} is too small for batch size 1: {'training' if train else 'inference'} needs {format_bytes(one)} at batch size 1 (parameters "
             f"{format_bytes(est.parameters + est.buffers)}, gradients {format_bytes(est.gradients)}, optimizer state "
             f"{format_bytes(est.optimizer_state)}, batch {format_bytes(est.batch)}, activations and temporaries "
             f"{format_bytes(est.activations)} at the peak). Use a larger GPU, an optimizer with less state (SGD), "

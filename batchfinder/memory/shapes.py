@@ -1,5 +1,5 @@
-"""Inputs given as a shape: the target a model's output calls for, and a batch of one made from a shape, found by
-running the model once on fake tensors (:mod:`batchfinder.memory.tracing`).
+"""The batch of one a trace runs on: from an input shape (with the target a model's output calls for, found by
+running the model once on fake tensors, :mod:`batchfinder.memory.tracing`), or a data set's largest sample.
 
 The rules for the target are those of :func:`batchfinder.training.synthetic.target_for_output`.
 """
@@ -10,12 +10,15 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
 from ..errors import FakeTensorUnsupportedError, exception_first_line
+from ..training.batching import BatchSource, describe_batch, is_supported_sample
+from ..training.sample_sizes import SampleSize
 from ..training.synthetic import TargetSpec, target_for_output
-from .tracing import fake_output, is_fake_unsupported
+from .tracing import describe_template, fake_output, is_fake_unsupported
 
-__all__ = ["target_for_shape", "template_from_shape"]
+__all__ = ["target_for_shape", "template_from_shape", "check_sample", "is_data", "largest_template"]
 
 
 def target_for_shape(model: nn.Module, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> TargetSpec | None:
@@ -48,3 +51,32 @@ def template_from_shape(model: nn.Module, shape: tuple[int, ...], dtype: torch.d
     if target is None:
         return inputs, label
     return (inputs, target.example().unsqueeze(0)), f"{label} with {target.describe()}"
+
+
+def check_sample(sample: Any) -> None:
+    """Raise a TypeError unless ``sample`` is one dataset item a trace can batch."""
+    if is_supported_sample(sample):
+        return
+    raise TypeError(
+        f"sample must be one dataset item as dataset[0] returns it (a tensor, an (input, target, ...) tuple or a dict "
+        f"of tensors, without the batch dimension) or an input shape such as (1, 28, 28) or '1x28x28', not "
+        f"{describe_batch(sample)}"
+    )
+
+
+def is_data(value: Any) -> bool:
+    """Whether ``value`` is a data set (whose largest sample a trace runs on) rather than one sample."""
+    return isinstance(value, (Dataset, DataLoader))
+
+
+def largest_template(data: Any, sample_size: SampleSize | None, scan_budget: float) -> tuple[Any, str, int]:
+    """(a batch of one, the largest sample of ``data``, collated as its loader collates; its label; its index)."""
+    source = BatchSource(data, sample_size=sample_size, scan_budget=scan_budget)
+    index = source.largest_index
+    template = source.collate([source.sample(index)])
+    scan = source.scan
+    if scan.varies:
+        where = f"dataset[{index:,}], the largest sample ({scan.describe().split(': trials')[0]})"
+    else:
+        where = f"dataset[{index}] (samples are fixed-size)"
+    return template, f"{describe_template(template)} from {where}", index

@@ -278,6 +278,10 @@ class FakeTrainer:
         allocator_capacity: the capacity of the modelled caching allocator (None: unlimited). With a capacity the
             allocator releases its cache and retries where a GPU of that size would, and a trace that would not fit
             raises ``torch.OutOfMemoryError`` as the trial would.
+        train: False traces inference as ``find_batch_size(..., train=False)`` runs it: ``step(model, batch) ->
+            output`` (``optimizer`` None) in eval mode under ``torch.no_grad()`` (which holds the same memory as
+            ``torch.inference_mode()``, under which fake tensors do not run), each step's batch moved before the last
+            is dropped and each output kept until the next one is computed.
     """
 
     def __init__(
@@ -291,8 +295,10 @@ class FakeTrainer:
         workspace_bytes: int = 0,
         allocator_capacity: int | None = None,
         precision: str = "32-true",
+        train: bool = True,
     ) -> None:
         self.model = model
+        self.train = train
         self.precision = check_precision(precision)
         dtype = parameter_dtype(self.precision)
         self.template = template if dtype is None else cast_floating(template, dtype)
@@ -372,7 +378,7 @@ class FakeTrainer:
         step_sizes: Sequence[int] | None = None,
     ) -> Trace:
         with _fake_module_state(self.model, convert) as (params, buffers):
-            bound = self.optimizer.bound
+            bound = self.optimizer.bound if self.optimizer is not None else None
             optimizer: torch.optim.Optimizer | None = None
             if bound is not None:
                 optimizer = _fake_bound_optimizer(bound, convert)
@@ -385,6 +391,8 @@ class FakeTrainer:
             ledger.charge_workspace("backward")
             batch = _batch_of(self.template, batch_size, mode)
             recorder.batch = [leaf for leaf in tree_flatten(batch)[0] if isinstance(leaf, torch.Tensor)]
+            if not self.train:
+                return self._trace_inference(batch_size, mode, recorder, ledger)
             with mode, ChargingMode(ledger):
                 recorder.enter("setup", 0)
                 if optimizer is None:
@@ -405,6 +413,28 @@ class FakeTrainer:
                 recorder.enter("done", self.steps)
             return recorder.result(batch_size)
 
+
+    def _trace_inference(self, batch_size: int, mode: FakeTensorMode, recorder: "_Recorder", ledger: PeakLedger) -> Trace:
+        """``steps`` forward passes at ``batch_size``, as an inference loop runs them: see ``train`` in the class
+        documentation."""
+        autocast = StepPrecision(self.precision, "cpu", tracing=True).autocast
+        batch: Any = None
+        output: Any = None
+        with mode, ChargingMode(ledger), torch.no_grad():
+            recorder.enter("setup", 0)
+            self.model.eval()
+            for index in range(1, self.steps + 1):
+                with host_side_loading():
+                    following = _batch_of(self.template, batch_size, mode)
+                ledger.charge(tensor_storages(following))  # its transfer, while the last batch and output are held
+                recorder.batch = [leaf for leaf in tree_flatten(following)[0] if isinstance(leaf, torch.Tensor)]
+                batch, following = following, None
+                recorder.enter("forward", index)
+                with autocast():
+                    output = self.step(self.model, batch)
+            recorder.enter("done", self.steps)
+            del output, batch
+            return recorder.result(batch_size)
 
     def _other_batch(self, batch_size: int, mode: FakeTensorMode, ledger: PeakLedger) -> Any:
         """A batch of another size for the later steps of a recording: on the device, not in its log (a trial reuses
@@ -509,7 +539,7 @@ class _Recorder:
         return [p.grad for p in self.params if p.grad is not None]
 
     def _state(self) -> list[torch.Tensor]:
-        return state_tensors(self.optimizer)
+        return state_tensors(self.optimizer) if self.optimizer is not None else []
 
     def _split(self, ledger: MemoryLedger) -> dict[str, int]:
         split = {

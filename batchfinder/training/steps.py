@@ -36,6 +36,8 @@ __all__ = [
     "LossFn",
     "PhaseHook",
     "make_step",
+    "forward",
+    "check_train",
     "compute_loss",
     "primary_output",
     "loss_input",
@@ -330,14 +332,8 @@ def make_step(loss_fn: LossFn | None = None, step_fn: StepFn | None = None) -> S
     loss_phase = "loss" if loss_fn is None else "loss_fn"
 
     def default_step(model: nn.Module, batch: Any) -> torch.Tensor:
-        target = None
-        if isinstance(batch, Mapping):
-            output = model(**batch)
-        elif isinstance(batch, (tuple, list)):
-            target = batch[1] if len(batch) > 1 else None
-            output = model(batch[0])
-        else:
-            output = model(batch)
+        output = forward(model, batch)
+        target = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
         enter_phase(loss_phase)
         return compute_loss(output, target, loss_fn, on_ignored=note_once)
 
@@ -346,3 +342,28 @@ def make_step(loss_fn: LossFn | None = None, step_fn: StepFn | None = None) -> S
         "loss_fn" if loss_fn is not None else "the model's own loss (the 'loss' of its output)"
     )
     return default_step
+
+
+def forward(model: nn.Module, batch: Any) -> Any:
+    """The model's output for ``batch``, called the way the sample is shaped (see the module documentation): the
+    forward pass of the default step, and the inference step of ``find_batch_size(..., train=False)``."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(batch[0])
+    return model(batch)
+
+
+def check_train(train: Any, optimizer: Any, loss_fn: Any) -> None:
+    """Refuse what inference (``train=False``) does not run: an optimizer or a loss; ``train`` must be a bool."""
+    if not isinstance(train, bool):
+        raise TypeError(f"train must be True (size training) or False (size inference), not {train!r}")
+    if train:
+        return
+    if optimizer is not None:
+        raise ValueError("train=False sizes inference, which runs no optimizer: leave optimizer out")
+    if loss_fn is not None:
+        raise ValueError(
+            "train=False sizes inference, which computes no loss: leave loss_fn out (pass step_fn(model, batch) -> "
+            "output for a forward pass of your own)"
+        )

@@ -29,7 +29,7 @@ class _Session:
         self.largest = largest
         self.runs: list[tuple[int, int | None, Any]] = []
 
-    def run(self, batch_size: int, *, steps: int | None = None, host_batches: Any = None) -> Trial:
+    def run(self, batch_size: int, *, phase: str = "train", steps: int | None = None, host_batches: Any = None) -> Trial:
         self.runs.append((batch_size, steps, host_batches))
         fits = batch_size <= self.largest
         return Trial(batch_size=batch_size, fits=fits, peak_bytes=1000 * batch_size,

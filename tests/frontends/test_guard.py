@@ -147,3 +147,112 @@ def test_a_guard_from_a_search_result_starts_at_the_recommended_size():
     result = bf.find_batch_size(model, data, optimizer=torch.optim.SGD, device="sim:32MiB", max_trials=4, confirm_steps=0)
     guard = bf.OOMGuard.from_result(result, model, torch.optim.SGD(model.parameters(), lr=0.1))
     assert guard.micro_batch_size == result.batch_size
+
+
+def test_a_longer_batch_mid_run_splits_again_and_no_step_is_lost_or_repeated():
+    """Sequences of varying length on a simulated GPU: the first long batch halves the micro-batch size, a longer
+    one later halves it again; Adam's step count and the scheduler count one step per batch, and the weights equal
+    the unsplit loop's."""
+    g = torch.Generator().manual_seed(2)
+    shapes = [(64, 4), (256, 4), (256, 2), (256, 16), (256, 4)]  # (samples, length)
+    batches = [(torch.randn(n, n_len, 64, generator=g), torch.randint(0, 10, (n, n_len), generator=g)) for n, n_len in shapes]
+
+    def step_fn(model, batch):
+        x, y = batch
+        return nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+
+    model = _model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.9)
+    gpu = bf.SimulatedGPU("48MiB")
+    guard = OOMGuard(model, optimizer, step_fn=step_fn, device=gpu)
+    micro_sizes = []
+    with gpu.resident(model, optimizer), gpu:
+        for batch in batches:
+            guard.step(batch)
+            scheduler.step()
+            micro_sizes.append(guard.micro_batch_size)
+    assert micro_sizes == [None, 128, 128, 32, 32]  # split at the second batch, re-split at the longest
+    assert guard.splits == 3 and guard.retried_steps == guard.splits
+    assert all(state["step"].item() == len(batches) for state in optimizer.state.values())
+    assert scheduler.last_epoch == len(batches)
+
+    reference = _model()
+    plain = torch.optim.Adam(reference.parameters(), lr=1e-3)
+    plain_scheduler = torch.optim.lr_scheduler.StepLR(plain, step_size=1, gamma=0.9)
+    for batch in batches:
+        plain.zero_grad()
+        step_fn(reference, batch).backward()
+        plain.step()
+        plain_scheduler.step()
+    assert _max_difference(model, reference) < 1e-5
+
+
+def test_each_out_of_memory_error_halves_the_micro_batch_size():
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    gpu = bf.SimulatedGPU("16MiB")
+    guard = OOMGuard(model, optimizer, device=gpu, micro_batch_size=2048)
+    tried = []
+    original = guard._accumulate
+
+    def recording(batch, total, size):
+        tried.append(size)
+        return original(batch, total, size)
+
+    guard._accumulate = recording
+    with gpu.resident(model, optimizer), gpu:
+        guard.step(_batches(count=1, size=2048)[0])
+    assert len(tried) >= 3 and tried == [2048 >> i for i in range(len(tried))]
+    assert guard.micro_batch_size == tried[-1] and guard.splits == len(tried) - 1
+
+
+def _two_rank_worker(rank: int, world: int, port: int, queue) -> None:
+    import traceback
+
+    from tests.engine.test_distributed import _init
+
+    try:
+        _init(rank, world, port)
+        sizes = [256, 2048 if rank == 1 else 256, 256]  # rank 1's second batch runs out of memory on 32 MiB
+        g = torch.Generator().manual_seed(10 + rank)
+        batches = [(torch.randn(n, 64, generator=g), torch.randint(0, 10, (n,), generator=g)) for n in sizes]
+        finals, splits = {}, {}
+        for name in ("guarded", "reference"):
+            model = _model()
+            ddp = nn.parallel.DistributedDataParallel(model)
+            optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+            gpu = bf.SimulatedGPU("32MiB" if name == "guarded" else "1GiB")
+            guard = OOMGuard(ddp, optimizer, device=gpu) if name == "guarded" else None
+            with gpu.resident(model, optimizer), gpu:
+                for x, y in batches:
+                    if guard is not None:
+                        guard.step((x, y))
+                    else:  # plain DDP: its own all-reduce in backward
+                        optimizer.zero_grad()
+                        nn.functional.cross_entropy(ddp(gpu.to_device(x)), gpu.to_device(y)).backward()
+                        optimizer.step()
+            finals[name] = [p.detach().clone() for p in model.parameters()]
+            splits[name] = guard.splits if guard is not None else 0
+        difference = max((a - b).abs().max().item() for a, b in zip(finals["guarded"], finals["reference"]))
+        queue.put((rank, {"difference": difference, "splits": splits["guarded"]}))
+    except BaseException:
+        queue.put((rank, traceback.format_exc()))
+
+
+@pytest.mark.slow
+def test_two_ranks_retry_together_and_train_as_plain_ddp():
+    from tests.engine.test_distributed import _spawn
+
+    results = _spawn(_two_rank_worker)
+    assert results[0]["splits"] == results[1]["splits"] >= 1  # rank 0 fitted and still redid the batch with rank 1
+    assert all(result["difference"] < 1e-5 for result in results.values())
+
+
+def test_several_ranks_without_ddp_are_refused(monkeypatch):
+    model = _model()
+    guard = OOMGuard(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    with pytest.raises(RuntimeError, match="needs the model wrapped in DistributedDataParallel"):
+        guard.step(_batches(count=1, size=8)[0])

@@ -346,15 +346,18 @@ def test_validation_memory_is_respected(tmp_path: Path) -> None:
         real_fit(results[False].batch_size)
 
 
+class EvalSized(LitMLP):
+    """A module with a separate evaluation batch size, which its validation loader uses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.eval_batch_size = 4
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=self.eval_batch_size)
+
+
 def test_separate_evaluation_batch_size(tmp_path: Path) -> None:
-    class EvalSized(LitMLP):
-        def __init__(self) -> None:
-            super().__init__()
-            self.eval_batch_size = 4
-
-        def val_dataloader(self) -> DataLoader:
-            return DataLoader(self.data, batch_size=self.eval_batch_size)
-
     model = EvalSized()
     callback = finder(eval_batch_size=True)
     trainer(tmp_path, [callback]).fit(model)
@@ -368,6 +371,19 @@ def test_separate_evaluation_batch_size(tmp_path: Path) -> None:
     assert model.val_batch_sizes == [result.eval_batch_size] * 2
     assert "evaluation batch size" in str(result)
 
+
+def test_train_false_searches_only_the_evaluation_batch_size(tmp_path: Path) -> None:
+    model = EvalSized()
+    before = model.batch_size
+    callback = finder(eval_batch_size=True, train=False)
+    trainer(tmp_path, [callback]).fit(model)
+    result = callback.result
+    assert result.train is False and result.evaluation is None and result.trials
+    assert model.eval_batch_size == result.batch_size == recommend_batch_size(result.max_batch_size)
+    assert model.batch_size == before  # the training batch size is left alone
+    assert model.val_batch_sizes == [result.batch_size] * 2
+    with pytest.raises(ValueError, match="pass eval_batch_size=True"):
+        BatchFinder(train=False)
 
 # -- no side effects ---------------------------------------------------------------------------------------------------
 class RichModule(pl.LightningModule):
@@ -624,3 +640,40 @@ def test_lightning_example_runs(tmp_path: Path) -> None:
     percent = int(out.split("of the simulated GPU")[0].rsplit("(", 1)[1].split("%")[0])
     assert percent <= 100  # the real training run at the recommended size fitted on the simulated GPU (reserved bytes)
     assert list(tmp_path.iterdir()) == []
+
+
+# -- on_oom="split" -----------------------------------------------------------------------------------------------------
+def _guarded_fit(tmp_path: Path, capacity: str, on_oom: str | None) -> tuple[LitMLP, BatchFinder]:
+    """Three steps at a batch size of 1,024 set by hand (no search: the finder only guards), dropout off."""
+    torch.manual_seed(0)
+    model = LitMLP(batch_size=1024, hidden=512)
+    model.net[2].p = 0.0
+    gpu = bf.SimulatedGPU(capacity)
+    callback = BatchFinder(device=gpu, on_oom=on_oom, stages=("validate",))
+    torch.manual_seed(1)
+    with gpu:
+        trainer(tmp_path, [callback], max_steps=3, limit_val_batches=0).fit(model)
+    return model, callback
+
+
+def test_on_oom_split_redoes_the_batch_in_micro_batches_and_trains_as_unsplit(tmp_path: Path) -> None:
+    with pytest.raises(torch.OutOfMemoryError):
+        _guarded_fit(tmp_path, "6MiB", None)
+    guarded, callback = _guarded_fit(tmp_path, "6MiB", "split")
+    reference, _ = _guarded_fit(tmp_path, "1GiB", None)
+    assert callback.guard is not None and callback.guard.splits == 1 and callback.guard.micro_batch_size == 512
+    assert guarded.train_batch_sizes == [1024] + [512] * 6  # the failed attempt, then 2 micro-batches per step
+    assert guarded.trainer.global_step == reference.trainer.global_step == 3  # no step lost or repeated
+    difference = max((a - b).abs().max().item() for a, b in zip(guarded.parameters(), reference.parameters()))
+    assert difference < 1e-6
+    assert "training_step" not in vars(guarded) and "backward" not in vars(guarded)  # removed after fit
+
+
+def test_on_oom_refuses_what_lightnings_loop_cannot_redo(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="on_oom='maybe'"):
+        BatchFinder(on_oom="maybe")
+    model = LitMLP(batch_size=64)
+    callback = BatchFinder(device=bf.SimulatedGPU("1GiB"), on_oom="split", stages=("validate",))
+    with pytest.raises(ValueError, match="accumulate_grad_batches=1, not 2"):
+        trainer(tmp_path, [callback], max_steps=1, limit_val_batches=0, accumulate_grad_batches=2).fit(model)
+    assert model.training_steps == 0

@@ -136,6 +136,52 @@ def test_an_eval_dataset_gets_its_own_batch_size(tmp_path):
     assert "eval_loss" in metrics
 
 
+def test_train_false_searches_only_the_eval_batch_size(tmp_path):
+    trainer = make_trainer(tmp_path, eval_dataset=text_dataset(96, seed=1), max_steps=1)
+    train_size = trainer.args.per_device_train_batch_size
+    result = find_trainer_batch_size(trainer, device=f"sim:{CAPACITY}", train=False, confirm_steps=0)
+    assert result.train is False and result.evaluation is None
+    assert trainer.args.per_device_eval_batch_size == result.batch_size
+    assert trainer.args.per_device_train_batch_size == train_size
+    with pytest.raises(ValueError, match="no eval_dataset"):
+        find_trainer_batch_size(make_trainer(tmp_path), device=f"sim:{CAPACITY}", train=False)
+
+def _guarded_run(tmp_path: Path, capacity: str, guarded: bool) -> tuple[Any, Any]:
+    """Three Trainer steps at batch size 64 (dropout off, so that split and unsplit steps compute the same)."""
+    from batchfinder.transformers import install_oom_guard
+
+    trainer = make_trainer(tmp_path, max_steps=3)
+    trainer.args.per_device_train_batch_size = 64
+    trainer._train_batch_size = trainer.args.train_batch_size
+    for module in trainer.model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    gpu = bf.SimulatedGPU(capacity)
+    guard = install_oom_guard(trainer, device=gpu) if guarded else None
+    with gpu:
+        trainer.train()
+    return trainer, guard
+
+
+def test_the_oom_guard_redoes_a_trainer_step_in_micro_batches(tmp_path):
+    with pytest.raises(torch.OutOfMemoryError):
+        _guarded_run(tmp_path, "48MiB", guarded=False)
+    guarded, guard = _guarded_run(tmp_path, "48MiB", guarded=True)
+    reference, _ = _guarded_run(tmp_path, "1GiB", guarded=False)
+    assert guard.splits >= 1 and guard.micro_batch_size < 64
+    assert guarded.state.global_step == reference.state.global_step == 3  # no step lost or repeated
+    difference = max((a - b).abs().max().item() for a, b in zip(guarded.model.parameters(), reference.model.parameters()))
+    assert difference < 1e-6
+    guard.remove()
+    assert "training_step" not in vars(guarded)
+
+
+def test_the_oom_guard_refuses_gradient_accumulation(tmp_path):
+    from batchfinder.transformers import install_oom_guard
+
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=2"):
+        install_oom_guard(make_trainer(tmp_path, gradient_accumulation_steps=2))
+
 def test_several_eval_datasets_are_searched_as_one(tmp_path):
     evaluation = {"short": text_dataset(24, longest=40, seed=2), "long": text_dataset(24, shortest=150, seed=3)}
     trainer = make_trainer(tmp_path, train=text_dataset(64), eval_dataset=evaluation)
