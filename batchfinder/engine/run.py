@@ -14,7 +14,8 @@ from, how a trial steps) and the search settings into :class:`~batchfinder.engin
    strategy (:mod:`batchfinder.engine.modes`) which size to try next until it, the trial budget or the time budget
    ends the search,
 5. confirms the recommended size (:mod:`batchfinder.engine.confirmation`), plans gradient accumulation toward
-   ``target_batch_size`` once, and returns the :class:`~batchfinder.result.SearchResult`.
+   ``target_batch_size`` and measures the plan with the gradients kept between micro-batches
+   (:mod:`batchfinder.engine.accumulation`), and returns the :class:`~batchfinder.result.SearchResult`.
 """
 
 from __future__ import annotations
@@ -22,14 +23,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 import time
 from collections.abc import Iterator
 
 from ..devices.base import DeviceBackend
 from ..errors import NoBatchSizeFitsError, SearchIncompleteError
 from ..result import SearchResult, Trial
-from ..search.accumulation import plan_accumulation
 from ..search.strategies import (
     SearchBounds,
     SearchStrategy,
@@ -41,6 +40,7 @@ from ..training.precision import check_precision
 from ..training.sample_sizes import FIXED_CHECK_SECONDS
 from ..training.validation import check_materialised, check_model
 from ..units import format_bytes
+from .accumulation import check_accumulation
 from .confirmation import confirm
 from .distributed import (
     RankAgreement,
@@ -99,22 +99,17 @@ def search(workload: Workload, device: DeviceBackend, options: SearchOptions) ->
                     session, context, eval_options, agreement, phase="eval", length=workload.eval_source.length
                 )
                 result.evaluation.data_scan = workload.eval_source.scan
-            if training and options.confirm_steps:
-                try:
+            try:
+                if training and options.confirm_steps:
                     confirm(session, source, result, options, agreement, strategy)
-                except Exception as exc:
-                    note_search_progress(exc, result.trials)
-                    raise
+                if training:
+                    check_accumulation(session, result, options, agreement, workload.accumulation_steps)
+            except Exception as exc:
+                note_search_progress(exc, result.trials)
+                raise
     finally:
         if agreement is not None:
             agreement.close()
-    if training and options.target_batch_size is not None:
-        plan = plan_accumulation(
-            math.ceil(options.target_batch_size / result.world_size), result.batch_size, options.multiple_of
-        )
-        result.target_batch_size = options.target_batch_size
-        result.micro_batch_size = plan.micro_batch_size
-        result.accumulation_steps = plan.accumulation_steps
     result.data_scan = source.scan
     result.precision = workload.precision
     result.notes = [*workload.notes, *session.notes]

@@ -75,7 +75,9 @@ _MAX_EXTRA_STEPS = 8
 
 
 TrainStepFn = Callable[[nn.Module, Any, int], None]
-"""``train_step(model, device_batch, step_index)``: one complete training step, optimizer step and zero grad included."""
+"""``train_step(model, device_batch, step_index)``: one complete training step, optimizer step and zero grad included;
+under gradient accumulation ``train_step(model, device_batch, micro_index, accumulation=k)``: one micro-batch, the
+optimizer stepping after every ``k``-th (as the front end's loop does with ``k`` accumulation steps)."""
 EvalStepFn = Callable[[nn.Module, Any], None]
 """``eval_step(model, device_batch)``: one evaluation step (called in eval mode under ``torch.no_grad()``)."""
 
@@ -324,7 +326,8 @@ class TrialSession:
 
     # -- trials --------------------------------------------------------------------------------------------------
     def run(
-        self, batch_size: int, *, phase: str = "train", steps: int | None = None, host_batches: Sequence[Any] | None = None
+        self, batch_size: int, *, phase: str = "train", steps: int | None = None, host_batches: Sequence[Any] | None = None,
+        accumulation: int = 1,
     ) -> Trial:
         """Run one trial at ``batch_size`` and return how it went; restores the user's state afterwards.
 
@@ -335,7 +338,9 @@ class TrialSession:
         training. Its time per step is then the evaluation step's. ``steps`` overrides ``steps_per_trial`` for one
         training trial (the confirmation run). ``host_batches`` (training only) gives one host batch per step
         instead of one batch of ``batch_size`` for every step: each moves to the device before the previous one is
-        dropped, as in a training loop, with the allocator's cache kept between steps.
+        dropped, as in a training loop, with the allocator's cache kept between steps. ``accumulation`` > 1 (training
+        only): each step is that many micro-batches of ``batch_size`` with the gradients kept between them, then the
+        optimizer step (:mod:`batchfinder.engine.accumulation`).
         """
         state = self._require_state()
         eval_host: Any = None
@@ -376,7 +381,7 @@ class TrialSession:
             with tracker.active():
                 self._steps(
                     host_batch, durations, train_steps=train_steps, eval_host=eval_host, eval_durations=eval_durations,
-                    per_step=host_batches is not None, tracker=tracker,
+                    per_step=host_batches is not None, tracker=tracker, accumulation=accumulation,
                 )
         except Exception as exc:  # recovery happens below, outside this block
             if not is_oom_error(exc) or is_fatal_device_error(exc):
@@ -404,6 +409,7 @@ class TrialSession:
             leaked_bytes=leaked,
             error=error,
             peak_reserved_bytes=peak_reserved,
+            micro_batches=accumulation if phase == "train" else 1,
         )
 
     def record_allocations(self, sizes: tuple[int, int] = RECORDED_SIZES) -> AllocationLog | None:
@@ -498,6 +504,7 @@ class TrialSession:
         eval_durations: list[float] | None = None,
         per_step: bool = False,
         tracker: PhaseTracker | None = None,
+        accumulation: int = 1,
     ) -> None:
         steps = self.steps_per_trial if train_steps is None else train_steps
         tracker = tracker if tracker is not None else PhaseTracker()
@@ -508,12 +515,14 @@ class TrialSession:
                 index = 0
                 tracker.enter("moving the batch to the device", 0)
                 batches = _DeviceBatches(self.device, host_batch, per_step)
+                accumulating = {"accumulation": accumulation} if accumulation > 1 else {}
                 while index < steps or (index < steps + _MAX_EXTRA_STEPS and self._state_missing(None)):
                     tracker.enter("moving the batch to the device", index)
                     batch = batches.get(index)
                     tracker.enter("training step")
                     start = time.perf_counter()
-                    self.train_step(self.model, batch, index)
+                    for micro in range(accumulation):  # the micro-batches of one optimizer step
+                        self.train_step(self.model, batch, index * accumulation + micro, **accumulating)
                     self.device.synchronize()
                     durations.append(time.perf_counter() - start)
                     index += 1
@@ -532,7 +541,9 @@ class TrialSession:
                     tracker.enter("moving the batch to the device", index)
                     batch = batches.get(index)
                     start = time.perf_counter()
-                    run_training_step(self.model, batch, self.step, optimizer, precision=precision)
+                    run_training_step(
+                        self.model, batch, self.step, optimizer, precision=precision, micro_batches=accumulation
+                    )
                     self.device.synchronize()
                     durations.append(time.perf_counter() - start)
                     index += 1

@@ -83,6 +83,12 @@ def _autocast_as_on(device: DeviceBackend) -> Any:
     return cuda_autocast_policies() if device.simulated else contextlib.nullcontext()
 
 
+def _accumulation_of(trainer: pl.Trainer) -> int:
+    """The accumulation the trainer's fit runs with (``accumulate_grad_batches``; 1 when unset or not a number)."""
+    steps = getattr(trainer, "accumulate_grad_batches", 1)
+    return steps if isinstance(steps, int) and not isinstance(steps, bool) and steps > 1 else 1
+
+
 class BatchFinder(Callback):
     """Find the batch size at the start of ``fit`` (and optionally of validate/test/predict) and apply it.
 
@@ -304,6 +310,7 @@ class BatchFinder(Callback):
                 extra_optimizers=optimizers[1:],
                 extra_state=trial_state(trainer, module),
                 ddp=wrapped if isinstance(wrapped, nn.parallel.DistributedDataParallel) else None,
+                accumulation_steps=_accumulation_of(trainer),
             )
             result = search(workload, device, self.options)
         if eval_targets is not None and result.eval_batch_size is None:
@@ -346,6 +353,10 @@ class BatchFinder(Callback):
 
     # -- reporting ---------------------------------------------------------------------------------------------------
     def _report(self, trainer: pl.Trainer, result: SearchResult, stage: str) -> None:
+        # The trials ran the trainer's precision plugin (its autocast, its loss scaling): the result says which.
+        for searched in (result, result.evaluation):
+            if searched is not None:
+                searched.precision = str(trainer.precision)
         self.result = result
         self.results[stage] = result
         logger.info("BatchFinder (%s, rank %d):\n%s", stage, trainer.global_rank, result)

@@ -136,32 +136,37 @@ def run_training_step(
     *,
     check: bool = False,
     precision: Any = None,
+    micro_batches: int = 1,
 ) -> None:
     """One training step as trials and traces run it: forward and loss, backward, ``optimizer.step()``, and
     ``zero_grad(set_to_none=True)`` on the optimizer and the model (frozen parameters included).
 
     ``on_phase`` is told when each phase starts; ``check`` verifies the loss with :func:`check_loss` first;
     ``precision`` (a :class:`~batchfinder.training.precision.StepPrecision`) runs the forward pass under autocast and scales
-    the loss where the precision asks for it.
+    the loss where the precision asks for it. ``micro_batches`` > 1 is gradient accumulation: that many forward and
+    backward passes on ``batch`` with the gradients kept between them (each later forward runs while the gradients
+    are held, each later backward adds into them), then one optimizer step, as a training loop with
+    ``accumulation_steps`` runs it.
     """
-    if on_phase is not None:
-        on_phase("forward")
-    enter_phase(step_phase(step))
-    if precision is not None:
-        with precision.autocast():
+    for _ in range(max(1, micro_batches)):
+        if on_phase is not None:
+            on_phase("forward")
+        enter_phase(step_phase(step))
+        if precision is not None:
+            with precision.autocast():
+                loss = step(model, batch)
+        else:
             loss = step(model, batch)
-    else:
-        loss = step(model, batch)
-    if check:
-        check_loss(loss, step)
-    if on_phase is not None:
-        on_phase("backward")
-    enter_phase("backward")
-    if precision is not None:
-        precision.backward(loss)
-    else:
-        loss.backward()
-    del loss
+        if check:
+            check_loss(loss, step)
+        if on_phase is not None:
+            on_phase("backward")
+        enter_phase("backward")
+        if precision is not None:
+            precision.backward(loss)
+        else:
+            loss.backward()
+        del loss
     if on_phase is not None:
         on_phase("optimizer step")
     enter_phase("optimizer step")
