@@ -294,10 +294,10 @@ class SearchResult:
         ]
         if self.prediction_status is not None:
             predicted = f"largest {self.predicted_max_batch_size} predicted, " if self.predicted_max_batch_size else ""
-            lines.append(
-                f"  prediction: {predicted}{self.prediction_status}"
-                + (f" ({self.prediction_method})" if self.prediction_method else "")
-            )
+            method = self.prediction_method
+            if not method and self.prediction_status == "unavailable":
+                method = "no prediction was computed before the search ended"  # every "unavailable" says why
+            lines.append(f"  prediction: {predicted}{self.prediction_status}" + (f" ({method})" if method else ""))
         if self.data_scan is not None and self.data_scan.varies:
             lines.append(f"  data: {self.data_scan.describe()}")
         lines.extend(f"  note: {note}" for note in self.notes)

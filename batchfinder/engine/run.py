@@ -24,7 +24,9 @@ import contextlib
 import dataclasses
 import logging
 import time
+import warnings
 from collections.abc import Iterator
+from typing import Any
 
 from ..devices.base import DeviceBackend
 from ..errors import NoBatchSizeFitsError, SearchIncompleteError
@@ -69,6 +71,11 @@ def search(workload: Workload, device: DeviceBackend, options: SearchOptions) ->
     :class:`~batchfinder.SearchIncompleteError` when a budget ends the search before any size fitted. The user's
     state is restored in every case.
     """
+    with each_warning_once():
+        return _search(workload, device, options)
+
+
+def _search(workload: Workload, device: DeviceBackend, options: SearchOptions) -> SearchResult:
     started = time.perf_counter()
     options.validate()
     check_model(workload.model)
@@ -115,6 +122,25 @@ def search(workload: Workload, device: DeviceBackend, options: SearchOptions) ->
     result.notes = [*workload.notes, *session.notes]
     result.seconds = time.perf_counter() - started
     return result
+
+
+@contextlib.contextmanager
+def each_warning_once() -> Iterator[None]:
+    """Show each warning raised in the block once, when it ends (also when it raises): the user's forward pass runs in
+    the model check and in every trial, and a warning it raises is one thing to say per call, not one per step. A
+    warning is the same when its category, message and place are."""
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        seen: set[tuple[Any, ...]] = set()
+        for warning in caught:
+            key = (warning.category, str(warning.message), warning.filename, warning.lineno)
+            if key not in seen:
+                seen.add(key)
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
 
 def _looked_further(source: TrainingBatches, elapsed: float, agreement: RankAgreement | None) -> bool:
@@ -307,6 +333,6 @@ def run_trial(workload: Workload, device: DeviceBackend, options: SearchOptions,
         )
     check_precision(workload.precision)
     device.check_precision(workload.precision)
-    with _session(workload, device, options) as session:
+    with each_warning_once(), _session(workload, device, options) as session:
         trial = session.run(batch_size)
     return dataclasses.replace(trial, data_scan=source.scan)
