@@ -25,6 +25,10 @@ from .training.sample_sizes import DEFAULT_SCAN_BUDGET
 
 __all__ = ["main", "build_parser", "load_model", "load_data", "SUBCOMMANDS"]
 
+FIND_MODES = ("binsearch", "power", "guided")
+"""``--mode`` choices: the search modes (:data:`batchfinder.engine.modes.MODES`, named here so that ``--help`` and a
+bad ``--mode`` need no torch import); anything else is bad usage (exit status 2)."""
+
 _DESCRIPTION = "Find the batch size a PyTorch model can train with on a GPU."
 """The top of ``batchfinder --help``; the commands are listed under it from each subparser's ``help``."""
 
@@ -415,7 +419,9 @@ def add_find(subparsers: Any) -> None:
     )
     _add_model_arguments(parser)
     parser.add_argument("--device", default=None, help="cuda, cuda:N, or sim:SIZE for a simulated GPU (e.g. sim:64MiB); default cuda")
-    parser.add_argument("--mode", default="binsearch", help="search mode: binsearch (default), power or guided")
+    parser.add_argument(
+        "--mode", default="binsearch", choices=FIND_MODES, help="search mode: binsearch (default), power or guided"
+    )
     parser.add_argument(
         "--samples", type=int, default=None, help="size of the synthetic --input dataset: the largest batch size tried (default 65536)"
     )
@@ -457,6 +463,8 @@ def run_find(args: argparse.Namespace) -> int:
         target = None
         dataset = load_data(args.data, args.data_kwargs)
         heading = f"dataset: {args.data} ({_data_length(dataset):,} samples)"
+    if args.progress and not args.json:
+        print(heading, flush=True)  # the per-trial lines (standard error) then follow the heading, as they run
     result = find_batch_size(
         model,
         dataset,
@@ -478,7 +486,8 @@ def run_find(args: argparse.Namespace) -> int:
         "targets": None if target is None else target.describe(),
         "plot": args.plot,
     }
-    _emit(args, data, f"{heading}\n{result}" + (f"\nplot written to {args.plot}" if args.plot else ""))
+    text = f"{result}" if args.progress else f"{heading}\n{result}"
+    _emit(args, data, text + (f"\nplot written to {args.plot}" if args.plot else ""))
     return 0
 
 

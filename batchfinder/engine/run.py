@@ -28,6 +28,8 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
+import torch
+
 from ..devices.base import DeviceBackend
 from ..errors import NoBatchSizeFitsError, SearchIncompleteError
 from ..result import SearchResult, Trial
@@ -71,7 +73,7 @@ def search(workload: Workload, device: DeviceBackend, options: SearchOptions) ->
     :class:`~batchfinder.SearchIncompleteError` when a budget ends the search before any size fitted. The user's
     state is restored in every case.
     """
-    with each_warning_once():
+    with each_warning_once(), gradients_enabled():
         return _search(workload, device, options)
 
 
@@ -141,6 +143,19 @@ def each_warning_once() -> Iterator[None]:
             if key not in seen:
                 seen.add(key)
                 warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+
+
+@contextlib.contextmanager
+def gradients_enabled() -> Iterator[None]:
+    """Gradients on for the block, also when the caller is inside ``torch.no_grad()`` or ``torch.inference_mode()``
+    (an evaluation block, a notebook cell): trials train, and training needs them. The caller's mode is back after
+    the block."""
+    if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+        yield
+        return
+    logger.info("called under torch.no_grad() or torch.inference_mode(): the trials run with gradients enabled")
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
 
 
 def _looked_further(source: TrainingBatches, elapsed: float, agreement: RankAgreement | None) -> bool:
@@ -228,7 +243,11 @@ def _run(
     length: int,
 ) -> tuple[SearchResult, SearchStrategy]:
     """One search loop (training or evaluation batch sizes) on an open session; the result and the strategy."""
-    report = progress_callback(options.progress)
+    heading = (
+        f"searching {'evaluation' if phase == 'eval' else 'training'} batch sizes on {context.device.name} "
+        f"(mode {options.mode}):"
+    )
+    report = progress_callback(options.progress, heading)
     started = time.perf_counter()
     cap = options.max_batch_size
     if cap is not None and cap < length:
@@ -333,6 +352,6 @@ def run_trial(workload: Workload, device: DeviceBackend, options: SearchOptions,
         )
     check_precision(workload.precision)
     device.check_precision(workload.precision)
-    with each_warning_once(), _session(workload, device, options) as session:
+    with each_warning_once(), gradients_enabled(), _session(workload, device, options) as session:
         trial = session.run(batch_size)
     return dataclasses.replace(trial, data_scan=source.scan)
