@@ -148,10 +148,14 @@ def run_training_step(
     are held, each later backward adds into them), then one optimizer step, as a training loop with
     ``accumulation_steps`` runs it.
     """
-    for _ in range(max(1, micro_batches)):
+
+    def begin(phase: str, tracked: str | None = None) -> None:
         if on_phase is not None:
-            on_phase("forward")
-        enter_phase(step_phase(step))
+            on_phase(phase)
+        enter_phase(tracked or phase)
+
+    for _ in range(max(1, micro_batches)):
+        begin("forward", step_phase(step))
         if precision is not None:
             with precision.autocast():
                 loss = step(model, batch)
@@ -159,24 +163,18 @@ def run_training_step(
             loss = step(model, batch)
         if check:
             check_loss(loss, step)
-        if on_phase is not None:
-            on_phase("backward")
-        enter_phase("backward")
+        begin("backward")
         if precision is not None:
             precision.backward(loss)
         else:
             loss.backward()
         del loss
-    if on_phase is not None:
-        on_phase("optimizer step")
-    enter_phase("optimizer step")
+    begin("optimizer step")
     if precision is not None:
         precision.step(optimizer)
     else:
         optimizer.step()
-    if on_phase is not None:
-        on_phase("zero_grad")
-    enter_phase("zero_grad")
+    begin("zero_grad")
     optimizer.zero_grad(set_to_none=True)
     model.zero_grad(set_to_none=True)
 
