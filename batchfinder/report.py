@@ -32,6 +32,12 @@ class ProgressPrinter:
         self.heading = heading
         self.count = 0
 
+    def begin(self, heading: str) -> None:
+        """Start a new list of trials under ``heading`` (the engine calls it at the start of each search, so that a
+        printer passed as ``progress=`` heads the training and the evaluation search's trials alike)."""
+        self.heading = heading
+        self.count = 0
+
     def __call__(self, trial: Trial) -> None:
         self.count += 1
         stream = self.stream if self.stream is not None else sys.stderr

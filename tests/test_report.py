@@ -26,3 +26,12 @@ def test_progress_lines_come_after_their_heading_once():
     lines = stream.getvalue().splitlines()
     assert lines[0].startswith("searching evaluation batch sizes") and len(lines) == 3
     assert lines[1].startswith("trial  1:") and lines[2].startswith("trial  2:")
+    printer.begin("searching training batch sizes again:")  # a printer reused for the next search starts over
+    printer(_trial(64, 0.1))
+    assert stream.getvalue().splitlines()[3:] == ["searching training batch sizes again:", printer_line(_trial(64, 0.1))]
+
+
+def printer_line(trial: Trial) -> str:
+    from batchfinder.report import format_trial
+
+    return format_trial(1, trial)

@@ -32,6 +32,7 @@ import torch
 
 from ..devices.base import DeviceBackend
 from ..errors import NoBatchSizeFitsError, SearchIncompleteError
+from ..report import ProgressPrinter
 from ..result import SearchResult, Trial
 from ..search.strategies import (
     SearchBounds,
@@ -248,6 +249,8 @@ def _run(
         f"(mode {options.mode}):"
     )
     report = progress_callback(options.progress, heading)
+    if isinstance(report, ProgressPrinter):
+        report.begin(heading)  # also a printer the user passed: each search's trials under their own heading
     started = time.perf_counter()
     cap = options.max_batch_size
     if cap is not None and cap < length:
