@@ -17,7 +17,7 @@ from torch import nn
 
 from ..memory.allocator import CachingAllocator
 
-__all__ = ["DeviceBackend", "DeviceLike", "moved_to", "swapped_data"]
+__all__ = ["DeviceBackend", "DeviceBatches", "DeviceLike", "moved_to", "swapped_data"]
 
 
 class DeviceBackend(ABC):
@@ -154,3 +154,30 @@ def swapped_data(
             if isinstance(tensor, nn.Parameter):
                 tensor.grad = None
             tensor.data = original
+
+
+class DeviceBatches:
+    """The device batch of each step: one batch moved once and reused (a trial), or, for a list of host batches (the
+    confirmation run), each step's own, moved before the previous one is dropped as a training loop does (the last
+    one again for any extra step)."""
+
+    def __init__(self, device: DeviceBackend, host: Any, per_step: bool) -> None:
+        self.device = device
+        self.host = host
+        self.per_step = per_step
+        self.index = -1
+        self.current: Any = None if self.per_step else device.to_device(host)
+
+    def again(self) -> Any:
+        """The current step's batch moved to the device once more: a later micro-batch of the step (the first one
+        is still held, so that this errs by one batch on the safe side)."""
+        return self.device.to_device(self.host[max(self.index, 0)] if self.per_step else self.host)
+
+    def get(self, index: int) -> Any:
+        """The device batch of step ``index``."""
+        if self.per_step:
+            index = min(index, len(self.host) - 1)
+            if index != self.index:
+                self.current = self.device.to_device(self.host[index])  # the previous batch goes after this one arrives
+                self.index = index
+        return self.current

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..devices.base import DeviceBackend, swapped_data
+from ..devices.base import DeviceBackend, DeviceBatches, swapped_data
 from ..errors import NoBatchSizeFitsError, exception_first_line
 from ..memory.accounting import round_allocation, tensor_storages
 from ..memory.recording import RECORDED_SIZES, record_trial
@@ -514,15 +514,17 @@ class TrialSession:
                 self.model.train()
                 index = 0
                 tracker.enter("moving the batch to the device", 0)
-                batches = _DeviceBatches(self.device, host_batch, per_step)
+                batches = DeviceBatches(self.device, host_batch, per_step)
                 accumulating = {"accumulation": accumulation} if accumulation > 1 else {}
                 while index < steps or (index < steps + _MAX_EXTRA_STEPS and self._state_missing(None)):
                     tracker.enter("moving the batch to the device", index)
                     batch = batches.get(index)
                     tracker.enter("training step")
                     start = time.perf_counter()
-                    for micro in range(accumulation):  # the micro-batches of one optimizer step
-                        self.train_step(self.model, batch, index * accumulation + micro, **accumulating)
+                    for micro in range(accumulation):  # the micro-batches of one optimizer step, each moved anew
+                        micro_batch = batches.again() if micro else batch
+                        self.train_step(self.model, micro_batch, index * accumulation + micro, **accumulating)
+                        del micro_batch
                     self.device.synchronize()
                     durations.append(time.perf_counter() - start)
                     index += 1
@@ -536,13 +538,14 @@ class TrialSession:
                 self.model.train()
                 index = 0
                 tracker.enter("moving the batch to the device", 0)
-                batches = _DeviceBatches(self.device, host_batch, per_step)
+                batches = DeviceBatches(self.device, host_batch, per_step)
                 while index < steps or (index < steps + _MAX_EXTRA_STEPS and self._state_missing(optimizer)):
                     tracker.enter("moving the batch to the device", index)
                     batch = batches.get(index)
                     start = time.perf_counter()
                     run_training_step(
-                        self.model, batch, self.step, optimizer, precision=precision, micro_batches=accumulation
+                        self.model, batch, self.step, optimizer, precision=precision, micro_batches=accumulation,
+                        next_batch=batches.again,
                     )
                     self.device.synchronize()
                     durations.append(time.perf_counter() - start)
@@ -575,24 +578,3 @@ def _flush_autograd(device: DeviceBackend) -> None:
         leaf = torch.ones((), device=device.torch_device, requires_grad=True)
         (leaf * 1.0).backward()
     del leaf
-
-
-class _DeviceBatches:
-    """The device batch of each step: one batch moved once and reused (a trial), or, for a list of host batches (the
-    confirmation run), each step's own, moved before the previous one is dropped as a training loop does (the last
-    one again for any extra step)."""
-
-    def __init__(self, device: DeviceBackend, host: Any, per_step: bool) -> None:
-        self.device = device
-        self.host = host
-        self.per_step = per_step
-        self.index = -1
-        self.current: Any = None if self.per_step else device.to_device(host)
-
-    def get(self, index: int) -> Any:
-        if self.per_step:
-            index = min(index, len(self.host) - 1)
-            if index != self.index:
-                self.current = self.device.to_device(self.host[index])  # the previous batch goes after this one arrives
-                self.index = index
-        return self.current

@@ -137,6 +137,7 @@ def run_training_step(
     check: bool = False,
     precision: Any = None,
     micro_batches: int = 1,
+    next_batch: Callable[[], Any] | None = None,
 ) -> None:
     """One training step as trials and traces run it: forward and loss, backward, ``optimizer.step()``, and
     ``zero_grad(set_to_none=True)`` on the optimizer and the model (frozen parameters included).
@@ -146,7 +147,8 @@ def run_training_step(
     the loss where the precision asks for it. ``micro_batches`` > 1 is gradient accumulation: that many forward and
     backward passes on ``batch`` with the gradients kept between them (each later forward runs while the gradients
     are held, each later backward adds into them), then one optimizer step, as a training loop with
-    ``accumulation_steps`` runs it.
+    ``accumulation_steps`` runs it; ``next_batch()`` gives each later micro-batch its own batch on the device, moved
+    there before the previous one is dropped, as a loop does (without it every micro-batch reuses ``batch``).
     """
 
     def begin(phase: str, tracked: str | None = None) -> None:
@@ -154,7 +156,9 @@ def run_training_step(
             on_phase(phase)
         enter_phase(tracked or phase)
 
-    for _ in range(max(1, micro_batches)):
+    for micro in range(max(1, micro_batches)):
+        if micro and next_batch is not None:
+            batch = next_batch()
         begin("forward", step_phase(step))
         if precision is not None:
             with precision.autocast():

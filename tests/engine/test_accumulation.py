@@ -84,8 +84,18 @@ def test_plan_of_a_large_dense_gradient_trains_with_real_accumulation_on_the_sam
     assert "accumulation measured" in str(result)
 
 
+class CountingGPU(bf.SimulatedGPU):
+    """A simulated GPU that counts the batches moved to it."""
+
+    moved = 0
+
+    def to_device(self, batch: Any) -> Any:
+        self.moved += 1
+        return super().to_device(batch)
+
+
 def _session(model: nn.Module, data: Any, optimizer: Any) -> TrialSession:
-    return TrialSession(model, BatchSource(data), make_step(), optimizer, bf.SimulatedGPU("64MiB", allocator="ideal"))
+    return TrialSession(model, BatchSource(data), make_step(), optimizer, CountingGPU("64MiB", allocator="ideal"))
 
 
 def test_an_accumulating_trial_holds_the_gradients_while_the_next_micro_batch_runs():
@@ -107,8 +117,11 @@ def test_an_accumulating_trial_holds_the_gradients_while_the_next_micro_batch_ru
         assert (len(forwards), len(steps_taken)) == (2, 2)
         forwards.clear()
         steps_taken.clear()
+        session.device.moved = 0
         accumulated = session.run(32, accumulation=3)
+        moved = session.device.moved
     assert (len(forwards), len(steps_taken)) == (6, 2)  # three micro-batches per optimizer step
+    assert moved == 1 + 2 * 2  # every later micro-batch of each step moved to the device anew, as a loop moves it
     assert accumulated.micro_batches == 3 and accumulated.steps == 2
     gradients = sum(p.numel() * 4 for p in model.parameters())
     assert accumulated.peak_bytes - plain.peak_bytes >= 0.95 * gradients  # the first micro-batch's gradients, held
