@@ -18,12 +18,16 @@ from typing import Any
 
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import exception_first_line
+from .errors import BatchFinderError, batchfinder_note, exception_first_line
 from .search.checks import MIN_STEPS_PER_TRIAL
 from .training.precision import PRECISIONS
 from .training.sample_sizes import DEFAULT_SCAN_BUDGET
+from .training.synthetic import DTYPES, SequenceDataset, SyntheticDataset, parse_shape
 
 __all__ = ["main", "build_parser", "load_model", "load_data", "SUBCOMMANDS"]
+
+FIND_MODES = ("binsearch", "power", "guided")
+"""``--mode`` choices: the modes of :data:`batchfinder.engine.modes.MODES` (a test keeps them equal); others: exit 2."""
 
 _DESCRIPTION = "Find the batch size a PyTorch model can train with on a GPU."
 """The top of ``batchfinder --help``; the commands are listed under it from each subparser's ``help``."""
@@ -146,21 +150,8 @@ def load_data(spec: str, kwargs: dict[str, Any] | None = None) -> Any:
             "DataLoader"
         )
     if not isinstance(data, (Dataset, DataLoader)):
-        data = _SequenceDataset(data)  # a list of samples: a data set, not one sample, for estimate and predict
+        data = SequenceDataset(data)  # a list of samples: a data set, not one sample, for estimate and predict
     return data
-
-
-class _SequenceDataset(Dataset):
-    """A sequence of samples (a list) as a map-style ``Dataset``."""
-
-    def __init__(self, items: Any) -> None:
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> Any:
-        return self.items[index]
 
 
 _FILE_MODULES: dict[str, Any] = {}
@@ -240,7 +231,6 @@ def _batch_sizes(text: str) -> list[int]:
 
 
 def _shape(text: str) -> tuple[int, ...]:
-    from .training.synthetic import parse_shape
 
     try:
         return parse_shape(text, argument="--input")
@@ -324,7 +314,6 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _prepare(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """(model, optimizer class, input dtype) from the shared arguments."""
-    from .training.synthetic import DTYPES
 
     if args.data is not None and args.dtype is not None:
         raise CommandError("--dtype sets the dtype of synthetic --input data; with --data the dataset's dtypes are used")
@@ -450,7 +439,9 @@ def add_find(subparsers: Any) -> None:
     )
     _add_model_arguments(parser)
     parser.add_argument("--device", default=None, help="cuda, cuda:N, or sim:SIZE for a simulated GPU (e.g. sim:64MiB); default cuda")
-    parser.add_argument("--mode", default="binsearch", help="search mode: binsearch (default), power or guided")
+    parser.add_argument(
+        "--mode", default="binsearch", choices=FIND_MODES, help="search mode: binsearch (default), power or guided"
+    )
     parser.add_argument(
         "--samples", type=int, default=None, help="size of the synthetic --input dataset: the largest batch size tried (default 65536)"
     )
@@ -482,7 +473,6 @@ def run_find(args: argparse.Namespace) -> int:
         device = "cuda"
     if args.data is None:
         from .memory.shapes import target_for_shape
-        from .training.synthetic import SyntheticDataset
 
         target = target_for_shape(model, args.input, dtype)
         dataset = SyntheticDataset(args.input, samples, target=target, dtype=dtype)
@@ -492,6 +482,8 @@ def run_find(args: argparse.Namespace) -> int:
         target = None
         dataset = load_data(args.data, args.data_kwargs)
         heading = f"dataset: {args.data} ({_data_length(dataset):,} samples)"
+    if args.progress and not args.json:
+        print(heading, flush=True)  # the per-trial lines (standard error) then follow the heading, as they run
     result = find_batch_size(
         model,
         dataset,
@@ -514,7 +506,8 @@ def run_find(args: argparse.Namespace) -> int:
         "targets": None if target is None else target.describe(),
         "plot": args.plot,
     }
-    _emit(args, data, f"{heading}\n{result}" + (f"\nplot written to {args.plot}" if args.plot else ""))
+    text = f"{result}" if args.progress else f"{heading}\n{result}"
+    _emit(args, data, text + (f"\nplot written to {args.plot}" if args.plot else ""))
     return 0
 
 
@@ -584,8 +577,6 @@ def _report_error(command: str | None, message: str, kind: str, *, as_json: bool
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status: 0 ok, 1 an error (one line on standard error; the user's code's
     with its type and where it was raised), 2 bad usage (``SystemExit(2)`` from the parser), 130 Ctrl-C."""
-    from .errors import BatchFinderError, batchfinder_note
-
     _Parser.wants_json = "--json" in (sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.verbose:

@@ -15,8 +15,10 @@ What the plots show:
   are open strokes, so each stays visible;
 * estimates (:func:`plot_estimates`): the peak at each batch size stacked by category (parameters, gradients,
   optimizer state, batch, activations), with the capacity and ``safety`` x capacity lines when a capacity is given;
-* a prediction (:func:`plot_prediction`): the predicted peak at every batch size the estimator traced, the
-  capacity (and the GPU's memory before the allowance), the predicted largest and the recommended batch size.
+* a prediction (:func:`plot_prediction`): the predicted peak at every batch size the estimator traced that fits,
+  the sizes predicted to run out of memory as marks on the capacity line (with what fails above the answer, not a
+  peak that would read as a jump in memory), the capacity (and the GPU's memory before the allowance), the
+  predicted largest and the recommended batch size. Guided searches draw their predicted peaks the same way.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ if TYPE_CHECKING:  # pragma: no cover - types only: plotting never imports the s
     from .memory.predict import Prediction
     from .result import SearchResult
 
-__all__ = ["plot_search", "search_figure", "plot_estimates", "plot_prediction"]
+__all__ = ["plot_search", "search_figure", "plot_estimates", "plot_prediction", "prediction_figure"]
 
 _SIZE = (9.0, 5.5)
 _DPI = 100
@@ -108,6 +110,22 @@ def _dense(points: dict[int, int], scale: float) -> tuple[Any, Any]:
     return dense, np.interp(dense, sizes, values)
 
 
+def _predicted(axes: Any, points: dict[int, int], capacity: int | None, scale: float, **style: Any) -> None:
+    """Predicted peaks: a line through the sizes that fit, and the sizes predicted to run out of memory as marks on
+    the capacity line. Their reported peak (what a device without a limit would reach, where the caching allocator
+    places blocks differently) is left off: it would read as a jump in the model's memory, where the step only
+    needs a little more than there is."""
+    fitting = {size: peak for size, peak in points.items() if capacity is None or peak <= capacity}
+    failing = sorted(size for size in points if size not in fitting)
+    if fitting:
+        xs, ys = _dense(fitting, scale)
+        axes.plot(xs, ys, "-", label="predicted peak", **style)
+        axes.plot(sorted(fitting), [fitting[s] / scale for s in sorted(fitting)], ".", color=style.get("color"))
+    if failing and capacity is not None:
+        axes.plot(failing, [capacity / scale] * len(failing), linestyle="none", marker="x", color="#D62728",
+                  markersize=6, label="predicted: runs out of memory (a request exceeds the free memory)")
+
+
 def _log_x(axes: Any, sizes: Sequence[int]) -> None:
     positive = [s for s in sizes if s > 0]
     if positive and max(positive) / min(positive) > 50:
@@ -125,7 +143,8 @@ def search_figure(result: SearchResult) -> Figure:
     figure, axes = _figure()
     trials = list(result.trials)
     predicted = {int(size): int(peak) for size, peak in result.predicted_peaks.items()}
-    values = [t.peak_bytes for t in trials] + [t.peak_reserved_bytes for t in trials] + list(predicted.values())
+    drawn = [peak for peak in predicted.values() if not result.capacity_bytes or peak <= result.capacity_bytes]
+    values = [t.peak_bytes for t in trials] + [t.peak_reserved_bytes for t in trials] + drawn
     if result.capacity_bytes:
         values.append(result.capacity_bytes)
     scale, unit = _unit(max(values, default=1))
@@ -142,9 +161,7 @@ def search_figure(result: SearchResult) -> Figure:
             label="trial: peak reserved (allocator segments)",
         )
     if predicted:
-        xs, ys = _dense(predicted, scale)
-        axes.plot(xs, ys, "-", color="#4C72B0", alpha=0.8, label="predicted peak")
-        axes.plot(sorted(predicted), [predicted[s] / scale for s in sorted(predicted)], ".", color="#4C72B0")
+        _predicted(axes, predicted, result.capacity_bytes, scale, color="#4C72B0", alpha=0.8)
     fits = [t for t in trials if t.fits]
     fails = [t for t in trials if not t.fits]
     if fits:
@@ -221,12 +238,21 @@ def plot_estimates(
 
 def plot_prediction(prediction: Prediction, path: Any) -> str:
     """Write a PNG of a prediction to ``path``: predicted peak against batch size; returns the path."""
+    return _save(prediction_figure(prediction), path)
+
+
+def prediction_figure(prediction: Prediction) -> Figure:
+    """The figure :func:`plot_prediction` saves (a matplotlib ``Figure`` on the Agg canvas, no ``pyplot``)."""
     figure, axes = _figure()
     curve = dict(sorted(prediction.curve.items()))
-    scale, unit = _unit(max(list(curve.values()) + [prediction.memory_bytes]))
-    xs, ys = _dense(curve, scale)
-    axes.plot(xs, ys, "-", color="#4C72B0", label="predicted peak")
-    axes.plot(list(curve), [v / scale for v in curve.values()], "o", color="#4C72B0", markersize=4, label="traced batch sizes")
+    drawn = [peak for peak in curve.values() if peak <= prediction.capacity_bytes]
+    scale, unit = _unit(max(drawn + [prediction.memory_bytes]))
+    _predicted(axes, curve, prediction.capacity_bytes, scale, color="#4C72B0")
+    if prediction.next_failure is not None:
+        axes.annotate(
+            f"at {prediction.max_batch_size + 1:,}: {prediction.next_failure}", (0.01, 0.01), xycoords="axes fraction",
+            fontsize=7, wrap=True,
+        )
     axes.axhline(prediction.capacity_bytes / scale, color="#D62728", linestyle="--", label=f"for tensors: {format_bytes(prediction.capacity_bytes)}")
     if prediction.allowance_bytes:
         axes.axhline(
@@ -250,4 +276,4 @@ def plot_prediction(prediction: Prediction, path: Any) -> str:
     where = prediction.gpu.name if prediction.gpu is not None else format_bytes(prediction.capacity_bytes)
     axes.set_title(f"{prediction.estimate.model}, {prediction.estimate.optimizer}: predicted largest batch size on {where}", fontsize=11)
     axes.legend(loc="upper left", fontsize=8)
-    return _save(figure, path)
+    return figure

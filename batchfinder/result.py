@@ -49,13 +49,16 @@ class Trial:
     replayed: bool = False
     """True when the figures come from replaying a recorded trial through the simulated GPU's allocator model, not
     from running steps (a confirmation after ``mode="guided"`` confirmed its prediction to the byte)."""
+    micro_batches: int = 1
+    """Micro-batches of ``batch_size`` per optimizer step, the gradients kept between them (1: no accumulation);
+    ``steps`` and ``seconds_per_step`` count optimizer steps."""
 
     @property
     def samples_per_second(self) -> float | None:
         """Training throughput of the trial, when it fitted."""
         if not self.fits or not self.seconds_per_step:
             return None
-        return self.batch_size / self.seconds_per_step
+        return self.batch_size * self.micro_batches / self.seconds_per_step
 
     @property
     def requested_bytes(self) -> int | None:
@@ -80,6 +83,7 @@ class Trial:
             "leaked_bytes": self.leaked_bytes,
             "error": self.error,
             "replayed": self.replayed,
+            "micro_batches": self.micro_batches,
             **({"data_scan": self.data_scan.as_dict()} if self.data_scan is not None else {}),
         }
 
@@ -132,11 +136,16 @@ class SearchResult:
     confirmations: list[Trial] = field(default_factory=list)
     """With ``confirm_steps``: the confirmation runs at the recommended size (several when one ran out of memory and
     the recommendation was lowered); the last one fitted."""
+    accumulation_trials: list[Trial] = field(default_factory=list)
+    """With gradient accumulation (``target_batch_size``, or a front end's own accumulation): the trials of the plan
+    with the gradients kept between micro-batches (several when one ran out of memory and the plan was lowered);
+    the last one fitted."""
     data_scan: DataScan | None = None
     """What was learned about the sizes of the training samples: fixed-size, or how many were scanned and the largest
     (trials then ran on the largest samples)."""
     precision: str = "32-true"
-    """The precision the trials trained in (``precision=``; a framework's own steps report ``"32-true"`` here)."""
+    """The precision the trials trained in (``precision=``; for the Lightning callback the trainer's, such as
+    ``"bf16-mixed"``; for the Hugging Face front end the Trainer's ``fp16``/``bf16``)."""
     train: bool = True
     """False for a search of inference batch sizes (``train=False``, or an evaluation-only search): trials ran
     forward passes in eval mode with no optimizer."""
@@ -260,6 +269,7 @@ class SearchResult:
             "trials": [trial.as_dict() for trial in self.trials],
             "evaluation": None if self.evaluation is None else self.evaluation.as_dict(),
             "confirmations": [trial.as_dict() for trial in self.confirmations],
+            "accumulation_trials": [trial.as_dict() for trial in self.accumulation_trials],
             "data_scan": None if self.data_scan is None else self.data_scan.as_dict(),
             "precision": self.precision,
             "train": self.train,
@@ -278,7 +288,7 @@ class SearchResult:
         capacity = f", capacity {format_bytes(self.capacity_bytes)}" if self.capacity_bytes else ""
         lines = [
             f"{'' if self.train else 'inference '}batch size search on {self.device}{capacity}, mode {self.mode}"
-            + (f", precision {self.precision}" if self.precision != "32-true" else "")
+            + f", precision {self.precision}"
             + f": {self.num_trials} trial{'' if self.num_trials == 1 else 's'}, "
             f"{self.num_steps} steps, {self.num_ooms} out of memory, {self.seconds:.1f} s",
             self.table(),
@@ -288,24 +298,15 @@ class SearchResult:
         ]
         if self.prediction_status is not None:
             predicted = f"largest {self.predicted_max_batch_size} predicted, " if self.predicted_max_batch_size else ""
-            lines.append(
-                f"  prediction: {predicted}{self.prediction_status}"
-                + (f" ({self.prediction_method})" if self.prediction_method else "")
-            )
+            method = self.prediction_method
+            if not method and self.prediction_status == "unavailable":
+                method = "no prediction was computed before the search ended"  # every "unavailable" says why
+            lines.append(f"  prediction: {predicted}{self.prediction_status}" + (f" ({method})" if method else ""))
         if self.data_scan is not None and self.data_scan.varies:
             lines.append(f"  data: {self.data_scan.describe()}")
         lines.extend(f"  note: {note}" for note in self.notes)
         if self.world_size > 1:
             lines.append(f"  agreed by {self.world_size} ranks: a size fits only if it fitted on every rank")
-        if self.target_batch_size is not None:
-            waste = self.effective_batch_size - self.target_batch_size
-            lines.append(
-                f"gradient accumulation for target batch size {self.target_batch_size}: micro-batch "
-                f"{self.micro_batch_size} x {self.accumulation_steps}"
-                + (f" x {self.world_size} ranks" if self.world_size > 1 else "")
-                + f" = {self.effective_batch_size}"
-                + (f" ({waste} over the target)" if waste else "")
-            )
         if self.confirmations:
             last = self.confirmations[-1]
             lowered = len(self.confirmations) - 1
@@ -321,6 +322,25 @@ class SearchResult:
                 + f", reserved {format_bytes(last.peak_reserved_bytes)}"
                 + (f" ({fraction:.0%} of the capacity)" if fraction is not None else "")
                 + (f"; lowered {lowered} time(s) after running out of memory when confirmed" if lowered else "")
+            )
+        if self.target_batch_size is not None or self.accumulation_steps > 1:
+            waste = self.effective_batch_size - (self.target_batch_size or 0)
+            target = f" for target batch size {self.target_batch_size}" if self.target_batch_size is not None else ""
+            lines.append(
+                f"gradient accumulation{target}: micro-batch "
+                f"{self.micro_batch_size} x {self.accumulation_steps}"
+                + (f" x {self.world_size} ranks" if self.world_size > 1 else "")
+                + f" = {self.effective_batch_size}"
+                + (f" ({waste} over the target)" if waste and self.target_batch_size is not None else "")
+            )
+        if self.accumulation_trials:
+            last = self.accumulation_trials[-1]
+            lines.append(
+                f"  accumulation measured: {last.steps} optimizer steps of {last.micro_batches} micro-batches of "
+                f"{last.batch_size} with the gradients kept between them, peak allocated {format_bytes(last.peak_bytes)}, "
+                f"reserved {format_bytes(last.peak_reserved_bytes)}"
+                + (f"; lowered {len(self.accumulation_trials) - 1} time(s) after running out of memory"
+                   if len(self.accumulation_trials) > 1 else "")
             )
         if self.evaluation is not None:
             lines.append(

@@ -80,6 +80,22 @@ def test_prediction_plot(tmp_path):
     assert RED in colours and BLUE in colours
 
 
+def test_sizes_predicted_to_run_out_of_memory_are_marked_on_the_capacity_not_drawn_as_a_jump():
+    pytest.importorskip("matplotlib")
+    from batchfinder.plot import prediction_figure
+
+    prediction = bf.predict_max_batch_size(zoo.mnist_mlp(), (1, 28, 28), capacity="16MiB", optimizer=torch.optim.Adam)
+    assert any(peak > prediction.capacity_bytes for peak in prediction.curve.values())  # 335 "would need" more
+    axes = prediction_figure(prediction).axes[0]
+    lines = {line.get_label(): line for line in axes.get_lines()}
+    capacity_mib = prediction.capacity_bytes / 2**20
+    assert max(lines["predicted peak"].get_ydata()) <= capacity_mib
+    failing = next(line for label, line in lines.items() if label.startswith("predicted: runs out of memory"))
+    assert prediction.max_batch_size + 1 in list(failing.get_xdata())
+    assert set(failing.get_ydata()) == {capacity_mib}
+    assert any(prediction.next_failure in text.get_text() for text in axes.texts)
+
+
 def test_plot_into_a_missing_directory_is_a_clear_error(tmp_path):
     est = bf.estimate_memory(zoo.mnist_mlp(), (1, 28, 28), 64)
     with pytest.raises(FileNotFoundError, match="does not exist"):

@@ -327,7 +327,13 @@ class DeviceBatches:
         self.index = -1
         self.current: Any = None if self.per_step else device.to_device(host)
 
+    def again(self) -> Any:
+        """The current step's batch moved to the device once more: a later micro-batch of the step (the first one
+        is still held, so that this errs by one batch on the safe side)."""
+        return self.device.to_device(self.host[max(self.index, 0)] if self.per_step else self.host)
+
     def get(self, index: int) -> Any:
+        """The device batch of step ``index``."""
         if self.per_step:
             index = min(index, len(self.host) - 1)
             if index != self.index:

@@ -4,7 +4,8 @@ An exception raised by the user's code inside a trial (the dataset, ``collate_fn
 ``step_fn``, the optimizer) keeps its type and message and gains one note of batchfinder's
 (:func:`batchfinder.errors.set_note`): the trial's batch size, the phase of the step it was raised in (tracked by
 :class:`~batchfinder.training.steps.PhaseTracker`), what to check, and, added by the search, the trials that ran
-before it (kept on the exception as ``batchfinder_trials``).
+before it (kept on the exception as ``batchfinder_trials``). :func:`model_does_not_fit` explains the one failure
+that is the model's own size, before any batch.
 """
 
 from __future__ import annotations
@@ -12,11 +13,18 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 
-from ..errors import batchfinder_note, set_note
-from ..result import Trial
-from ..training.steps import PhaseTracker
+import torch
+from torch import nn
 
-__all__ = ["note_error", "noting", "note_search_progress"]
+from ..devices.base import DeviceBackend
+from ..errors import NoBatchSizeFitsError, batchfinder_note, set_note
+from ..memory.accounting import round_allocation, tensor_storages
+from ..result import Trial
+from ..training.optimizers import state_tensors
+from ..training.steps import PhaseTracker
+from ..units import format_bytes
+
+__all__ = ["note_error", "noting", "note_search_progress", "model_does_not_fit"]
 
 
 _PHASES: dict[str, tuple[str, str]] = {
@@ -121,3 +129,28 @@ def note_search_progress(exc: BaseException, trials: Sequence[Trial], batch_size
 def _listed(sizes: Sequence[int]) -> str:
     words = [str(size) for size in sizes]
     return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
+
+
+def model_does_not_fit(
+    model: nn.Module, device: DeviceBackend, reserved_bytes: Sequence[int], optimizers: list[torch.optim.Optimizer]
+) -> NoBatchSizeFitsError:
+    """The error for a model whose resident part (parameters, buffers, existing optimizer state, a wrapper's
+    ``reserved_bytes``) exceeds ``device``, with what it needs: each storage rounded up as the CUDA allocator does."""
+    tensors = [*model.parameters(), *model.buffers()]
+    tensors += [t for optimizer in optimizers for t in state_tensors(optimizer)]
+    storages = {id(s): s for s in tensor_storages(tensors)}
+    sizes = [s.nbytes() for s in storages.values()] + list(reserved_bytes)
+    held = sum(round_allocation(size) for size in sizes)
+    needed = device.reservation_for(sizes)
+    parts = "parameters and buffers" + (" and optimizer state" if optimizers else "")
+    if reserved_bytes:
+        parts += f" and the {format_bytes(sum(reserved_bytes))} a parallel wrapper reserves"
+    capacity = device.capacity_bytes
+    in_segments = f" ({format_bytes(held)} of tensors in the allocator's segments)" if needed != held else ""
+    return NoBatchSizeFitsError(
+        f"the model alone does not fit on {device.name}: its {parts} need {format_bytes(needed)}{in_segments}, "
+        f"but the device has {format_bytes(capacity)}, before any batch. Use a larger GPU, a smaller model, or keep the "
+        "optimizer's state off the device (create the optimizer after the search).",
+        needed_bytes=needed,
+        capacity_bytes=capacity,
+    )

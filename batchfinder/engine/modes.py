@@ -15,6 +15,7 @@ recording replayed (:meth:`~batchfinder.search.strategies.SearchStrategy.replay_
 from __future__ import annotations
 
 import logging
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -100,6 +101,8 @@ class _SearchPrediction:
         self.context = context
         self.estimator: Estimator | None = None
         self.failed = False
+        self.reason: str | None = None
+        """Why the estimator cannot predict (the first line of its error), once it failed."""
 
     def _get(self) -> Estimator | None:
         if self.failed:
@@ -148,10 +151,13 @@ class _SearchPrediction:
     def _fail(self, exc: BaseException) -> None:
         self.failed = True
         self.estimator = None  # drop the fake-tensor trainer and its traces now, not when the search result goes
-        logger.warning(
-            "guided search: the memory estimator cannot trace this model (%s: %s); searching with measured peaks only",
-            type(exc).__name__,
-            exception_first_line(exc),
+        self.reason = f"{type(exc).__name__}: {exception_first_line(exc)}"
+        # Once per search (a failed estimator is not asked again): the user must see why the search is slower.
+        warnings.warn(
+            f"mode='guided': the memory estimator could not trace this model ({self.reason}); searching with "
+            "measured peaks only",
+            UserWarning,
+            stacklevel=2,
         )
         return None
 
@@ -169,7 +175,7 @@ class _SearchPrediction:
 
     def method(self) -> str | None:
         if self.failed:
-            return "unavailable: the estimator could not trace the model"
+            return f"the estimator could not trace the model: {self.reason}"
         return None if self.estimator is None else self.estimator.method
 
     def solve(self, level: int, lo: int, hi: int) -> int:

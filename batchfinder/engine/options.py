@@ -96,12 +96,12 @@ class SearchOptions:
             raise TypeError(f"distributed must be True, False or None (automatic), not {type(self.distributed).__name__}")
 
 
-def progress_callback(progress: ProgressLike) -> Callable[[Trial], None] | None:
-    """The ``progress`` argument as a callback (``True``: one line per trial on standard error)."""
+def progress_callback(progress: ProgressLike, heading: str | None = None) -> Callable[[Trial], None] | None:
+    """The ``progress`` argument as a callback (``True``: one line per trial on standard error, after ``heading``)."""
     if progress is None or progress is False:
         return None
     if progress is True:
-        return ProgressPrinter()
+        return ProgressPrinter(heading=heading)
     if callable(progress):
         return progress
     raise TypeError(f"progress must be a bool or a callable taking a Trial, not {type(progress).__name__}")

@@ -17,7 +17,8 @@ from, how a trial steps) and the search settings into :class:`~batchfinder.engin
    strategy (:mod:`batchfinder.engine.modes`) which size to try next until it, the trial budget or the time budget
    ends the search,
 5. confirms the recommended size (:mod:`batchfinder.engine.confirmation`), plans gradient accumulation toward
-   ``target_batch_size`` once, and returns the :class:`~batchfinder.result.SearchResult`.
+   ``target_batch_size`` and measures the plan with the gradients kept between micro-batches
+   (:mod:`batchfinder.engine.accumulation`), and returns the :class:`~batchfinder.result.SearchResult`.
 """
 
 from __future__ import annotations
@@ -25,14 +26,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 import time
+import warnings
 from collections.abc import Iterator
+from typing import Any
+
+import torch
 
 from ..devices.base import DeviceBackend
 from ..errors import NoBatchSizeFitsError, SearchIncompleteError
+from ..report import ProgressPrinter
 from ..result import SearchResult, Trial
-from ..search.accumulation import plan_accumulation
 from ..search.strategies import (
     SearchBounds,
     SearchStrategy,
@@ -44,6 +48,7 @@ from ..training.precision import check_precision
 from ..training.sample_sizes import FIXED_CHECK_SECONDS
 from ..training.validation import check_materialised, check_model
 from ..units import format_bytes
+from .accumulation import check_accumulation
 from .confirmation import confirm
 from .distributed import (
     RankAgreement,
@@ -73,7 +78,8 @@ def search(workload: Workload, device: DeviceBackend, options: SearchOptions) ->
     :class:`~batchfinder.SearchIncompleteError` when a budget ends the search before any size fitted. The user's
     state is restored in every case.
     """
-    with agreeing_ranks(options.distributed) as agreement:  # a failure from here on reaches the other ranks
+    # A failure from here on reaches the other ranks; a warning of the user's code is shown once per call.
+    with agreeing_ranks(options.distributed) as agreement, each_warning_once(), gradients_enabled():
         return _search(workload, device, options, agreement)
 
 
@@ -113,25 +119,52 @@ def _search(
                 session, context, eval_options, agreement, phase="eval", length=workload.eval_source.length
             )
             result.evaluation.data_scan = workload.eval_source.scan
-        if full and options.confirm_steps:
-            try:
+        try:
+            if full and options.confirm_steps:
                 confirm(session, source, result, options, agreement, strategy, phase=phase)
-            except Exception as exc:
-                note_search_progress(exc, result.trials)
-                raise
-    if training and options.target_batch_size is not None:
-        plan = plan_accumulation(
-            math.ceil(options.target_batch_size / result.world_size), result.batch_size, options.multiple_of
-        )
-        result.target_batch_size = options.target_batch_size
-        result.micro_batch_size = plan.micro_batch_size
-        result.accumulation_steps = plan.accumulation_steps
+            if training:  # the plan toward target_batch_size (or the user's own accumulation), run as it will run
+                check_accumulation(session, result, options, agreement, workload.accumulation_steps)
+        except Exception as exc:
+            note_search_progress(exc, result.trials)
+            raise
     result.data_scan = source.scan
     result.precision = workload.precision
     result.train = training
     result.notes = [*workload.notes, *session.notes]
     result.seconds = time.perf_counter() - started
     return result
+
+
+@contextlib.contextmanager
+def each_warning_once() -> Iterator[None]:
+    """Show each warning raised in the block once, when it ends (also when it raises): the user's forward pass runs in
+    the model check and in every trial, and a warning it raises is one thing to say per call, not one per step. A
+    warning is the same when its category, message and place are."""
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        seen: set[tuple[Any, ...]] = set()
+        for warning in caught:
+            key = (warning.category, str(warning.message), warning.filename, warning.lineno)
+            if key not in seen:
+                seen.add(key)
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+
+
+@contextlib.contextmanager
+def gradients_enabled() -> Iterator[None]:
+    """Gradients on for the block, also when the caller is inside ``torch.no_grad()`` or ``torch.inference_mode()``
+    (an evaluation block, a notebook cell): trials train, and training needs them. The caller's mode is back after
+    the block."""
+    if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+        yield
+        return
+    logger.info("called under torch.no_grad() or torch.inference_mode(): the trials run with gradients enabled")
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
 
 
 def _looked_further(source: TrainingBatches, elapsed: float, agreement: RankAgreement | None) -> bool:
@@ -216,7 +249,13 @@ def _run(
     length: int,
 ) -> tuple[SearchResult, SearchStrategy]:
     """One search loop (training or evaluation batch sizes) on an open session; the result and the strategy."""
-    report = progress_callback(options.progress)
+    heading = (
+        f"searching {'evaluation' if phase == 'eval' else 'training'} batch sizes on {context.device.name} "
+        f"(mode {options.mode}):"
+    )
+    report = progress_callback(options.progress, heading)
+    if isinstance(report, ProgressPrinter):
+        report.begin(heading)  # also a printer the user passed: each search's trials under their own heading
     started = time.perf_counter()
     cap = options.max_batch_size
     if cap is not None and cap < length:
@@ -319,6 +358,6 @@ def run_trial(workload: Workload, device: DeviceBackend, options: SearchOptions,
         )
     check_precision(workload.precision)
     device.check_precision(workload.precision)
-    with _session(workload, device, options) as session:
+    with each_warning_once(), gradients_enabled(), _session(workload, device, options) as session:
         trial = session.run(batch_size, phase="train" if workload.trains else "eval")
     return dataclasses.replace(trial, data_scan=source.scan)

@@ -8,10 +8,8 @@ An out-of-memory error ends the trial as "does not fit". Recovery happens *after
 traceback (which keeps the failed step's tensors alive) is gone: the user's state is restored, garbage collected,
 the device synchronised, its cache emptied and its peak statistics reset, and the memory level is compared with
 the level before the trial (a difference is recorded as ``leaked_bytes``). Any other exception propagates with its
-own type and traceback after the user's state is restored, with a note that says where it happened: the batch size,
-the phase of the step (collate, forward, loss, backward, optimizer step, ...), what to check (``loss_fn``,
-``optimizer``, ``step_fn`` or the dataset, whichever ran), and, added by the search, the trials before it
-(:func:`~batchfinder.engine.error_context.note_search_progress`; ``exc.batchfinder_trials`` holds them).
+own type and traceback after the user's state is restored, with a note that says where it happened and what to
+check (:mod:`batchfinder.engine.error_context`).
 
 :class:`TrialSession` owns the user's state for the length of a search: it snapshots it on entry, keeps the model
 resident on the device, checks once that the model accepts the batch, and restores everything on exit, also when
@@ -41,15 +39,14 @@ import torch
 from torch import nn
 
 from ..devices.base import DeviceBackend, DeviceBatches, flush_autograd, swapped_data
-from ..errors import NoBatchSizeFitsError, exception_first_line
-from ..memory.accounting import round_allocation, tensor_storages
+from ..errors import exception_first_line
 from ..memory.recording import RECORDED_SIZES, record_trial
 from ..memory.replay import AllocationLog
 from ..result import Trial
 from ..search.checks import MIN_STEPS_PER_TRIAL
 from ..training.batching import BatchSource, describe_batch
 from ..training.host import host_side_loading
-from ..training.optimizers import OptimizerSpec, lacks_state, state_tensors
+from ..training.optimizers import OptimizerSpec, lacks_state
 from ..training.precision import (
     StepPrecision,
     autocast_dtype,
@@ -63,7 +60,7 @@ from ..training.environment import torch_import_side_effects_contained
 from ..training.state import SnapshotFactory, TrainingState, deferred_interrupts
 from ..training.steps import PhaseTracker, StepFn, check_loss, run_training_step, step_phase
 from ..units import format_bytes
-from .error_context import note_error
+from .error_context import model_does_not_fit, note_error
 from .oom import is_ambiguous_oom_error, is_fatal_device_error, is_oom_error
 
 __all__ = ["TrialSession", "TrainStepFn", "EvalStepFn"]
@@ -78,7 +75,9 @@ _MAX_EXTRA_STEPS = 8
 
 
 TrainStepFn = Callable[[nn.Module, Any, int], None]
-"""``train_step(model, device_batch, step_index)``: one complete training step, optimizer step and zero grad included."""
+"""``train_step(model, device_batch, step_index)``: one complete training step, optimizer step and zero grad included;
+under gradient accumulation ``train_step(model, device_batch, micro_index, accumulation=k)``: one micro-batch, the
+optimizer stepping after every ``k``-th (as the front end's loop does with ``k`` accumulation steps)."""
 EvalStepFn = Callable[[nn.Module, Any], None]
 """``eval_step(model, device_batch)``: one evaluation step (called in eval mode under ``torch.no_grad()``)."""
 
@@ -215,34 +214,13 @@ class TrialSession:
             self._reserved = []
             resident.close()
             del exc
-            raise self._model_does_not_fit([*([bound] if bound is not None else []), *self.extra_optimizers]) from None
+            held = [*([bound] if bound is not None else []), *self.extra_optimizers]
+            raise model_does_not_fit(self.model, self.device, self.reserved_bytes, held) from None
         except BaseException:  # e.g. a memory_limit refused: what was put on the device goes back
             self._reserved = []
             resident.close()
             raise
         self._resident = resident
-
-    def _model_does_not_fit(self, optimizers: list[torch.optim.Optimizer]) -> NoBatchSizeFitsError:
-        """The error for a model whose resident part (parameters, buffers, existing optimizer state, a wrapper's
-        buffers) exceeds the device, with what it needs: each storage rounded up as the CUDA allocator rounds it."""
-        tensors = [*self.model.parameters(), *self.model.buffers()]
-        tensors += [t for optimizer in optimizers for t in state_tensors(optimizer)]
-        storages = {id(s): s for s in tensor_storages(tensors)}
-        sizes = [s.nbytes() for s in storages.values()] + list(self.reserved_bytes)
-        held = sum(round_allocation(size) for size in sizes)
-        needed = self.device.reservation_for(sizes)
-        parts = "parameters and buffers" + (" and optimizer state" if optimizers else "")
-        if self.reserved_bytes:
-            parts += f" and the {format_bytes(sum(self.reserved_bytes))} a parallel wrapper reserves"
-        capacity = self.device.capacity_bytes
-        in_segments = f" ({format_bytes(held)} of tensors in the allocator's segments)" if needed != held else ""
-        return NoBatchSizeFitsError(
-            f"the model alone does not fit on {self.device.name}: its {parts} need {format_bytes(needed)}{in_segments}, "
-            f"but the device has {format_bytes(capacity)}, before any batch. Use a larger GPU, a smaller model, or keep the "
-            "optimizer's state off the device (create the optimizer after the search).",
-            needed_bytes=needed,
-            capacity_bytes=capacity,
-        )
 
     def _probe(self) -> None:
         """Check that the model takes the batch: one forward/backward at a tiny batch outside memory accounting, or
@@ -349,6 +327,7 @@ class TrialSession:
         phase: str = "train",
         steps: int | None = None,
         host_batches: Sequence[Any] | Callable[[], Sequence[Any] | None] | None = None,
+        accumulation: int = 1,
     ) -> Trial:
         """Run one trial at ``batch_size`` and return how it went; restores the user's state afterwards.
 
@@ -363,6 +342,8 @@ class TrialSession:
         or a callable that returns them (None: one batch of ``batch_size``), called inside the trial. An
         out-of-memory error while a batch is built (a ``collate_fn`` that moves it to the GPU) or moved to the device
         means the size does not fit, as one in the steps does.
+        ``accumulation`` > 1 (training only): each step is that many micro-batches of ``batch_size`` with the gradients
+        kept between them, then the optimizer step (:mod:`batchfinder.engine.accumulation`).
         """
         state = self._require_state()
         tracker = PhaseTracker()
@@ -392,6 +373,7 @@ class TrialSession:
                 self._steps(
                     host_batch, durations, train_steps=train_steps, eval_host=eval_host, eval_durations=eval_durations,
                     per_step=per_step, tracker=tracker, eval_steps=eval_steps, eval_per_step=eval_per_step,
+                    accumulation=accumulation,
                 )
         except Exception as exc:  # recovery happens below, outside this block
             # Out of memory anywhere, the data path included (a collate_fn that moves the batch to the GPU, the
@@ -420,6 +402,7 @@ class TrialSession:
             leaked_bytes=leaked,
             error=error,
             peak_reserved_bytes=peak_reserved,
+            micro_batches=accumulation if phase == "train" else 1,
         )
 
     def _host_batches(
@@ -543,6 +526,7 @@ class TrialSession:
         tracker: PhaseTracker | None = None,
         eval_steps: int | None = None,
         eval_per_step: bool = False,
+        accumulation: int = 1,
     ) -> None:
         steps = self.steps_per_trial if train_steps is None else train_steps
         tracker = tracker if tracker is not None else PhaseTracker()
@@ -553,12 +537,16 @@ class TrialSession:
                 index = 0
                 tracker.enter("moving the batch to the device", 0)
                 batches = DeviceBatches(self.device, host_batch, per_step)
+                accumulating = {"accumulation": accumulation} if accumulation > 1 else {}
                 while index < steps or (index < steps + _MAX_EXTRA_STEPS and self._state_missing(None)):
                     tracker.enter("moving the batch to the device", index)
                     batch = batches.get(index)
                     tracker.enter("training step")
                     start = time.perf_counter()
-                    self.train_step(self.model, batch, index)
+                    for micro in range(accumulation):  # the micro-batches of one optimizer step, each moved anew
+                        micro_batch = batches.again() if micro else batch
+                        self.train_step(self.model, micro_batch, index * accumulation + micro, **accumulating)
+                        del micro_batch
                     self.device.synchronize()
                     durations.append(time.perf_counter() - start)
                     index += 1
@@ -577,7 +565,10 @@ class TrialSession:
                     tracker.enter("moving the batch to the device", index)
                     batch = batches.get(index)
                     start = time.perf_counter()
-                    run_training_step(self.model, batch, self.step, optimizer, precision=precision)
+                    run_training_step(
+                        self.model, batch, self.step, optimizer, precision=precision, micro_batches=accumulation,
+                        next_batch=batches.again,
+                    )
                     self.device.synchronize()
                     durations.append(time.perf_counter() - start)
                     index += 1

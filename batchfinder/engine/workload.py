@@ -49,6 +49,10 @@ class Workload:
     precision: str = "32-true"
     """The built-in step's precision (:mod:`batchfinder.training.precision`); a front end's own ``train_step`` runs
     in its framework's precision instead."""
+    accumulation_steps: int = 1
+    """The gradient accumulation the user's training runs with (Lightning's ``accumulate_grad_batches``, the
+    Trainer's ``gradient_accumulation_steps``): without ``target_batch_size``, the recommendation is measured with it
+    (:mod:`batchfinder.engine.accumulation`)."""
     notes: list[str] = field(default_factory=list)
     """What the front end did that the result should say (e.g. searched a compiled model's original module)."""
 

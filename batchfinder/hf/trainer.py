@@ -201,6 +201,7 @@ def find_trainer_batch_size(
             search_evaluation=eval_source is not None,
             ddp=ddp,
             precision=precision,
+            accumulation_steps=1 if target_batch_size is not None else max(1, int(args.gradient_accumulation_steps)),
         )
         logger.info(
             "searching the Trainer's batch size on %s (%s, %s%s)", backend.name, precision,

@@ -59,6 +59,7 @@ from ..training.precision import cuda_autocast_policies
 from ..training.sample_sizes import DEFAULT_SCAN_BUDGET, SampleSize, check_scan_budget
 from .framework import Callback, is_overridden, is_param_in_hook_signature, pl
 from .guard import GuardHooks, check_on_oom
+from .reporting import log_result
 from .isolation import isolated, trial_state
 from .sources import check_sample_size_option, evaluation_source, training_source
 from .steps import LightningSteps
@@ -83,6 +84,12 @@ def _autocast_as_on(device: DeviceBackend) -> Any:
     """On a simulated GPU the trainer runs on the CPU, where its precision plugin enters the CPU's autocast: make that
     follow CUDA's policies for the search, as the GPU it stands for would (:mod:`batchfinder.training.precision`)."""
     return cuda_autocast_policies() if device.simulated else contextlib.nullcontext()
+
+
+def _accumulation_of(trainer: pl.Trainer) -> int:
+    """The accumulation the trainer's fit runs with (``accumulate_grad_batches``; 1 when unset or not a number)."""
+    steps = getattr(trainer, "accumulate_grad_batches", 1)
+    return steps if isinstance(steps, int) and not isinstance(steps, bool) and steps > 1 else 1
 
 
 class BatchFinder(GuardHooks, Callback):
@@ -324,6 +331,7 @@ class BatchFinder(GuardHooks, Callback):
                     extra_optimizers=optimizers[1:],
                     extra_state=trial_state(trainer, module),
                     ddp=wrapped if isinstance(wrapped, nn.parallel.DistributedDataParallel) else None,
+                    accumulation_steps=_accumulation_of(trainer),
                 )
                 result = search(workload, device, self.options)
             if eval_targets is not None and result.eval_batch_size is None:
@@ -373,38 +381,13 @@ class BatchFinder(GuardHooks, Callback):
 
     # -- reporting ---------------------------------------------------------------------------------------------------
     def _report(self, trainer: pl.Trainer, result: SearchResult, stage: str) -> None:
+        # The trials ran the trainer's precision plugin (its autocast, its loss scaling): the result says which.
+        for searched in (result, result.evaluation):
+            if searched is not None:
+                searched.precision = str(trainer.precision)
         self.result = result
         self.results[stage] = result
         logger.info("BatchFinder (%s, rank %d):\n%s", stage, trainer.global_rank, result)
         if not self.log_results:
             return
-        prefix = "batchfinder" if stage == "fit" else f"batchfinder/{stage}"
-        metrics: dict[str, float] = {
-            f"{prefix}/max_batch_size": float(result.max_batch_size),
-            f"{prefix}/batch_size": float(result.batch_size),
-            f"{prefix}/trials": float(result.num_trials),
-            f"{prefix}/seconds": float(result.seconds),
-        }
-        if result.target_batch_size is not None:
-            metrics[f"{prefix}/micro_batch_size"] = float(result.micro_batch_size)
-            metrics[f"{prefix}/accumulate_grad_batches"] = float(result.accumulation_steps)
-            metrics[f"{prefix}/effective_batch_size"] = float(result.effective_batch_size)
-        if result.evaluation is not None:
-            metrics[f"{prefix}/eval_max_batch_size"] = float(result.evaluation.max_batch_size)
-            metrics[f"{prefix}/eval_batch_size"] = float(result.evaluation.batch_size)
-        hyperparameters = {
-            prefix: {
-                "max_batch_size": result.max_batch_size,
-                "batch_size": result.batch_size,
-                "safety": result.safety,
-                "mode": result.mode,
-                "device": result.device,
-                "stop_reason": result.stop_reason.value,
-                "trial_table": result.table(),
-            }
-        }
-        if result.data_scan is not None and result.data_scan.varies:
-            hyperparameters[prefix]["data"] = result.data_scan.describe()
-        for lightning_logger in trainer.loggers:
-            lightning_logger.log_hyperparams(hyperparameters)
-            lightning_logger.log_metrics(metrics, step=trainer.global_step)
+        log_result(trainer, result, stage)

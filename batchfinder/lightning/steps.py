@@ -74,8 +74,15 @@ class LightningSteps:
         with self.precision.train_step_context():
             return module.training_step(*_step_args(module.training_step, batch, batch_idx, None))
 
-    def train_step(self, model: nn.Module, batch: Any, index: int) -> None:
-        """One training step as Lightning's loop runs it (automatic or manual optimization)."""
+    def train_step(self, model: nn.Module, batch: Any, index: int, accumulation: int = 1) -> None:
+        """One training step as Lightning's loop runs it (automatic or manual optimization).
+
+        With ``accumulation`` > 1 (``accumulate_grad_batches``), ``index`` counts micro-batches and the step is
+        Lightning's for that batch index: the gradients are zeroed after the forward pass of the first micro-batch of
+        each window only, and the optimizer steps (``optimizer_step`` with the closure) at the last one; the others
+        run the closure alone, so their gradients add up. (Lightning's DDP strategy skips the gradient all-reduce
+        there with ``no_sync``; trials run on the unwrapped module, which accumulates into ``.grad`` the same way.)
+        """
         module = self.module
         batch = module.on_after_batch_transfer(batch, 0)
         if not module.automatic_optimization:
@@ -86,15 +93,20 @@ class LightningSteps:
         lightning_optimizer = module.optimizers(use_pl_optimizer=True)
         if isinstance(lightning_optimizer, list):
             lightning_optimizer = lightning_optimizer[0]
+        zeroes = index % accumulation == 0  # the first micro-batch of a window (always without accumulation)
 
         def closure() -> torch.Tensor | None:
             loss = loss_of(self.forward(batch, index))
-            module.optimizer_zero_grad(epoch, index, optimizer)  # Lightning zeroes after the forward pass
+            if zeroes:
+                module.optimizer_zero_grad(epoch, index, optimizer)  # Lightning zeroes after the forward pass
             if loss is None:
                 return None
             return self.backward(loss, optimizer)
 
-        module.optimizer_step(epoch, index, lightning_optimizer, closure)
+        if (index + 1) % accumulation == 0:
+            module.optimizer_step(epoch, index, lightning_optimizer, closure)
+        else:
+            closure()
 
     def loss_step(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """The training step's loss (for search modes that model memory from a forward pass)."""

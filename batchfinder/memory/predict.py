@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import exception_first_line
 from ..search.checks import MIN_STEPS_PER_TRIAL, check_positive_int, check_safety
 from ..search.strategies import recommend_batch_size, scaled_batch_size
 from ..training.optimizers import OptimizerLike
@@ -57,7 +58,9 @@ class Prediction:
     """Predicted peak at :attr:`max_batch_size`: reserved bytes with the caching allocator (what a GPU runs out of
     memory on), allocated bytes with ``allocator="ideal"``."""
     next_peak_bytes: int | None
-    """Predicted peak at ``max_batch_size + 1`` (None when the search stopped at ``max_batch_size`` instead)."""
+    """Predicted peak at ``max_batch_size + 1`` (None when the search stopped at ``max_batch_size`` instead); when it
+    does not fit, the peak it would reach on a device without a limit (which the caching allocator, placing blocks
+    differently there, can put well above the capacity: read :attr:`next_failure` for what fails)."""
     breakdown: Callable[[], MemoryEstimate] = field(repr=False)
     """Computes the breakdown at :attr:`max_batch_size` (one more trace): read :attr:`estimate` instead."""
     safety: float = 0.8
@@ -79,6 +82,9 @@ class Prediction:
     method: str = ""
     """How the peaks were computed: ``"one trace, replayed at each size"`` (:mod:`batchfinder.memory.replay`) or
     ``"a trace per size: <why one trace could not stand for every size>"``."""
+    next_failure: str | None = None
+    """Why ``max_batch_size + 1`` does not fit: the allocator's request that fails and the free memory it exceeds
+    (None when the search stopped at ``max_batch_size`` or where the estimator does not say)."""
 
     def __post_init__(self) -> None:
         self._estimate: MemoryEstimate | None = None
@@ -110,6 +116,7 @@ class Prediction:
             "capacity_bytes": self.capacity_bytes,
             "peak_bytes": self.peak_bytes,
             "next_peak_bytes": self.next_peak_bytes,
+            "next_failure": self.next_failure,
             "capped": self.capped,
             "traces": self.traces,
             "seconds": round(self.seconds, 3),
@@ -131,6 +138,11 @@ class Prediction:
         held = "reserved by the caching allocator" if self.allocator == "caching" else "allocated"
         if self.capped:
             limit = f"(the largest size considered; it still fits, peak {format_bytes(self.peak_bytes)} {held})"
+        elif self.next_failure is not None:
+            limit = (
+                f"(predicted peak {format_bytes(self.peak_bytes)} {held}; at {self.max_batch_size + 1:,} "
+                f"{self.next_failure})"
+            )
         else:
             limit = (
                 f"(predicted peak {format_bytes(self.peak_bytes)} {held}; {self.max_batch_size + 1:,} would need "
@@ -158,6 +170,19 @@ class Prediction:
         from ..plot import plot_prediction
 
         return plot_prediction(self, path)
+
+
+def _failure_at(estimator: Estimator, batch_size: int) -> str | None:
+    """What fails at ``batch_size``, a size the allocator of the estimator's capacity cannot serve: from the replay
+    of the recorded trace, or from the out-of-memory error of a trace at that size."""
+    replay = estimator.replay_at(batch_size)
+    if replay is not None and replay.failure is not None:
+        return replay.failure
+    try:
+        estimator.trace(batch_size)
+    except torch.OutOfMemoryError as exc:
+        return f"the step runs out of memory ({exception_first_line(exc)})"
+    return None
 
 
 def _validate(safety: Any, multiple_of: Any, max_batch_size: Any) -> None:
@@ -261,14 +286,17 @@ def predict_max_batch_size(
         )
     capped = best >= cap
     next_peak = None if capped else estimator.peak(best + 1)
+    next_failure = None
     if not capped and estimator.overflows(best + 1):
         next_peak = estimator.unbounded_peak(best + 1)  # what it would take without the limit
+        next_failure = _failure_at(estimator, best + 1)
     prediction = Prediction(
         max_batch_size=best,
         batch_size=recommend_batch_size(best, safety, multiple_of),
         capacity_bytes=limit,
         peak_bytes=estimator.peak(best),
         next_peak_bytes=next_peak,
+        next_failure=next_failure,
         breakdown=lambda: estimator.estimate(best),
         safety=float(safety),
         multiple_of=multiple_of,

@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from ..units import format_bytes
 from .accounting import round_allocation
 from .allocator import AllocatorOutOfMemory, CachingAllocator
 from .tracing import FakeTrainer, PeakLedger
@@ -77,6 +78,23 @@ class Replay:
     """True when the allocator of the replay's capacity ran out of memory (the peaks are then those reached)."""
     peak_phase: str
     phase_peaks: dict[str, int]
+    failure: str | None = None
+    """When the replay ran out of memory: what failed and why (:func:`describe_failure`), for a user to read."""
+
+
+def describe_failure(exc: AllocatorOutOfMemory, where: str) -> str:
+    """What an allocator's out-of-memory error means in words: the request that failed, in which phase, and why
+    (the free capacity is smaller, or the free bytes are cached in segments too fragmented to serve it). Not a peak:
+    the step needs a little more memory than there is, it does not jump by the request."""
+    free = exc.capacity - exc.reserved
+    cached = exc.reserved - exc.allocated
+    text = (
+        f"the allocator's request of {format_bytes(exc.allocation_size)} (for a {format_bytes(exc.requested)} tensor) "
+        f"in the {where} exceeds the {format_bytes(free)} left free on the device"
+    )
+    if cached:
+        text += f", with {format_bytes(cached)} cached in segments that cannot serve it"
+    return text
 
 
 class _HandlesOnly:
@@ -251,6 +269,7 @@ class AllocationLog:
         peak_phase, phase, index = "setup", "setup", 0
         phase_peaks: dict[str, int] = {}
         overflows = False
+        failure: str | None = None
         for call in self.calls:
             kind = call[0]
             if kind == _MALLOC:
@@ -258,8 +277,9 @@ class AllocationLog:
                 if size:
                     try:
                         live[call[1]] = (malloc(size), size)
-                    except AllocatorOutOfMemory:
+                    except AllocatorOutOfMemory as exc:
                         overflows = True
+                        failure = describe_failure(exc, "set-up before the first step" if phase == "setup" else f"{phase} (step {index})")
                         break
                     allocated += size
             elif kind == _FREE:
@@ -281,7 +301,7 @@ class AllocationLog:
                 phase_top = allocated
         phase_peaks[phase] = max(phase_peaks.get(phase, 0), phase_top)
         phase_peaks.pop("done", None)
-        return Replay(batch_size, best, reserved_peak, overflows, peak_phase, phase_peaks)
+        return Replay(batch_size, best, reserved_peak, overflows, peak_phase, phase_peaks, failure)
 
 
 def _fit(

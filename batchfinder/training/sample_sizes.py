@@ -29,6 +29,7 @@ import logging
 import math
 import numbers
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -253,8 +254,11 @@ def scan_sizes(
     order = sorted(sizes, key=lambda i: (-sizes[i], i))
     if scanned < total:
         order += [i for i in range(total) if i not in sizes]
-        logger.warning(
-            "%s. Pass sample_size= (a length per sample) or a larger scan_budget= to scan them all.", scan.describe()
+        # The user must see it (not only a log record): trials bound only the samples the scan reached.
+        warnings.warn(
+            f"{scan.describe()}. Pass sample_size= (a length per sample) or a larger scan_budget= to scan them all.",
+            UserWarning,
+            stacklevel=2,
         )
     else:
         logger.info("%s", scan.describe())

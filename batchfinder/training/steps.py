@@ -138,42 +138,49 @@ def run_training_step(
     *,
     check: bool = False,
     precision: Any = None,
+    micro_batches: int = 1,
+    next_batch: Callable[[], Any] | None = None,
 ) -> None:
     """One training step as trials and traces run it: forward and loss, backward, ``optimizer.step()``, and
     ``zero_grad(set_to_none=True)`` on the optimizer and the model (frozen parameters included).
 
     ``on_phase`` is told when each phase starts; ``check`` verifies the loss with :func:`check_loss` first;
     ``precision`` (a :class:`~batchfinder.training.precision.StepPrecision`) runs the forward pass under autocast and scales
-    the loss where the precision asks for it.
+    the loss where the precision asks for it. ``micro_batches`` > 1 is gradient accumulation: that many forward and
+    backward passes on ``batch`` with the gradients kept between them (each later forward runs while the gradients
+    are held, each later backward adds into them), then one optimizer step, as a training loop with
+    ``accumulation_steps`` runs it; ``next_batch()`` gives each later micro-batch its own batch on the device, moved
+    there before the previous one is dropped, as a loop does (without it every micro-batch reuses ``batch``).
     """
-    if on_phase is not None:
-        on_phase("forward")
-    enter_phase(step_phase(step))
-    if precision is not None:
-        with precision.autocast():
+
+    def begin(phase: str, tracked: str | None = None) -> None:
+        if on_phase is not None:
+            on_phase(phase)
+        enter_phase(tracked or phase)
+
+    for micro in range(max(1, micro_batches)):
+        if micro and next_batch is not None:
+            batch = next_batch()
+        begin("forward", step_phase(step))
+        if precision is not None:
+            with precision.autocast():
+                loss = step(model, batch)
+        else:
             loss = step(model, batch)
-    else:
-        loss = step(model, batch)
-    if check:
-        check_loss(loss, step)
-    if on_phase is not None:
-        on_phase("backward")
-    enter_phase("backward")
-    if precision is not None:
-        precision.backward(loss)
-    else:
-        loss.backward()
-    del loss
-    if on_phase is not None:
-        on_phase("optimizer step")
-    enter_phase("optimizer step")
+        if check:
+            check_loss(loss, step)
+        begin("backward")
+        if precision is not None:
+            precision.backward(loss)
+        else:
+            loss.backward()
+        del loss
+    begin("optimizer step")
     if precision is not None:
         precision.step(optimizer)
     else:
         optimizer.step()
-    if on_phase is not None:
-        on_phase("zero_grad")
-    enter_phase("zero_grad")
+    begin("zero_grad")
     optimizer.zero_grad(set_to_none=True)
     model.zero_grad(set_to_none=True)
 

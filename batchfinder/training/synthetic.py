@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 __all__ = [
+    "SequenceDataset",
     "parse_shape",
     "as_shape",
     "TargetSpec",
@@ -168,3 +169,16 @@ class SyntheticDataset(Dataset):
         if self.targets is None:
             return self.inputs[slot]
         return self.inputs[slot], self.targets[slot]
+
+
+class SequenceDataset(Dataset):
+    """A sequence of samples (a list) as a map-style ``Dataset``."""
+
+    def __init__(self, items: Any) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.items[index]

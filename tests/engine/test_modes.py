@@ -4,7 +4,6 @@ without a prediction; its limit per device; one registry of the modes."""
 
 from __future__ import annotations
 
-import logging
 import pathlib
 import subprocess
 import sys
@@ -143,16 +142,19 @@ def test_a_guided_search_checks_the_model_with_its_recorded_trial_not_an_extra_s
     assert sizes["guided"] == [2, 3, guided.max_batch_size, guided.max_batch_size] and guided.num_trials == 1
 
 
-def test_guided_without_an_estimate_uses_measured_peaks(caplog, monkeypatch):
+def test_guided_without_an_estimate_uses_measured_peaks_and_says_why(monkeypatch):
     torch.manual_seed(0)
     dataset = TensorDataset(torch.randn(6000, 64), torch.randint(0, 4, (6000,)))
     model = ReadsValues()
     # No recorded trial (as on a real GPU) and a model fake tensors cannot run: no prediction at all.
     monkeypatch.setattr(TrialSession, "record_allocations", lambda self, sizes=(2, 3): None)
-    with caplog.at_level(logging.WARNING, logger="batchfinder"):
+    with pytest.warns(UserWarning, match="could not trace this model") as caught:
         # Allocated bytes only: smooth measured peaks that a line through them can steer by.
         guided = bf.find_batch_size(model, dataset, optimizer=torch.optim.SGD, device=bf.SimulatedGPU("4MiB", allocator="ideal"), mode="guided")
-    assert "estimator cannot trace" in caplog.text
+    assert len([w for w in caught if "could not trace" in str(w.message)]) == 1  # once per call
+    # The report says why there is no prediction: the first line of the estimator's error.
+    line = next(line for line in str(guided).splitlines() if "prediction:" in line)
+    assert line.startswith("  prediction: unavailable (the estimator could not trace the model: ") and "Error" in line
     reference = bf.find_batch_size(model, dataset, optimizer=torch.optim.SGD, device=bf.SimulatedGPU("4MiB", allocator="ideal"), mode="binsearch")
     assert guided.max_batch_size == reference.max_batch_size
     assert guided.num_trials < reference.num_trials

@@ -133,12 +133,13 @@ def test_progress_callback_sees_every_trial():
     assert seen == result.trials
 
 
-def test_progress_true_prints_one_line_per_trial(capsys):
+def test_progress_true_prints_a_heading_and_one_line_per_trial(capsys):
     case = make_case("mlp")
     small = TensorDataset(*(t[:40] for t in case.dataset.tensors))
     result = bf.find_batch_size(case.model, small, device=bf.SimulatedGPU("8MiB"), progress=True)
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == result.num_trials and "batch      16  fits" in lines[0]
+    assert lines[0] == "searching training batch sizes on SimulatedGPU(8.00 MiB) (mode binsearch):"
+    assert len(lines) == result.num_trials + 1 and "batch      16  fits" in lines[1]
 
 
 def test_an_optimizer_instance_keeps_its_state_and_its_state_counts():

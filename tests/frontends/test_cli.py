@@ -407,3 +407,28 @@ def test_ctrl_c_is_one_line_and_status_130(capsys, monkeypatch):
     monkeypatch.setattr(bf.api, "find_batch_size", interrupted)
     code, out, err = _run(capsys, "find", "batchfinder.zoo:mnist_mlp", "--input", "1x28x28", "--device", "sim:64MiB")
     assert code == 130 and err.strip() == "batchfinder find: error: interrupted (Ctrl-C)"
+
+
+def test_an_unknown_mode_is_bad_usage_with_exit_status_2(capsys):
+    from batchfinder.engine.modes import MODES
+
+    assert sorted(cli.FIND_MODES) == sorted(MODES)
+    with pytest.raises(SystemExit) as exited:
+        main(["find", "batchfinder.zoo:mnist_mlp", "--input", "1x28x28", "--device", "sim:6MiB", "--mode", "fast"])
+    assert exited.value.code == 2  # as docs/cli.md says for bad arguments
+    assert "invalid choice: 'fast'" in capsys.readouterr().err
+
+
+def test_progress_lines_follow_the_heading():
+    done = subprocess.run(
+        [sys.executable, "-m", "batchfinder.cli", "find", "batchfinder.zoo:mnist_mlp", "--input", "1x28x28", "--device",
+         "sim:6MiB", "--samples", "3000", "--max-trials", "3", "--confirm-steps", "0", "--progress"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout
+    lines = done.stdout.splitlines()
+    heading = next(i for i, line in enumerate(lines) if line.startswith("synthetic data: 3,000 samples"))
+    progress = next(i for i, line in enumerate(lines) if line.startswith("searching training batch sizes on"))
+    first_trial = next(i for i, line in enumerate(lines) if line.startswith("trial  1:"))
+    assert heading < progress < first_trial
+    assert sum(line.startswith("synthetic data:") for line in lines) == 1  # not printed again with the result

@@ -677,3 +677,65 @@ def test_on_oom_refuses_what_lightnings_loop_cannot_redo(tmp_path: Path) -> None
     with pytest.raises(ValueError, match="accumulate_grad_batches=1, not 2"):
         trainer(tmp_path, [callback], max_steps=1, limit_val_batches=0, accumulate_grad_batches=2).fit(model)
     assert model.training_steps == 0
+
+
+class AccumulationEvents(LitMLP):
+    """Records the order of Lightning's hooks: 'fwd' (training_step), 'zero' (optimizer_zero_grad), 'step'
+    (optimizer_step)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.events: list[str] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.events.append("fwd")
+        return super().training_step(batch, batch_idx)
+
+    def optimizer_zero_grad(self, *args: Any, **kwargs: Any) -> None:
+        self.events.append("zero")
+        super().optimizer_zero_grad(*args, **kwargs)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        self.events.append("step")
+        super().optimizer_step(*args, **kwargs)
+
+
+def _window(steps: int) -> list[str]:
+    """Lightning's hooks over one optimizer step of ``steps`` micro-batches: the gradients zeroed after the first
+    forward only, the optimizer stepping (its closure running the forward) at the last."""
+    return ["fwd", "zero"] + ["fwd"] * (steps - 2) + ["step", "fwd"]
+
+
+def _contains(events: list[str], window: list[str]) -> bool:
+    return any(events[i:i + len(window)] == window for i in range(len(events) - len(window) + 1))
+
+
+def test_target_batch_size_plan_is_measured_with_lightnings_accumulation(tmp_path: Path) -> None:
+    model = AccumulationEvents()
+    callback = finder(target_batch_size=1000)
+    trainer(tmp_path, [callback], max_steps=1).fit(model)
+    result = callback.result
+    steps = result.accumulation_steps
+    assert steps > 1
+    measured = result.accumulation_trials[-1]
+    assert measured.fits and measured.batch_size == result.micro_batch_size
+    assert measured.micro_batches == steps  # the confirmation runs the whole plan
+    assert _contains(model.events, _window(steps))
+
+
+def test_the_trainers_own_accumulate_grad_batches_is_measured(tmp_path: Path) -> None:
+    model = AccumulationEvents()
+    callback = finder(confirm_steps=0)
+    trainer(tmp_path, [callback], max_steps=1, accumulate_grad_batches=3).fit(model)
+    result = callback.result
+    assert result.target_batch_size is None and result.accumulation_steps == 3
+    assert result.accumulation_trials[-1].fits and result.accumulation_trials[-1].micro_batches == 2
+    assert _contains(model.events, ["fwd", "zero", "fwd"])  # a second micro-batch with the gradients kept
+    assert model.batch_size == result.micro_batch_size == result.batch_size
+
+
+def test_result_records_the_trainers_precision(tmp_path: Path) -> None:
+    callback = finder()
+    trainer(tmp_path, [callback], precision="bf16-mixed", max_steps=1).fit(LitMLP())
+    assert callback.result.precision == "bf16-mixed"
+    assert "precision bf16-mixed" in str(callback.result).splitlines()[0]

@@ -125,6 +125,20 @@ def test_without_a_target_accumulation_is_left_alone(tmp_path):
     assert trainer.args.per_device_eval_batch_size == 8  # no eval dataset: the default stays
 
 
+def test_the_plan_and_the_trainers_own_accumulation_are_measured_with_accumulation(tmp_path):
+    trainer = make_trainer(tmp_path)
+    result = find_trainer_batch_size(trainer, device=f"sim:{CAPACITY}", target_batch_size=256)
+    assert result.accumulation_steps > 1
+    measured = result.accumulation_trials[-1]
+    assert measured.fits and (measured.batch_size, measured.micro_batches) == (
+        result.micro_batch_size, result.accumulation_steps)
+
+    trainer = make_trainer(tmp_path, gradient_accumulation_steps=3)
+    result = find_trainer_batch_size(trainer, device=f"sim:{CAPACITY}", confirm_steps=0)
+    assert result.accumulation_steps == 3 and result.accumulation_trials[-1].micro_batches == 2
+    assert trainer.args.per_device_train_batch_size == result.batch_size == result.micro_batch_size
+
+
 def test_an_eval_dataset_gets_its_own_batch_size(tmp_path):
     trainer = make_trainer(tmp_path, eval_dataset=text_dataset(96, seed=1), max_steps=1)
     result = find_trainer_batch_size(trainer, device=f"sim:{CAPACITY}", confirm_steps=0)

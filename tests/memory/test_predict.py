@@ -48,6 +48,18 @@ def test_sizes_that_do_not_fit_are_reported_with_the_peak_they_would_need_not_th
     assert prediction.next_peak_bytes > capacity
 
 
+def test_the_size_above_the_answer_says_what_fails_and_why_not_a_jump_in_peak():
+    # At 16 MiB the MNIST MLP's batch of 335 asks for a 20 MiB segment that the free memory cannot give: the report
+    # names that request and the free memory, instead of a peak 4 MiB above the one at 334.
+    prediction = bf.predict_max_batch_size(zoo.mnist_mlp(), (1, 28, 28), capacity="16MiB", optimizer=torch.optim.Adam)
+    assert prediction.max_batch_size == 334
+    failure = prediction.next_failure
+    assert failure is not None and "request of 20.00 MiB" in failure and "left free on the device" in failure
+    line = next(line for line in str(prediction).splitlines() if line.startswith("largest batch size that fits"))
+    assert f"at 335 {failure}" in line and "would need" not in line
+    assert prediction.as_dict()["next_failure"] == failure
+
+
 @pytest.mark.parametrize(
     "name, capacity, optimizer",
     [("cnn", "5MiB", torch.optim.Adam), ("dict", "3MiB", torch.optim.SGD), ("frozen", "2MiB", torch.optim.AdamW), ("mlp", "1MiB", torch.optim.Adam)],
