@@ -70,6 +70,7 @@ def search(workload: Workload, device: DeviceBackend, options: SearchOptions) ->
     state is restored in every case.
     """
     started = time.perf_counter()
+    kernels_before = device.kernel_counts()
     options.validate()
     check_model(workload.model)
     check_materialised(workload.model)
@@ -117,7 +118,8 @@ def search(workload: Workload, device: DeviceBackend, options: SearchOptions) ->
         result.accumulation_steps = plan.accumulation_steps
     result.data_scan = source.scan
     result.precision = workload.precision
-    result.notes = [*workload.notes, *session.notes]
+    kernels = device.kernel_notes(kernels_before)
+    result.notes = [*workload.notes, *session.notes, *([f"kernels: {'; '.join(kernels)}"] if kernels else [])]
     result.seconds = time.perf_counter() - started
     return result
 

@@ -451,6 +451,8 @@ class TrialSession:
                 workspace_bytes=self.device.workspace_bytes,
                 extra_optimizers=self.extra_optimizers,
                 reserved=self._reserved,
+                kernels=self.device.kernels,
+                compute_capability=self.device.compute_capability,
             )
         finally:
             state.restore(final=False)

@@ -46,6 +46,7 @@ from ..training.state import TrainingState
 from ..training.steps import StepFn, run_training_step
 from .accounting import ChargingMode, MemoryLedger, round_allocation, tensor_storages
 from .allocator import CachingAllocator
+from .kernels import DEFAULT_CAPABILITY, KernelModels, check_kernels
 from .fake_support import (
     TORCH_FAKE_TENSOR_LOGGERS,
     is_fake_unsupported,
@@ -109,6 +110,9 @@ class Trace:
     """Peak bytes the CUDA caching allocator would reserve for the same allocations and frees, in the same order
     (:mod:`batchfinder.memory.allocator`), starting from an empty cache: what a trial on a
     ``SimulatedGPU(..., allocator="caching")`` reports as ``peak_reserved_bytes``."""
+    kernels: list[str] = field(default_factory=list)
+    """Which kernel models applied (:mod:`batchfinder.memory.kernels`), e.g. ``"attention: memory-efficient (CUDA),
+    24 calls"``."""
 
 
 class PeakLedger(MemoryLedger):
@@ -276,6 +280,8 @@ class FakeTrainer:
         allocator_capacity: the capacity of the modelled caching allocator (None: unlimited). With a capacity the
             allocator releases its cache and retries where a GPU of that size would, and a trace that would not fit
             raises ``torch.OutOfMemoryError`` as the trial would.
+        kernels: ``"cuda"`` (default): attention and optimizer steps as CUDA's kernels allocate them, on a GPU of
+            compute capability ``compute_capability`` (:mod:`batchfinder.memory.kernels`); ``"cpu"``: the CPU's.
     """
 
     def __init__(
@@ -289,8 +295,12 @@ class FakeTrainer:
         workspace_bytes: int = 0,
         allocator_capacity: int | None = None,
         precision: str = "32-true",
+        kernels: str = "cuda",
+        compute_capability: tuple[int, int] = DEFAULT_CAPABILITY,
     ) -> None:
         self.model = model
+        self.kernels = check_kernels(kernels)
+        self.compute_capability = tuple(compute_capability)
         self.precision = check_precision(precision)
         dtype = parameter_dtype(self.precision)
         self.template = template if dtype is None else cast_floating(template, dtype)
@@ -301,6 +311,8 @@ class FakeTrainer:
         self.workspace_bytes = workspace_bytes
         self.allocator_capacity = allocator_capacity
         self.calls = 0
+        self.kernel_notes: list[str] = []
+        """Which kernel models applied in the latest trace or recording (:mod:`batchfinder.memory.kernels`)."""
 
     # -- public --------------------------------------------------------------------------------------------------
     def peak(self, batch_size: int) -> int:
@@ -383,7 +395,8 @@ class FakeTrainer:
             ledger.charge_workspace("backward")
             batch = _batch_of(self.template, batch_size, mode)
             recorder.batch = [leaf for leaf in tree_flatten(batch)[0] if isinstance(leaf, torch.Tensor)]
-            with mode, ChargingMode(ledger):
+            with mode, ChargingMode(ledger), KernelModels(self.kernels, self.compute_capability) as models:
+                recorder.kernel_models = models
                 recorder.enter("setup", 0)
                 if optimizer is None:
                     optimizer = self.optimizer.create()
@@ -401,6 +414,7 @@ class FakeTrainer:
                         precision=precision,
                     )
                 recorder.enter("done", self.steps)
+            self.kernel_notes = models.describe()
             return recorder.result(batch_size)
 
 
@@ -459,6 +473,7 @@ class _Recorder:
         self.best_split: dict[str, int] = {}
         self.gradients = 0
         self.gradients_exact = 0
+        self.kernel_models: KernelModels | None = None
 
     def _require_ledger(self) -> MemoryLedger:
         if self.ledger is None:  # pragma: no cover - wiring error
@@ -551,4 +566,5 @@ class _Recorder:
                 "batch": batch_exact,
             },
             peak_reserved=self.ledger.max_reserved if isinstance(self.ledger, PeakLedger) else 0,
+            kernels=self.kernel_models.describe() if self.kernel_models is not None else [],
         )
