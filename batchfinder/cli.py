@@ -19,6 +19,7 @@ from typing import Any
 from torch.utils.data import DataLoader, Dataset
 
 from .errors import exception_first_line
+from .memory.kernels import KERNELS
 from .search.checks import MIN_STEPS_PER_TRIAL
 from .training.precision import PRECISIONS
 from .training.sample_sizes import DEFAULT_SCAN_BUDGET
@@ -291,6 +292,13 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", metavar="PNG", default=None, help="also write a plot to this PNG file")
 
 
+def _add_kernels_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--kernels", choices=KERNELS, default="cuda",
+        help="whose kernels' memory to model: cuda (default: attention and the optimizer's step as on a GPU) or cpu",
+    )
+
+
 def _prepare(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """(model, optimizer class, input dtype) from the shared arguments."""
     from .training.synthetic import DTYPES
@@ -336,6 +344,7 @@ def add_estimate(subparsers: Any) -> None:
         "--batch-sizes", type=_batch_sizes, default=[64, 256, 1024, 4096], metavar="B1,B2,...", help="batch sizes (default 64,256,1024,4096)"
     )
     parser.add_argument("--capacity", default=None, help="draw this capacity (e.g. 16GiB) on the --plot")
+    _add_kernels_argument(parser)
     parser.set_defaults(handler=run_estimate)
 
 
@@ -346,7 +355,7 @@ def run_estimate(args: argparse.Namespace) -> int:
     model, optimizer, dtype = _prepare(args)
     estimates = estimate_memory_curve(
         model, _sample(args), list(args.batch_sizes), optimizer=optimizer, input_dtype=dtype, scan_budget=args.scan_budget,
-        precision=args.precision,
+        precision=args.precision, kernels=args.kernels,
     )
     if args.plot:
         estimates.plot(args.plot, capacity=args.capacity)
@@ -377,6 +386,7 @@ def add_predict(subparsers: Any) -> None:
     where.add_argument("--capacity", help="bytes the tensors may take, e.g. 16GiB (as a simulated GPU's capacity)")
     parser.add_argument("--safety", type=float, default=0.8, help="recommend floor(SAFETY x largest) (default 0.8)")
     parser.add_argument("--max-batch-size", type=int, default=None, help="largest batch size considered")
+    _add_kernels_argument(parser)
     parser.set_defaults(handler=run_predict)
 
 
@@ -395,6 +405,7 @@ def run_predict(args: argparse.Namespace) -> int:
         input_dtype=dtype,
         scan_budget=args.scan_budget,
         precision=args.precision,
+        kernels=args.kernels,
     )
     if args.plot:
         prediction.plot(args.plot)

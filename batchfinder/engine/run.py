@@ -118,8 +118,8 @@ def search(workload: Workload, device: DeviceBackend, options: SearchOptions) ->
         result.accumulation_steps = plan.accumulation_steps
     result.data_scan = source.scan
     result.precision = workload.precision
-    kernels = device.kernel_notes(kernels_before)
-    result.notes = [*workload.notes, *session.notes, *([f"kernels: {'; '.join(kernels)}"] if kernels else [])]
+    result.notes = [*workload.notes, *session.notes]
+    result.kernels = device.kernel_notes(kernels_before)
     result.seconds = time.perf_counter() - started
     return result
 

@@ -21,14 +21,16 @@ The models, each chosen as CUDA chooses:
   with PyTorch's own CPU implementation under no charge, and the kernel's tensors are charged in its order
   (``aten/src/ATen/native/transformers/cuda/attention.cu`` and ``attention_backward.cu``): forward, the output
   (``B x L x H x Dv`` in the inputs' dtype) then the log-sum-exp (float32, ``B x H x L``; memory-efficient pads
-  L to a multiple of 32) and, for flash with dropout, the 2-element RNG state; a boolean mask becomes a float
+  L to a multiple of 32; for half types with value heads over 128 a float32 output accumulator, freed at once)
+  and, for flash with dropout, the 2-element RNG state; a boolean mask becomes a float
   bias of its shape (``convert_boolean_attn_mask``), padded to a multiple of 16 in its last dimension for the
   memory-efficient kernel. Saved for backward: output, log-sum-exp, RNG state, never the attention matrix or a
-  dropout mask. Backward allocates the three gradients, then its temporaries (flash:
-  ``softmax_d``, float32 ``B x H x round128(L)``, and the float32 ``dq_accum``, ``B x round128(L) x H x round32(D)``;
-  memory-efficient: ``delta``, float32 ``B x H x L``, and for half types a float32 accumulator of the query's
-  gradient), freed when it ends. The backward recomputes the CPU forward (with the forward's random state when
-  there is dropout), so the host holds at most one attention matrix at a time. cuDNN attention, which recent
+  dropout mask. Backward allocates the three gradients, then its temporaries (flash: ``softmax_d``, float32
+  ``B x H x round128(L)``, and the float32 ``dq_accum``, ``B x round128(L) x H x round32(D)``; memory-efficient:
+  ``delta``, float32 ``B x H x L``, and for half types a float32 accumulator of the query's gradient), freed when
+  it ends. The backward recomputes the CPU forward (with the forward's random state when
+  there is dropout), so the host holds at most one attention matrix at a time. A mask that requires grad (a
+  learned bias) takes the math path here, which gives it its gradient. cuDNN attention, which recent
   PyTorch prefers on sm90/sm100 with cuDNN 9.15+, saves the same (output and softmax statistics) and is charged as
   flash.
 * **Optimizers.** On CUDA, ``torch.optim`` optimizers with a ``foreach`` option (Adam, AdamW, SGD, RMSprop, ...)
@@ -46,9 +48,11 @@ for head sizes that are not a multiple of 8.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -192,6 +196,10 @@ class _FusedAttention(torch.autograd.Function):
         state = None
         if call.backend == _FLASH and call.dropout_p > 0:
             state = torch.empty(2, dtype=torch.int64, device=query.device)
+        if call.backend == _EFFICIENT and query.dtype != torch.float32 and value.size(-1) > 128:
+            # kNeedsOutputAccumulatorBuffer: a float32 accumulator of the output, freed when the kernel returns.
+            accumulator = torch.empty((batch, length, heads, value.size(-1)), dtype=torch.float32, device=query.device)
+            del accumulator
         with host_side_loading():
             out.copy_(result)
         del result
@@ -206,7 +214,7 @@ class _FusedAttention(torch.autograd.Function):
         batch, heads, length, head = query.shape
         with host_side_loading(), torch.enable_grad(), _passing_through():
             inputs = [t.detach().requires_grad_(True) for t in (query, key, value)]
-            fork = torch.random.fork_rng(devices=[]) if ctx.rng is not None else _nothing()
+            fork = torch.random.fork_rng(devices=[]) if ctx.rng is not None else contextlib.nullcontext()
             with fork:
                 if ctx.rng is not None:
                     torch.set_rng_state(ctx.rng)
@@ -235,29 +243,22 @@ class _FusedAttention(torch.autograd.Function):
         return grads[0], grads[1], grads[2], None
 
 
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
 _LOCAL = threading.local()
 
 
-class _passing_through:
+@contextlib.contextmanager
+def _passing_through() -> Iterator[None]:
     """Within this block the attention model steps aside (the CPU's implementation computes the values)."""
-
-    def __enter__(self) -> None:
-        _LOCAL.depth = getattr(_LOCAL, "depth", 0) + 1
-
-    def __exit__(self, *exc: Any) -> None:
+    _LOCAL.depth = getattr(_LOCAL, "depth", 0) + 1
+    try:
+        yield
+    finally:
         _LOCAL.depth -= 1
 
 
 def _autocast_inputs(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The inputs as CUDA's autocast casts them for attention (lower precision), when CPU autocast is on."""
+    """The inputs (a floating mask included) as CUDA's autocast casts them for attention (to the lower precision:
+    ``scaled_dot_product_attention`` is on CUDA's lower-precision list), when CPU autocast is on."""
     if not torch.is_autocast_enabled("cpu"):
         return tensors
     dtype = torch.get_autocast_dtype("cpu")
@@ -356,7 +357,7 @@ class KernelModels:
 
     # -- optimizers -------------------------------------------------------------------------------------------------
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if threading.get_ident() != self._thread:
+        if threading.get_ident() != self._thread or loading_on_host():  # another thread's, or host-side work
             return
         name = type(optimizer).__name__
         label = None
@@ -397,11 +398,14 @@ class KernelModels:
         enable_gqa: bool = False,
     ) -> torch.Tensor:
         """``F.scaled_dot_product_attention`` with the memory of the backend CUDA would pick."""
-        query, key, value = _autocast_inputs([query, key, value])
+        query, key, value, *rest = _autocast_inputs([query, key, value, *([attn_mask] if attn_mask is not None else [])])
+        attn_mask = rest[0] if rest else None
         training = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
         backend = attention_backend(
             query, key, value, attn_mask, dropout_p, is_causal, capability=self.capability, requires_grad=training
         )
+        if backend != _MATH and attn_mask is not None and attn_mask.requires_grad:
+            backend = _MATH  # a learned bias: its gradient comes from the CPU's implementation
         self.usage[f"attention: {backend} (CUDA)"] += 1
         if backend == _MATH:
             with _passing_through():

@@ -146,7 +146,8 @@ def test_trials_replays_and_traces_follow_the_same_kernels_to_the_byte():
             trial = session.run(size)
             assert (replay.peak, replay.peak_reserved) == (trial.peak_bytes, trial.peak_reserved_bytes), size
     result = bf.find_batch_size(model, data, device=bf.SimulatedGPU("8MiB"), max_trials=3, confirm_steps=0)
-    assert any(note.startswith("kernels: attention: memory-efficient (CUDA)") for note in result.notes)
+    assert result.kernels[0].startswith("attention: memory-efficient (CUDA), ") and not result.notes
+    assert "kernels: attention: memory-efficient (CUDA)" in str(result) and result.as_dict()["kernels"] == result.kernels
 
 
 def test_a_16_mixed_prediction_replays_one_trace():
