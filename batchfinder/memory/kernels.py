@@ -152,9 +152,9 @@ def attention_backend(
 @dataclass(frozen=True)
 class _Call:
     backend: str
-    query: torch.Tensor
-    key: torch.Tensor
-    value: torch.Tensor
+    query: torch.Tensor | None
+    key: torch.Tensor | None
+    value: torch.Tensor | None
     mask: torch.Tensor | None
     dropout_p: float
     is_causal: bool
@@ -203,7 +203,11 @@ class _FusedAttention(torch.autograd.Function):
         with host_side_loading():
             out.copy_(result)
         del result
-        ctx.call, ctx.rng, ctx.lse, ctx.state = call, rng, lse, state
+        # The inputs travel to backward through save_for_backward (released by autograd once backward ran); the call
+        # keeps only the mask and settings.
+        ctx.call = _Call(call.backend, None, None, None, call.mask, call.dropout_p, call.is_causal, call.scale,
+                         call.enable_gqa)
+        ctx.rng, ctx.lse, ctx.state = rng, lse, state
         ctx.save_for_backward(query, key, value, out)
         return out
 
@@ -239,7 +243,9 @@ class _FusedAttention(torch.autograd.Function):
             for grad, value_ in zip(grads, computed):
                 grad.copy_(value_)
         del temporaries, computed
-        ctx.lse = ctx.state = ctx.rng = None
+        # What the kernel kept for backward is released now, as autograd releases saved tensors after a node runs
+        # (the graph itself may live on, e.g. while the loss is still referenced).
+        ctx.call = ctx.lse = ctx.state = ctx.rng = None
         return grads[0], grads[1], grads[2], None
 
 

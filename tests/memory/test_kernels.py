@@ -170,3 +170,29 @@ def test_an_unknown_kernel_model_is_refused_clearly():
         check_kernels("gpu")
     with pytest.raises(ValueError, match="kernels="):
         bf.SimulatedGPU("1GiB", kernels="gpu")
+
+
+def test_the_command_line_takes_the_kernels(capsys):
+    import json
+
+    from batchfinder.cli import main
+
+    args = ["estimate", "batchfinder.zoo:mnist_mlp", "--input", "1x28x28", "--batch-sizes", "1"]
+    assert main([*args, "--json"]) == 0
+    cuda = json.loads(capsys.readouterr().out)["estimates"][0]
+    assert main([*args, "--json", "--kernels", "cpu"]) == 0
+    cpu = json.loads(capsys.readouterr().out)["estimates"][0]
+    assert cuda["kernels"] == ["optimizer: foreach Adam (CUDA's default), 2 steps"]
+    assert cpu["kernels"] == ["kernels: the CPU's (kernels='cpu')"] and cpu["peak"] != cuda["peak"]
+    assert main([*args, "--kernels", "cuda"]) == 0 and "kernels: optimizer: foreach Adam" in capsys.readouterr().out
+
+
+def test_what_the_kernel_saved_is_released_by_backward_while_the_graph_lives_on():
+    """A loop that keeps ``loss`` after ``backward()`` keeps the graph, not what the attention kernel saved."""
+    block, x = AttentionBlock(p=0.1), torch.randn(2, 32, 64)
+    with bf.SimulatedGPU("64MiB") as gpu:
+        loss = block(x).sum()
+        loss.backward()
+        held = gpu.memory_allocated()
+        del loss
+        assert held - gpu.memory_allocated() <= 512  # only the loss itself
