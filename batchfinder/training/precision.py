@@ -17,7 +17,8 @@ refused), and with the operations only the CPU casts falling through to no cast,
 (leaf tensors that require grad) to the lower precision are cached for the block, as CUDA's autocast caches them.
 
 Known limitations: the CPU's LSTM/GRU kernel (``mkldnn_rnn_layer``) keeps the CPU's cast to the lower precision,
-which CUDA's cuDNN RNN also makes; operations that only exist on CUDA (flash attention kernels) are not run.
+which CUDA's cuDNN RNN also makes; operations that only exist on CUDA (flash attention kernels) are not run here:
+:mod:`batchfinder.memory.kernels` charges their memory on the simulated GPU and in estimates.
 """
 
 from __future__ import annotations
