@@ -152,6 +152,9 @@ class SearchResult:
     notes: list[str] = field(default_factory=list)
     """What the search did or noticed that bears on the answer (a compiled model searched uncompiled, a
     checkpointed part that computes no gradients, ...)."""
+    kernels: list[str] = field(default_factory=list)
+    """On a simulated GPU: which models of CUDA's kernels its trials followed, e.g. ``"attention: memory-efficient
+    (CUDA), 24 calls"`` (:mod:`batchfinder.memory.kernels`); empty on a real GPU."""
 
     def __post_init__(self) -> None:
         if not self.micro_batch_size:
@@ -274,6 +277,7 @@ class SearchResult:
             "precision": self.precision,
             "train": self.train,
             "notes": list(self.notes),
+            "kernels": list(self.kernels),
         }
 
     def plot(self, path: Any) -> Any:
@@ -305,6 +309,8 @@ class SearchResult:
         if self.data_scan is not None and self.data_scan.varies:
             lines.append(f"  data: {self.data_scan.describe()}")
         lines.extend(f"  note: {note}" for note in self.notes)
+        if self.kernels:
+            lines.append(f"  kernels: {'; '.join(self.kernels)}")
         if self.world_size > 1:
             lines.append(f"  agreed by {self.world_size} ranks: a size fits only if it fitted on every rank")
         if self.confirmations:

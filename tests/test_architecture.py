@@ -161,7 +161,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("memory", ("batchfinder.memory",)),
     ("devices", ("batchfinder.devices",)),
     ("engine", ("batchfinder.engine",)),
-    ("front ends", ("batchfinder.api", "batchfinder.cli", "batchfinder.guard", "batchfinder.lightning", "batchfinder.hf", "batchfinder.zoo",
+    ("front ends", ("batchfinder.api", "batchfinder.cli", "batchfinder.loading", "batchfinder.guard", "batchfinder.lightning", "batchfinder.hf", "batchfinder.zoo",
                     "batchfinder.estimate", "batchfinder.gpus", "batchfinder.transformers", "batchfinder")),
 ]
 """The layers, lowest first: a module may import its own layer and the layers below it, never one above."""

@@ -59,6 +59,21 @@ class DeviceBackend(ABC):
     #: The most the search may reserve on the device (``memory_limit``), None for no limit.
     memory_limit: int | None = None
 
+    #: Which kernels the device's memory follows (:mod:`batchfinder.memory.kernels`): ``"cuda"`` on a GPU and, by
+    #: default, on the simulated GPU; an estimate made for the device follows the same.
+    kernels: str = "cuda"
+
+    #: The compute capability attention kernels are chosen for (an A100's where unknown).
+    compute_capability: tuple[int, int] = (8, 0)
+
+    def kernel_counts(self) -> dict[str, int]:
+        """How often each kernel model applied on this device so far (none on a real GPU: its kernels are its own)."""
+        return {}
+
+    def kernel_notes(self, since: dict[str, int] | None = None) -> list[str]:
+        """Which kernel models applied (since the counts ``since`` of :meth:`kernel_counts`), one line each."""
+        return []
+
     def check_precision(self, precision: str) -> None:
         """Raise a ``ValueError`` when this device cannot train in ``precision`` (every precision is fine here)."""
 

@@ -14,15 +14,19 @@ charged is released when it is freed. Nothing is charged while a DataLoader prod
 By default the charges go through a model of PyTorch's CUDA caching allocator (:mod:`batchfinder.memory.allocator`), so
 that memory is reserved in segments, cached blocks are reused, and a charge fails where the real allocator would.
 
+Kernels: where CUDA's kernels allocate differently from the CPU's (scaled-dot-product attention, the optimizers'
+foreach step), the simulated GPU charges what CUDA's would (:mod:`batchfinder.memory.kernels`; ``kernels="cpu"``
+keeps the CPU's).
+
 What it does not model: the CUDA context (0.3-0.5 GiB per process; :meth:`SimulatedGPU.like` subtracts one),
-cuDNN workspaces, memory used by other processes, and kernels whose CPU and CUDA versions allocate differently.
-Those are why the recommendation keeps a 0.8 safety factor.
+cuDNN workspaces and memory used by other processes. Those are why the recommendation keeps a 0.8 safety factor.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -38,6 +42,7 @@ from ..memory.accounting import (
 )
 from ..memory.allocator import ALLOCATORS, CachingAllocator
 from ..memory.gpus import CUDA_CONTEXT_BYTES, lookup_gpu
+from ..memory.kernels import DEFAULT_CAPABILITY, KernelModels, check_kernels, describe_usage
 from ..training.batching import plain_containers
 from ..training.host import host_side_loading
 from ..training.optimizers import state_tensors
@@ -65,6 +70,9 @@ class SimulatedGPU(DeviceBackend):
     ``allocator="ideal"`` charges allocated bytes only and fails where they would pass the capacity.
     ``expandable_segments=True`` models ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` (one growing segment
     per pool, mapped page by page: far less fragmentation).
+    ``kernels="cuda"`` (the default) charges attention and optimizer steps as CUDA's kernels allocate them, on a GPU
+    of compute capability ``compute_capability`` (sm80 unless :meth:`like` names a GPU; see
+    :mod:`batchfinder.memory.kernels`); ``kernels="cpu"`` charges what the CPU's kernels allocate.
     """
 
     torch_device = torch.device("cpu")
@@ -79,7 +87,14 @@ class SimulatedGPU(DeviceBackend):
         allocator: str = "caching",
         workspace_bytes: int = 0,
         expandable_segments: bool = False,
+        kernels: str = "cuda",
+        compute_capability: tuple[int, int] = DEFAULT_CAPABILITY,
     ) -> None:
+        self.kernels = check_kernels(kernels)
+        self.compute_capability = tuple(compute_capability)
+        self.kernel_usage: Counter[str] = Counter()
+        """Which kernel models applied inside this device so far, and how often (:mod:`batchfinder.memory.kernels`)."""
+        self._models: KernelModels | None = None
         self._capacity = parse_bytes(capacity, argument="capacity")
         if allocator not in ALLOCATORS:
             raise ValueError(f"allocator={allocator!r} is not a simulated allocator; choose one of {list(ALLOCATORS)}")
@@ -108,7 +123,7 @@ class SimulatedGPU(DeviceBackend):
 
     @classmethod
     def like(
-        cls, gpu: str, *, allocator: str = "caching", context_bytes: int = CUDA_CONTEXT_BYTES
+        cls, gpu: str, *, allocator: str = "caching", context_bytes: int = CUDA_CONTEXT_BYTES, kernels: str = "cuda"
     ) -> "SimulatedGPU":
         """A simulated GPU shaped like a real one (a name from :mod:`batchfinder.memory.gpus`, e.g. ``"A100-40GB"``).
 
@@ -117,7 +132,7 @@ class SimulatedGPU(DeviceBackend):
         PyTorch's allocator. The caching allocator is modelled (``allocator="caching"``), and cuBLAS's workspace
         for that architecture (8,519,680 B before Hopper, 32 MiB from Hopper on) is charged at the first matrix
         multiply of the forward pass and again at the first of the backward pass, which runs on autograd's own
-        thread with a cuBLAS handle of its own.
+        thread with a cuBLAS handle of its own. Attention kernels are chosen for the GPU's compute capability.
         """
         spec = lookup_gpu(gpu)
         if isinstance(context_bytes, bool) or not isinstance(context_bytes, int) or context_bytes < 0:
@@ -128,7 +143,10 @@ class SimulatedGPU(DeviceBackend):
                 f"context_bytes={format_bytes(context_bytes)} leaves nothing of the {spec.name}'s "
                 f"{format_bytes(spec.memory_bytes)}: the CUDA context must be smaller than the GPU"
             )
-        device = cls(capacity, allocator=allocator, workspace_bytes=spec.workspace_bytes)
+        device = cls(
+            capacity, allocator=allocator, workspace_bytes=spec.workspace_bytes, kernels=kernels,
+            compute_capability=spec.compute_capability,
+        )
         device.like_gpu = spec.name
         return device
 
@@ -239,6 +257,15 @@ class SimulatedGPU(DeviceBackend):
                 self._depth -= 1
                 raise
             self._mode = mode
+            models = KernelModels(self.kernels, self.compute_capability)
+            try:
+                models.__enter__()
+            except BaseException:
+                self._depth -= 1
+                self._mode = None
+                mode.__exit__(None, None, None)
+                raise
+            self._models = models
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -247,7 +274,23 @@ class SimulatedGPU(DeviceBackend):
             if self._depth > 0 or self._mode is None:
                 return
             mode, self._mode = self._mode, None
-        mode.__exit__(*exc_info)
+            models, self._models = self._models, None
+        try:
+            if models is not None:
+                models.__exit__(*exc_info)
+                self.kernel_usage.update(models.usage)
+        finally:
+            mode.__exit__(*exc_info)
+
+    def kernel_counts(self) -> dict[str, int]:
+        return dict(self.kernel_usage)
+
+    def kernel_notes(self, since: dict[str, int] | None = None) -> list[str]:
+        """Which kernel models applied (e.g. ``"attention: memory-efficient (CUDA), 24 calls"``), since the counts
+        ``since`` of :meth:`kernel_counts` when given."""
+        usage = Counter(self.kernel_usage)
+        usage.subtract(since or {})
+        return describe_usage(+usage, self.kernels)
 
 
 def _model_tensors(model: nn.Module) -> Iterator[torch.Tensor]:

@@ -87,6 +87,7 @@ def _search(
     workload: Workload, device: DeviceBackend, options: SearchOptions, agreement: RankAgreement | None
 ) -> SearchResult:
     started = time.perf_counter()
+    kernels_before = device.kernel_counts()
     options.validate()
     check_model(workload.model)
     check_materialised(workload.model)
@@ -131,6 +132,7 @@ def _search(
     result.precision = workload.precision
     result.train = training
     result.notes = [*workload.notes, *session.notes]
+    result.kernels = device.kernel_notes(kernels_before)
     result.seconds = time.perf_counter() - started
     return result
 

@@ -471,12 +471,10 @@ class TrialSession:
         hosts = {size: self._host(self.source.batch(size)) for size in sizes}
         try:
             return record_trial(
-                self.model, self.step, self.optimizer, hosts, sizes,
-                steps_per_trial=self.steps_per_trial,
+                self.model, self.step, self.optimizer, hosts, sizes, steps_per_trial=self.steps_per_trial,
                 precision=StepPrecision(self.precision, self.device.torch_device.type),
-                workspace_bytes=self.device.workspace_bytes,
-                extra_optimizers=self.extra_optimizers,
-                reserved=self._reserved,
+                workspace_bytes=self.device.workspace_bytes, extra_optimizers=self.extra_optimizers,
+                reserved=self._reserved, kernels=self.device.kernels, compute_capability=self.device.compute_capability,
             )
         finally:
             state.restore(final=False)

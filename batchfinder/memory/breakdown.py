@@ -69,6 +69,9 @@ class MemoryEstimate:
     steps: int = MIN_STEPS_PER_TRIAL
     sample_index: int | None = None
     """When a data set was given: the index of the sample used (its largest; 0 for fixed-size data)."""
+    kernels: list[str] = field(default_factory=list)
+    """Which kernel models applied (:mod:`batchfinder.memory.kernels`), e.g. ``["attention: memory-efficient
+    (CUDA), 24 calls", "optimizer: foreach Adam (CUDA's default), 2 steps"]``."""
 
     @property
     def model_bytes(self) -> int:
@@ -104,6 +107,7 @@ class MemoryEstimate:
             "sample": self.sample,
             "steps": self.steps,
             "sample_index": self.sample_index,
+            "kernels": list(self.kernels),
         }
 
     def table(self) -> str:
@@ -135,6 +139,7 @@ class MemoryEstimate:
             f"PyTorch's caching allocator would reserve {format_bytes(self.peak_reserved)} for this step from an empty "
             "cache (whole segments, cached blocks)",
             "not included: CUDA context, cuBLAS/cuDNN workspaces, fragmentation left by earlier work",
+            *(["kernels: " + "; ".join(self.kernels)] if self.kernels else []),
         ]
         return "\n".join(lines)
 

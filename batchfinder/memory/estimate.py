@@ -27,8 +27,9 @@ from the simulated GPU's accounting (:mod:`batchfinder.memory.accounting`), so:
   (512 B) too, the 128 x 10 weight (5,120 B) too, and the 10-float bias (40 B) takes 512. ``estimate.exact`` keeps the unrounded figures. A batch of B MNIST
   images holds B x 3,136 B (one storage, rounded once) and its B integer labels B x 8 B (another storage).
 
-What it does not see (a real GPU's allocator does): the CUDA context, cuBLAS/cuDNN workspaces, the allocator's
-segment sizes and fragmentation, and kernels that differ between the CPU and the GPU (e.g. fused optimizers). See
+Where CUDA's kernels allocate differently from the CPU's (attention, the optimizers' foreach step), the trace
+charges what CUDA's would (:mod:`batchfinder.memory.kernels`; ``kernels="cpu"`` for the CPU's). What it does not
+see: the CUDA context and cuDNN workspaces. See
 :func:`~batchfinder.predict_max_batch_size` for the allowance made for those.
 """
 
@@ -43,11 +44,7 @@ from torch import nn
 from torch.utils.data._utils.collate import default_collate
 
 from ..errors import FakeTensorUnsupportedError, exception_first_line
-from ..search.checks import (
-    MIN_STEPS_PER_TRIAL,
-    check_positive_int,
-    check_steps_per_trial,
-)
+from ..search.checks import MIN_STEPS_PER_TRIAL, check_positive_int, check_steps_per_trial
 from ..training.batching import describe_batch, sample_bytes
 from ..training.optimizers import OptimizerLike, OptimizerSpec, resolve_optimizer
 from ..training.precision import check_precision
@@ -56,6 +53,7 @@ from ..training.steps import LossFn, StepFn, check_train, forward, make_step
 from ..training.synthetic import as_shape
 from ..training.validation import check_model
 from .breakdown import NO_OPTIMIZER, MemoryEstimate, MemoryEstimates
+from .kernels import DEFAULT_CAPABILITY, check_kernels
 from .replay import AllocationLog, Replay, record, replay_obstacle
 from .shapes import check_sample, is_data, largest_template, template_from_shape
 from .tracing import FakeTrainer, StepContractError, Trace, describe_template
@@ -104,6 +102,7 @@ class Estimator:
         sample_index: int | None = None,
         precision: str = "32-true",
         train: bool = True,
+        kernels: str = "cuda", compute_capability: tuple[int, int] = DEFAULT_CAPABILITY,
     ) -> None:
         self.model = model
         self.template = template
@@ -118,7 +117,7 @@ class Estimator:
         a real GPU runs out of memory, rather than the allocated peak."""
         self.trainer = FakeTrainer(
             model, template, optimizer, step, steps=steps, workspace_bytes=workspace_bytes,
-            allocator_capacity=allocator_capacity, precision=precision, train=train,
+            allocator_capacity=allocator_capacity, precision=precision, train=train, kernels=kernels, compute_capability=compute_capability,
         )
         self.precision = precision
         self.train = train
@@ -161,9 +160,11 @@ class Estimator:
         scan_budget: float = DEFAULT_SCAN_BUDGET,
         precision: str = "32-true",
         train: bool = True,
+        kernels: str = "cuda", compute_capability: tuple[int, int] = DEFAULT_CAPABILITY,
     ) -> "Estimator":
         """Validate the public arguments (see :func:`estimate_memory`) and build the estimator."""
         check_precision(precision)
+        check_kernels(kernels)
         check_model(model)
         check_steps_per_trial(steps_per_trial)
         check_train(train, optimizer, loss_fn)
@@ -187,7 +188,7 @@ class Estimator:
         return cls(
             model, template, spec, step, steps=steps_per_trial, sample_label=label, reserved=reserved,
             workspace_bytes=workspace_bytes, allocator_capacity=allocator_capacity, sample_index=index,
-            precision=precision, train=train,
+            precision=precision, train=train, kernels=kernels, compute_capability=compute_capability,
         )
 
     @classmethod
@@ -209,6 +210,7 @@ class Estimator:
             allocator_capacity=device.capacity_bytes if exact_allocator else None,
             sample_index=index,
             precision=getattr(context, "precision", "32-true"),
+            kernels=device.kernels, compute_capability=device.compute_capability,
         )
 
     # -- estimates -----------------------------------------------------------------------------------------------
@@ -428,6 +430,7 @@ class Estimator:
             sample=self.sample_label,
             steps=self.steps,
             sample_index=self.sample_index,
+            kernels=list(trace.kernels),
         )
 
     def _sample_error(self, exc: BaseException, batch_size: int) -> Exception:
@@ -460,6 +463,7 @@ def estimate_memory(
     scan_budget: float = DEFAULT_SCAN_BUDGET,
     precision: str = "32-true",
     train: bool = True,
+    kernels: str = "cuda",
 ) -> MemoryEstimate:
     """Estimate the GPU memory of training ``model`` at ``batch_size``, on the CPU, in a fraction of a second.
 
@@ -489,6 +493,8 @@ def estimate_memory(
         train: ``False`` estimates inference as ``find_batch_size(..., train=False)`` runs it: ``steps_per_trial``
             forward passes in eval mode without gradients, no optimizer (``optimizer``/``loss_fn`` refused;
             ``step_fn(model, batch) -> output`` replaces the forward), each output kept until the next one exists.
+        kernels: ``"cuda"`` (default): attention and the optimizer's step as CUDA's kernels allocate them on an A100
+            (sm80; :mod:`batchfinder.memory.kernels`); ``"cpu"``: as the CPU's do. ``estimate.kernels`` says which.
 
     Returns:
         A :class:`MemoryEstimate`. Print it for a table; its ``peak`` equals what a trial on a large enough
@@ -509,7 +515,7 @@ def estimate_memory(
     curve = estimate_memory_curve(
         model, sample, [batch_size], optimizer=optimizer, loss_fn=loss_fn, step_fn=step_fn,
         steps_per_trial=steps_per_trial, input_dtype=input_dtype, sample_size=sample_size, scan_budget=scan_budget,
-        precision=precision, train=train,
+        precision=precision, train=train, kernels=kernels,
     )
     return curve[0]
 
@@ -528,6 +534,7 @@ def estimate_memory_curve(
     scan_budget: float = DEFAULT_SCAN_BUDGET,
     precision: str = "32-true",
     train: bool = True,
+    kernels: str = "cuda",
 ) -> MemoryEstimates:
     """Estimate the GPU memory of training ``model`` at each of ``batch_sizes``, as :func:`estimate_memory` does
     at one: one estimator (the sample and arguments are checked once), one fake-tensor trace per distinct size.
@@ -535,6 +542,7 @@ def estimate_memory_curve(
     Args:
         model, sample, optimizer, loss_fn, step_fn, steps_per_trial, input_dtype, sample_size, scan_budget, precision,
         train: as for :func:`estimate_memory`.
+        kernels: as for :func:`estimate_memory`.
         batch_sizes: the batch sizes (a list, tuple or range of whole numbers of at least 1), e.g.
             ``[64, 256, 1024, 4096]``.
 
@@ -559,7 +567,7 @@ def estimate_memory_curve(
         raise ValueError("batch_sizes is empty; give at least one batch size, e.g. [64, 256, 1024]")
     estimator = Estimator.create(
         model, sample, optimizer=optimizer, loss_fn=loss_fn, step_fn=step_fn, steps_per_trial=steps_per_trial,
-        input_dtype=input_dtype, sample_size=sample_size, scan_budget=scan_budget, precision=precision, train=train,
+        input_dtype=input_dtype, sample_size=sample_size, scan_budget=scan_budget, precision=precision, train=train, kernels=kernels,
     )
     estimates = MemoryEstimates(estimator.estimate(size) for size in sizes)
     logger.debug("estimated %d batch size(s) with %d fake-tensor trace(s)", len(sizes), estimator.calls)

@@ -48,6 +48,12 @@ CUBLAS_WORKSPACE_BYTES_HOPPER = 32 * MiB
 """PyTorch's cuBLAS workspace on Hopper and later (compute capability 9.0+)."""
 
 _HOPPER_AND_LATER = ("Hopper", "Blackwell")
+_ARCHITECTURE_CAPABILITIES = {
+    "Pascal": (6, 0), "Volta": (7, 0), "Turing": (7, 5), "Ampere": (8, 6), "Ada": (8, 9), "Hopper": (9, 0),
+    "Blackwell": (10, 0),
+}
+_CAPABILITIES = {"A100-40GB": (8, 0), "A100-80GB": (8, 0), "A30": (8, 0)}
+"""Data-centre Ampere (sm80); the other Ampere boards are sm86."""
 
 
 def cublas_workspace_bytes(capability: tuple[int, int]) -> int:
@@ -70,6 +76,13 @@ class GPUSpec:
     def workspace_bytes(self) -> int:
         """The cuBLAS workspace PyTorch allocates on this architecture."""
         return CUBLAS_WORKSPACE_BYTES_HOPPER if self.architecture in _HOPPER_AND_LATER else CUBLAS_WORKSPACE_BYTES
+
+    @property
+    def compute_capability(self) -> tuple[int, int]:
+        """The CUDA compute capability (which attention kernels run: :mod:`batchfinder.memory.kernels`)."""
+        if self.name in _CAPABILITIES:
+            return _CAPABILITIES[self.name]
+        return _ARCHITECTURE_CAPABILITIES.get(self.architecture, (8, 0))
 
     @property
     def allowance_bytes(self) -> int:

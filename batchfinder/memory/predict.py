@@ -35,6 +35,7 @@ from ..units import format_bytes, parse_bytes
 from .allocator import ALLOCATORS
 from .estimate import Estimator, MemoryEstimate
 from .gpus import GPUSpec, lookup_gpu
+from .kernels import DEFAULT_CAPABILITY
 
 __all__ = ["Prediction", "predict_max_batch_size", "DEFAULT_MAX_BATCH_SIZE"]
 
@@ -79,6 +80,8 @@ class Prediction:
     traces: int = 0
     """Fake-tensor traces the prediction ran (the breakdown's, when :attr:`estimate` was read, not included)."""
     seconds: float = 0.0
+    kernels: list[str] = field(default_factory=list)
+    """Which kernel models applied (:mod:`batchfinder.memory.kernels`), e.g. ``"attention: flash (CUDA), 24 calls"``."""
     method: str = ""
     """How the peaks were computed: ``"one trace, replayed at each size"`` (:mod:`batchfinder.memory.replay`) or
     ``"a trace per size: <why one trace could not stand for every size>"``."""
@@ -122,6 +125,7 @@ class Prediction:
             "seconds": round(self.seconds, 3),
             "curve": {str(k): v for k, v in self.curve.items()},
             "method": self.method,
+            "kernels": list(self.kernels),
             "estimate": self.estimate.as_dict(),
         }
 
@@ -162,6 +166,7 @@ class Prediction:
                 est.table(),
                 f"the peak is in {est.peak_phase}; {self.traces} fake-tensor trace(s) ({self.method}), "
                 f"{self.seconds:.1f} s, no GPU used",
+                *(["kernels: " + "; ".join(self.kernels)] if self.kernels else []),
             ]
         )
 
@@ -227,6 +232,7 @@ def predict_max_batch_size(
     scan_budget: float = DEFAULT_SCAN_BUDGET,
     precision: str = "32-true",
     train: bool = True,
+    kernels: str = "cuda",
 ) -> Prediction:
     """Predict the largest batch size ``model`` can train with in ``capacity`` bytes or on ``gpu``, without a GPU.
 
@@ -248,6 +254,9 @@ def predict_max_batch_size(
             :func:`~batchfinder.estimate_memory`.
         train: ``False`` predicts the largest inference batch (forward passes only, as
             ``find_batch_size(..., train=False)`` runs them; see :func:`~batchfinder.estimate_memory`).
+        kernels: ``"cuda"`` (default): attention and the optimizer's step as CUDA's kernels allocate them, on the
+            compute capability of ``gpu`` (sm80 with ``capacity=``; :mod:`batchfinder.memory.kernels`); ``"cpu"``:
+            as the CPU's kernels do.
         safety: the recommendation is ``floor(safety * max_batch_size)`` (default 0.8).
         multiple_of: round the recommendation down to a multiple of this.
         max_batch_size: the largest size considered (default 2**31 - 1).
@@ -269,7 +278,8 @@ def predict_max_batch_size(
         model, sample, optimizer=optimizer, loss_fn=loss_fn, step_fn=step_fn, steps_per_trial=steps_per_trial,
         input_dtype=input_dtype, reserved=allocator == "caching", workspace_bytes=spec.workspace_bytes if spec else 0,
         allocator_capacity=limit if allocator == "caching" else None, sample_size=sample_size, scan_budget=scan_budget,
-        precision=precision, train=train,
+        precision=precision, train=train, kernels=kernels,
+        compute_capability=spec.compute_capability if spec is not None else DEFAULT_CAPABILITY,
     )
     estimator.detailed = True  # when traced per size, the breakdown at the answer then costs no extra trace
     cap = max_batch_size if max_batch_size is not None else DEFAULT_MAX_BATCH_SIZE
@@ -308,6 +318,7 @@ def predict_max_batch_size(
         traces=estimator.calls,
         seconds=time.perf_counter() - started,
         method=estimator.method,
+        kernels=list(estimator.trainer.kernel_notes),
     )
     logger.info(
         "predicted largest batch size %d in %s (%d traces, %.1f s)", best, format_bytes(limit), estimator.calls, prediction.seconds

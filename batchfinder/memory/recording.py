@@ -23,6 +23,7 @@ from ..training.optimizers import OptimizerSpec, state_tensors
 from ..training.precision import StepPrecision
 from ..training.steps import StepFn, run_training_step
 from .accounting import ChargingMode, tensor_storages
+from .kernels import DEFAULT_CAPABILITY, KernelModels
 from .replay import AllocationLog, RecordingLedger
 
 __all__ = ["RECORDED_SIZES", "record_trial"]
@@ -43,6 +44,8 @@ def record_trial(
     workspace_bytes: int = 0,
     extra_optimizers: Sequence[torch.optim.Optimizer] = (),
     reserved: Sequence[torch.Tensor] = (),
+    kernels: str = "cuda",
+    compute_capability: tuple[int, int] = DEFAULT_CAPABILITY,
 ) -> AllocationLog:
     """Run one training trial of ``steps_per_trial`` (at least 2) steps on the host batches ``hosts`` (one per
     size in ``sizes``), every allocation logged, and fit the log.
@@ -50,7 +53,8 @@ def record_trial(
     The ledger first charges what a trial session holds, in the order a device charges it when the session opens:
     the model's parameters and buffers with the bound optimizer's state, the cuBLAS workspaces of the forward and
     backward threads (``workspace_bytes`` each), ``extra_optimizers``' state and the ``reserved`` tensors (a
-    wrapper's buffers). The caller restores the model's and the optimizers' state afterwards. Raises what the step
+    wrapper's buffers). ``kernels`` and ``compute_capability``: the kernel models of the device the log stands for
+    (:mod:`batchfinder.memory.kernels`). The caller restores the model's and the optimizers' state afterwards. Raises what the step
     raised.
     """
     steps = [sizes[0], *[sizes[1]] * (max(steps_per_trial, 2) - 1)]
@@ -63,7 +67,7 @@ def record_trial(
         for extra in extra_optimizers:
             ledger.charge(tensor_storages(state_tensors(extra)))
         ledger.charge(tensor_storages(list(reserved)))
-        with ChargingMode(ledger):
+        with ChargingMode(ledger), KernelModels(kernels, compute_capability):
             ledger.mark_phase("setup", 0)
             created = optimizer.create()
             model.train()

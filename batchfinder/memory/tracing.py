@@ -8,13 +8,11 @@ but no values, and allocates nothing. The storages those operations create and c
 simulated GPU uses, so the traced peak is, to the byte, the peak a :class:`~batchfinder.SimulatedGPU` measures for
 the same step.
 
-How the user's model becomes fake, and stays untouched: for the length of one trace each entry of every module's
-``_parameters`` and ``_buffers`` is replaced by a fake twin (``FakeTensorMode.from_tensor`` for CPU tensors, which
-keeps storage sharing and tied weights; an empty fake CPU tensor of the same shape, dtype and strides for tensors on
-a GPU or on the ``meta`` device) and put back afterwards. The real tensors are never read or written, so a model
-with a billion parameters costs no copy, and a model built on the ``meta`` device can be estimated without ever
-allocating its weights. Fake tensors are always CPU tensors here: fake CUDA tensors need a GPU. Train/eval flags,
-buffer slots and the random generators are restored by :class:`~batchfinder.training.state.TrainingState`.
+The model stays untouched: for one trace each module's ``_parameters`` and ``_buffers`` entry is replaced by a fake
+twin (``FakeTensorMode.from_tensor`` for CPU tensors, keeping storage sharing and tied weights; an empty fake CPU
+tensor of the same shape, dtype and strides for GPU or ``meta`` tensors) and put back afterwards. Real tensors are
+never read or written: no copy of a large model, and a ``meta`` model is estimated without allocating its weights.
+Fake tensors are CPU tensors (fake CUDA ones need a GPU). Modes, buffer slots and RNGs: ``TrainingState``.
 """
 
 from __future__ import annotations
@@ -47,6 +45,7 @@ from ..training.state import TrainingState
 from ..training.steps import StepFn, run_training_step
 from .accounting import ChargingMode, MemoryLedger, round_allocation, tensor_storages
 from .allocator import CachingAllocator
+from .kernels import DEFAULT_CAPABILITY, KernelModels, check_kernels
 from .fake_support import (
     TORCH_FAKE_TENSOR_LOGGERS,
     is_fake_unsupported,
@@ -113,6 +112,9 @@ class Trace:
     """Peak bytes the CUDA caching allocator would reserve for the same allocations and frees, in the same order
     (:mod:`batchfinder.memory.allocator`), starting from an empty cache: what a trial on a
     ``SimulatedGPU(..., allocator="caching")`` reports as ``peak_reserved_bytes``."""
+    kernels: list[str] = field(default_factory=list)
+    """Which kernel models applied (:mod:`batchfinder.memory.kernels`), e.g. ``"attention: memory-efficient (CUDA),
+    24 calls"``."""
 
 
 class PeakLedger(MemoryLedger):
@@ -282,6 +284,8 @@ class FakeTrainer:
             output`` (``optimizer`` None) in eval mode under ``torch.no_grad()`` (which holds the same memory as
             ``torch.inference_mode()``, under which fake tensors do not run), each step's batch moved before the last
             is dropped and each output kept until the next one is computed.
+        kernels: ``"cuda"`` (default): attention and optimizer steps as CUDA's kernels allocate them, on a GPU of
+            compute capability ``compute_capability`` (:mod:`batchfinder.memory.kernels`); ``"cpu"``: the CPU's.
     """
 
     def __init__(
@@ -296,9 +300,13 @@ class FakeTrainer:
         allocator_capacity: int | None = None,
         precision: str = "32-true",
         train: bool = True,
+        kernels: str = "cuda",
+        compute_capability: tuple[int, int] = DEFAULT_CAPABILITY,
     ) -> None:
         self.model = model
         self.train = train
+        self.kernels = check_kernels(kernels)
+        self.compute_capability = tuple(compute_capability)
         self.precision = check_precision(precision)
         dtype = parameter_dtype(self.precision)
         self.template = template if dtype is None else cast_floating(template, dtype)
@@ -309,6 +317,8 @@ class FakeTrainer:
         self.workspace_bytes = workspace_bytes
         self.allocator_capacity = allocator_capacity
         self.calls = 0
+        self.kernel_notes: list[str] = []
+        """Which kernel models applied in the latest trace or recording (:mod:`batchfinder.memory.kernels`)."""
 
     # -- public --------------------------------------------------------------------------------------------------
     def peak(self, batch_size: int) -> int:
@@ -393,12 +403,13 @@ class FakeTrainer:
             recorder.batch = [leaf for leaf in tree_flatten(batch)[0] if isinstance(leaf, torch.Tensor)]
             if not self.train:
                 return self._trace_inference(batch_size, mode, recorder, ledger)
-            with mode, ChargingMode(ledger):
+            with mode, ChargingMode(ledger), KernelModels(self.kernels, self.compute_capability) as models:
+                recorder.kernel_models = models
                 recorder.enter("setup", 0)
                 if optimizer is None:
                     optimizer = self.optimizer.create()
                 recorder.optimizer = optimizer
-                with getattr(ledger, "scaling", _no_scaling)(batch_size):
+                with getattr(ledger, "scaling", lambda _size: contextlib.nullcontext())(batch_size):
                     ledger.charge(tensor_storages(batch))  # the batch's transfer to the device
                 self.model.train()
                 precision = StepPrecision(self.precision, "cpu", tracing=True)
@@ -411,6 +422,7 @@ class FakeTrainer:
                         precision=precision,
                     )
                 recorder.enter("done", self.steps)
+            self.kernel_notes = models.describe()
             return recorder.result(batch_size)
 
 
@@ -420,7 +432,8 @@ class FakeTrainer:
         autocast = StepPrecision(self.precision, "cpu", tracing=True).autocast
         batch: Any = None
         output: Any = None
-        with mode, ChargingMode(ledger), torch.no_grad():
+        with mode, ChargingMode(ledger), KernelModels(self.kernels, self.compute_capability) as models, torch.no_grad():
+            recorder.kernel_models = models
             recorder.enter("setup", 0)
             self.model.eval()
             for index in range(1, self.steps + 1):
@@ -444,11 +457,6 @@ class FakeTrainer:
         with ledger.paused():  # type: ignore[attr-defined]
             ledger.charge(tensor_storages(batch))
         return batch
-
-
-@contextlib.contextmanager
-def _no_scaling(_batch_size: int) -> Iterator[None]:
-    yield
 
 
 def fake_output(model: nn.Module, template: Any) -> Any:
@@ -491,6 +499,7 @@ class _Recorder:
         self.best_split: dict[str, int] = {}
         self.gradients = 0
         self.gradients_exact = 0
+        self.kernel_models: KernelModels | None = None
 
     def _require_ledger(self) -> MemoryLedger:
         if self.ledger is None:  # pragma: no cover - wiring error
@@ -583,4 +592,5 @@ class _Recorder:
                 "batch": batch_exact,
             },
             peak_reserved=self.ledger.max_reserved if isinstance(self.ledger, PeakLedger) else 0,
+            kernels=self.kernel_models.describe() if self.kernel_models is not None else [],
         )

@@ -17,7 +17,8 @@ refused), and with the operations only the CPU casts falling through to no cast,
 (leaf tensors that require grad) to the lower precision are cached for the block, as CUDA's autocast caches them.
 
 Known limitations: the CPU's LSTM/GRU kernel (``mkldnn_rnn_layer``) keeps the CPU's cast to the lower precision,
-which CUDA's cuDNN RNN also makes; operations that only exist on CUDA (flash attention kernels) are not run.
+which CUDA's cuDNN RNN also makes; operations that only exist on CUDA (flash attention kernels) are not run here:
+:mod:`batchfinder.memory.kernels` charges their memory on the simulated GPU and in estimates.
 """
 
 from __future__ import annotations
@@ -379,7 +380,14 @@ class StepPrecision:
         self.scaler: torch.amp.GradScaler | None = None
         if scales_loss(precision):
             scaler_type = _TracingGradScaler if tracing else torch.amp.GradScaler
-            self.scaler = scaler_type("cuda" if device_type == "cuda" else "cpu")
+            device = "cuda" if device_type == "cuda" else "cpu"
+            self.scaler = scaler_type(device)
+            # The scale and growth tracker, which the scaler makes at its first scale(), are made now, before the first
+            # step: every step (the first included) then allocates the same, so one recorded trace can stand for every
+            # batch size (batchfinder.memory.replay). Two 4-byte tensors, held for the trial either way.
+            lazy_init = getattr(self.scaler, "_lazy_init_scale_growth_tracker", None)
+            if lazy_init is not None and self.scaler.is_enabled():
+                lazy_init(torch.device(device))
 
     def autocast(self) -> Any:
         """The context the forward pass and loss run in."""
