@@ -12,6 +12,7 @@ from torch.utils.data import IterableDataset, TensorDataset
 
 import batchfinder as bf
 import batchfinder.cli
+import batchfinder.loading
 import batchfinder.memory.estimate
 import batchfinder.memory.tracing
 from batchfinder.errors import exception_first_line
@@ -323,5 +324,5 @@ def test_first_line(exc: BaseException, expected: str) -> None:
 
 
 def test_the_library_uses_the_one_helper() -> None:
-    for module in (batchfinder.memory.estimate, batchfinder.memory.tracing, batchfinder.cli):
+    for module in (batchfinder.memory.estimate, batchfinder.memory.tracing, batchfinder.loading):
         assert module.exception_first_line is exception_first_line, module.__name__
