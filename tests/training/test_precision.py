@@ -112,7 +112,9 @@ def test_mixed_precision_fits_more_and_the_search_says_so():
     full = bf.find_batch_size(model, data, device=bf.SimulatedGPU("48MiB"), confirm_steps=0)
     mixed = bf.find_batch_size(model, data, device=bf.SimulatedGPU("48MiB"), precision="bf16-mixed", mode="guided",
                                confirm_steps=0)
-    assert mixed.max_batch_size > 1.2 * full.max_batch_size
+    # With CUDA's attention kernels (no N x N matrix in either precision) bf16 halves the activations the kernels
+    # keep, not an attention matrix as well: 206 against 182 here.
+    assert mixed.max_batch_size > 1.1 * full.max_batch_size
     assert mixed.prediction_status == "exact"  # guided mode's prediction follows the same policy as the trials
     prediction = bf.predict_max_batch_size(model, (torch.randint(0, 200, (32,)), torch.tensor(1)), capacity="48MiB",
                                            precision="bf16-mixed")
