@@ -12,7 +12,7 @@ from torch.utils.data import TensorDataset
 import batchfinder as bf
 from batchfinder.memory.estimate import Estimator
 from batchfinder.memory.gpus import lookup_gpu
-from batchfinder.memory.kernels import KernelModels, attention_backend, check_kernels
+from batchfinder.memory.kernels import KernelModels, attention_backend, check_kernels, cudnn_workspace
 from batchfinder.memory.replay import record
 
 
@@ -196,3 +196,58 @@ def test_what_the_kernel_saved_is_released_by_backward_while_the_graph_lives_on(
         held = gpu.memory_allocated()
         del loss
         assert held - gpu.memory_allocated() <= 512  # only the loss itself
+
+
+def _conv_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                         nn.Flatten(), nn.Linear(8 * 16 * 16, 4))
+
+
+def test_the_cudnn_workspace_allowance_is_off_by_default_and_charged_forward_and_backward(monkeypatch):
+    sample = (torch.randn(3, 16, 16), torch.tensor(1))
+    plain = bf.estimate_memory(_conv_net(), sample, 4, loss_fn=F.cross_entropy)
+    with cudnn_workspace(0):
+        assert bf.estimate_memory(_conv_net(), sample, 4, loss_fn=F.cross_entropy).peak == plain.peak
+    charged: list[bool] = []
+    original = KernelModels._charge_workspace
+    monkeypatch.setattr(KernelModels, "_charge_workspace",
+                        lambda self, like: (charged.append(torch.is_grad_enabled()), original(self, like))[1])
+    workspace = 8 * 2**20
+    with cudnn_workspace(workspace):
+        allowed = bf.estimate_memory(_conv_net(), sample, 4, loss_fn=F.cross_entropy, steps_per_trial=2)
+    # A transient block on top of what is live: the peak rises by at most the workspace, and by most of it.
+    assert plain.peak + workspace // 2 < allowed.peak <= plain.peak + workspace
+    # Two convolutions, two steps: one charge after each forward and one in each backward (grad mode off there).
+    assert charged.count(True) == 4 and charged.count(False) == 4
+    assert "convolution: cuDNN workspace allowance 8,388,608 B, 4 calls" in allowed.kernels
+    assert not any("convolution" in line for line in plain.kernels)
+
+
+def test_the_cudnn_workspace_allowance_is_the_same_in_trials_and_replays():
+    from batchfinder.engine.trial import TrialSession
+    from batchfinder.training.batching import BatchSource
+    from batchfinder.training.optimizers import resolve_optimizer
+    from batchfinder.training.steps import make_step
+
+    model = _conv_net()
+    data = [(torch.randn(3, 16, 16), torch.tensor(i % 4)) for i in range(40)]
+    with cudnn_workspace(3 * 2**20):
+        device = bf.SimulatedGPU("256MiB")
+        session = TrialSession(model, BatchSource(data), make_step(F.cross_entropy),
+                               resolve_optimizer(torch.optim.SGD, model), device)
+        with session:
+            recorded = session.record_allocations()
+            assert recorded is not None and recorded.unsuitable is None
+            for size in (2, 5, 17):
+                replay = recorded.replay(size, device.capacity_bytes)
+                trial = session.run(size)
+                assert (replay.peak, replay.peak_reserved) == (trial.peak_bytes, trial.peak_reserved_bytes), size
+                assert trial.peak_bytes >= 3 * 2**20
+
+
+@pytest.mark.parametrize("bad, error", [(-1, ValueError), (1.5, TypeError), (True, TypeError), ("64MiB", TypeError)])
+def test_a_bad_cudnn_workspace_is_refused_clearly(bad, error):
+    with pytest.raises(error, match="cudnn_workspace"):
+        with cudnn_workspace(bad):
+            pass
