@@ -42,8 +42,20 @@ The models, each chosen as CUDA chooses:
   explicit ``foreach=False`` or ``fused=True`` is respected (the foreach ops' CPU implementations allocate their
   outputs as a list, as CUDA's do).
 
-Not modelled: cuDNN convolution and batch-norm workspaces (no allowance is charged), the padded copies flash makes
-for head sizes that are not a multiple of 8.
+* **cuDNN workspaces** (an allowance, off by default). cuDNN's convolutions ask the caching allocator for a
+  workspace while they run (``run_conv_plan`` in ``aten/src/ATen/native/cudnn/Conv_v8.cpp`` allocates
+  ``plan.getWorkspaceSize()`` bytes through ``c10::cuda::CUDACachingAllocator`` after the output exists, and frees it
+  when the kernel is queued); its size depends on the algorithm cuDNN's heuristics (or, with
+  ``torch.backends.cudnn.benchmark=True``, its timed search) pick for that GPU and cuDNN version, which cannot be
+  known on the CPU. Inside ``with cudnn_workspace(nbytes):`` every ``conv1d``/``conv2d``/``conv3d`` charges a
+  transient block of ``nbytes`` after its output in the forward pass, and another after its gradients in the
+  backward pass (``cudnn_convolution_backward`` in ``aten/src/ATen/native/cudnn/ConvShared.cpp`` runs the
+  input-gradient and then the weight-gradient plan, each with its workspace). Outside it nothing is charged: the
+  outputs and saved tensors of convolutions and batch norm are already cuDNN's, operation by operation (batch
+  norm's ``save_mean``/``save_invstd``; its reserve space is empty in NCHW training).
+
+Not modelled: the workspace sizes cuDNN really picks (the allowance is one size for every call), the padded copies
+flash makes for head sizes that are not a multiple of 8.
 """
 
 from __future__ import annotations
@@ -68,6 +80,7 @@ __all__ = [
     "check_kernels",
     "attention_backend",
     "describe_usage",
+    "cudnn_workspace",
 ]
 
 KERNELS = ("cuda", "cpu")
@@ -271,6 +284,30 @@ def _autocast_inputs(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors]
 
 
+_CONVOLUTIONS = (torch.conv1d, torch.conv2d, torch.conv3d)
+
+
+@contextlib.contextmanager
+def cudnn_workspace(nbytes: int) -> Iterator[None]:
+    """Charge a cuDNN workspace of ``nbytes`` to every convolution in this block (on this thread), forward and backward.
+
+    An explicit allowance for what cuDNN's convolutions take from the caching allocator while they run (see the
+    module documentation; off by default): the simulated GPU, estimates and predictions made inside the block charge
+    a transient allocation of ``nbytes`` after each convolution's output and after each convolution's gradients.
+    ``cudnn_workspace(0)`` charges nothing. Example: ``with cudnn_workspace(64 * 2**20): estimate_memory(...)``.
+    """
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int):
+        raise TypeError(f"cudnn_workspace takes a whole number of bytes (e.g. 64 * 2**20), not {type(nbytes).__name__}")
+    if nbytes < 0:
+        raise ValueError(f"cudnn_workspace must be 0 or more bytes, got {nbytes}")
+    previous = getattr(_LOCAL, "workspace", 0)
+    _LOCAL.workspace = nbytes
+    try:
+        yield
+    finally:
+        _LOCAL.workspace = previous
+
+
 class _AttentionMode(TorchFunctionMode):
     def __init__(self, models: "KernelModels") -> None:
         super().__init__()
@@ -280,6 +317,8 @@ class _AttentionMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is _SDPA and not getattr(_LOCAL, "depth", 0) and not loading_on_host():
             return self.models.attention(*args, **kwargs)
+        if func in _CONVOLUTIONS and self.models.workspace and not loading_on_host():
+            return self.models.convolution(func, args, kwargs)
         return func(*args, **kwargs)
 
 
@@ -329,6 +368,8 @@ class KernelModels:
         self.usage: Counter[str] = Counter()
         """Calls per model, e.g. ``{"attention: memory-efficient (CUDA)": 24, "optimizer: foreach Adam (CUDA's
         default)": 2}``."""
+        self.workspace: int = getattr(_LOCAL, "workspace", 0)
+        """The cuDNN workspace allowance charged per convolution, forward and backward (:func:`cudnn_workspace`)."""
         self._mode: _AttentionMode | None = None
         self._handles: list[Any] = []
         self._changed: list[dict[str, Any]] = []
@@ -432,6 +473,22 @@ class KernelModels:
         if not training:
             return self._inference(call)
         return _FusedAttention.apply(query, key, value, call)
+
+    # -- convolutions -----------------------------------------------------------------------------------------------
+    def convolution(self, func: Any, args: tuple, kwargs: dict) -> torch.Tensor:
+        """A convolution, then its cuDNN workspace allowance (allocated after the output and freed, as
+        ``run_conv_plan`` does); the backward charges the allowance again once its gradients exist."""
+        out = func(*args, **kwargs)
+        self.usage[f"convolution: cuDNN workspace allowance {self.workspace:,} B"] += 1
+        self._charge_workspace(out)
+        if out.grad_fn is not None:
+            out.grad_fn.register_hook(lambda grad_inputs, grad_outputs: self._charge_workspace(out_like))
+        out_like = out.new_empty(0)  # only its device and kind (fake or real): keeps no activation alive
+        return out
+
+    def _charge_workspace(self, like: torch.Tensor) -> None:
+        workspace = like.new_empty(self.workspace, dtype=torch.uint8)
+        del workspace
 
     def _inference(self, call: _Call) -> torch.Tensor:
         query, value = call.query, call.value

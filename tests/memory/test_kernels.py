@@ -12,7 +12,7 @@ from torch.utils.data import TensorDataset
 import batchfinder as bf
 from batchfinder.memory.estimate import Estimator
 from batchfinder.memory.gpus import lookup_gpu
-from batchfinder.memory.kernels import KernelModels, attention_backend, check_kernels
+from batchfinder.memory.kernels import KernelModels, attention_backend, check_kernels, cudnn_workspace
 from batchfinder.memory.replay import record
 
 
@@ -121,10 +121,27 @@ def test_the_users_optimizer_keeps_its_foreach_setting():
     assert optimizer.param_groups[0]["foreach"] is None  # put back after a failed step too
 
 
-def test_trials_replays_and_traces_follow_the_same_kernels_to_the_byte():
+def _trials_match_their_recording(model: nn.Module, data: list, step, optimizer, device) -> list[int]:
+    """Record a trial on ``device``, then check that trials at 2, 5 and 17 reach the recording's replayed peaks to
+    the byte; the trials' allocated peaks."""
     from batchfinder.engine.trial import TrialSession
     from batchfinder.training.batching import BatchSource
     from batchfinder.training.optimizers import resolve_optimizer
+
+    session = TrialSession(model, BatchSource(data), step, resolve_optimizer(optimizer, model), device)
+    peaks = []
+    with session:
+        recorded = session.record_allocations()
+        assert recorded is not None and recorded.unsuitable is None
+        for size in (2, 5, 17):
+            replay = recorded.replay(size, device.capacity_bytes)
+            trial = session.run(size)
+            assert (replay.peak, replay.peak_reserved) == (trial.peak_bytes, trial.peak_reserved_bytes), size
+            peaks.append(trial.peak_bytes)
+    return peaks
+
+
+def test_trials_replays_and_traces_follow_the_same_kernels_to_the_byte():
     from batchfinder.training.steps import make_step
 
     torch.manual_seed(0)
@@ -136,15 +153,7 @@ def test_trials_replays_and_traces_follow_the_same_kernels_to_the_byte():
         trace = estimator.trainer.trace(size, breakdown=False)
         assert log.replay(size).peak == trace.peak
     data = [(torch.randn(24, 32), torch.randn(24, 32)) for _ in range(40)]
-    device = bf.SimulatedGPU("64MiB")
-    session = TrialSession(model, BatchSource(data), make_step(), resolve_optimizer(torch.optim.Adam, model), device)
-    with session:
-        recorded = session.record_allocations()
-        assert recorded is not None and recorded.unsuitable is None
-        for size in (2, 5, 17):
-            replay = recorded.replay(size, device.capacity_bytes)
-            trial = session.run(size)
-            assert (replay.peak, replay.peak_reserved) == (trial.peak_bytes, trial.peak_reserved_bytes), size
+    _trials_match_their_recording(model, data, make_step(), torch.optim.Adam, bf.SimulatedGPU("64MiB"))
     result = bf.find_batch_size(model, data, device=bf.SimulatedGPU("8MiB"), max_trials=3, confirm_steps=0)
     assert result.kernels[0].startswith("attention: memory-efficient (CUDA), ") and not result.notes
     assert "kernels: attention: memory-efficient (CUDA)" in str(result) and result.as_dict()["kernels"] == result.kernels
@@ -196,3 +205,48 @@ def test_what_the_kernel_saved_is_released_by_backward_while_the_graph_lives_on(
         held = gpu.memory_allocated()
         del loss
         assert held - gpu.memory_allocated() <= 512  # only the loss itself
+
+
+def _conv_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                         nn.Flatten(), nn.Linear(8 * 16 * 16, 4))
+
+
+def test_the_cudnn_workspace_allowance_is_off_by_default_and_charged_forward_and_backward(monkeypatch):
+    sample = (torch.randn(3, 16, 16), torch.tensor(1))
+    plain = bf.estimate_memory(_conv_net(), sample, 4, loss_fn=F.cross_entropy)
+    with cudnn_workspace(0):
+        assert bf.estimate_memory(_conv_net(), sample, 4, loss_fn=F.cross_entropy).peak == plain.peak
+    charged: list[bool] = []
+    original = KernelModels._charge_workspace
+    monkeypatch.setattr(KernelModels, "_charge_workspace",
+                        lambda self, like: (charged.append(torch.is_grad_enabled()), original(self, like))[1])
+    workspace = 8 * 2**20
+    with cudnn_workspace(workspace):
+        allowed = bf.estimate_memory(_conv_net(), sample, 4, loss_fn=F.cross_entropy, steps_per_trial=2)
+    # A transient block on top of what is live: the peak rises by at most the workspace, and by most of it.
+    assert plain.peak + workspace // 2 < allowed.peak <= plain.peak + workspace
+    # Two convolutions, two steps: one charge after each forward and one in each backward (grad mode off there).
+    assert charged.count(True) == 4 and charged.count(False) == 4
+    assert "convolution: cuDNN workspace allowance 8,388,608 B, 4 calls" in allowed.kernels
+    assert not any("convolution" in line for line in plain.kernels)
+
+
+def test_the_cudnn_workspace_allowance_is_the_same_in_trials_and_replays():
+    from batchfinder.training.steps import make_step
+
+    data = [(torch.randn(3, 16, 16), torch.tensor(i % 4)) for i in range(40)]
+    plain = _trials_match_their_recording(_conv_net(), data, make_step(F.cross_entropy), torch.optim.SGD,
+                                          bf.SimulatedGPU("256MiB"))
+    with cudnn_workspace(3 * 2**20):
+        allowed = _trials_match_their_recording(_conv_net(), data, make_step(F.cross_entropy), torch.optim.SGD,
+                                                bf.SimulatedGPU("256MiB"))
+    assert all(p < a <= p + 3 * 2**20 for p, a in zip(plain, allowed)), (plain, allowed)
+
+
+@pytest.mark.parametrize("bad, error", [(-1, ValueError), (1.5, TypeError), (True, TypeError), ("64MiB", TypeError)])
+def test_a_bad_cudnn_workspace_is_refused_clearly(bad, error):
+    with pytest.raises(error, match="cudnn_workspace"):
+        with cudnn_workspace(bad):
+            pass
