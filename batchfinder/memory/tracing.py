@@ -447,7 +447,8 @@ class FakeTrainer:
                     output = self.step(self.model, batch)
             recorder.enter("done", self.steps)
             del output, batch
-            return recorder.result(batch_size)
+        self.kernel_notes = models.describe()
+        return recorder.result(batch_size)
 
     def _other_batch(self, batch_size: int, mode: FakeTensorMode, ledger: PeakLedger) -> Any:
         """A batch of another size for the later steps of a recording: on the device, not in its log (a trial reuses
