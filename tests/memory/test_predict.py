@@ -205,3 +205,18 @@ def test_a_prediction_for_a_gpu_leaves_out_the_context_and_counts_the_workspaces
     assert prediction.peak_bytes <= prediction.capacity_bytes
     with pytest.raises(ValueError, match="allocator='exact'"):
         bf.predict_max_batch_size(zoo.mnist_mlp(), (1, 28, 28), gpu="T4", allocator="exact")
+
+
+def test_an_inference_prediction_where_nothing_fits_gives_no_optimizer_advice():
+    class WideOutput(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(x).unsqueeze(1).expand(-1, 600_000, -1).contiguous()
+
+    with pytest.raises(ValueError, match="inference needs .* Use a larger GPU, mixed precision, or a smaller model"):
+        bf.predict_max_batch_size(WideOutput(), (8,), capacity="4MiB", train=False)
+    with pytest.raises(ValueError, match="training needs .* an optimizer with less state"):
+        bf.predict_max_batch_size(WideOutput(), (8,), capacity="4MiB")
