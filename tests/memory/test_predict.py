@@ -20,7 +20,7 @@ from batchfinder.memory.gpus import (
     lookup_gpu,
 )
 from batchfinder.units import format_bytes
-from tests.helpers import assert_unchanged, classification_data, make_case, snapshot
+from tests.helpers import WideOutput, assert_unchanged, classification_data, make_case, snapshot
 
 MiB = 2**20
 
@@ -208,14 +208,6 @@ def test_a_prediction_for_a_gpu_leaves_out_the_context_and_counts_the_workspaces
 
 
 def test_an_inference_prediction_where_nothing_fits_gives_no_optimizer_advice():
-    class WideOutput(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.linear = nn.Linear(8, 2)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.linear(x).unsqueeze(1).expand(-1, 600_000, -1).contiguous()
-
     with pytest.raises(ValueError, match="inference needs .* Use a larger GPU, mixed precision, or a smaller model"):
         bf.predict_max_batch_size(WideOutput(), (8,), capacity="4MiB", train=False)
     with pytest.raises(ValueError, match="training needs .* an optimizer with less state"):
