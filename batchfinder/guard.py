@@ -267,8 +267,8 @@ class OOMGuard(HalvingRetry):
         out_of_memory: str | None = None
         try:
             loss = self._accumulate(batch, total, size)
-        except Exception as exc:  # agreed on below, outside this block
-            if is_oom_error(exc) and not is_fatal_device_error(exc):
+        except BaseException as exc:  # agreed on below, outside this block (Ctrl-C too: the others must not wait)
+            if isinstance(exc, Exception) and is_oom_error(exc) and not is_fatal_device_error(exc):
                 out_of_memory = exception_first_line(exc)
             else:
                 error = exc

@@ -157,6 +157,17 @@ class Deep(nn.Module):
         return self.head(x)
 
 
+class WideOutput(nn.Module):
+    """A tiny model whose output per sample (600,000 x 2 floats, 9.2 MiB) is what runs out of memory."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x).unsqueeze(1).expand(-1, 600_000, -1).contiguous()
+
+
 def small_mlp() -> nn.Module:
     """An MLP over 8x8 single-channel images (seeded): 64 -> 96 -> 10."""
     torch.manual_seed(0)

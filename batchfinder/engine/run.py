@@ -305,7 +305,7 @@ def _run(
             report(trial)
     if strategy.largest_fit == 0:
         if strategy.stop_reason == StopReason.NOTHING_FITS:
-            raise _nothing_fits(trials, context.device)
+            raise _nothing_fits(trials, context.device, optimizer=context.optimizer is not None)
         raise SearchIncompleteError(
             f"the search stopped ({strategy.stop_reason}) after {len(trials)} trial(s) before any batch size fitted; "
             "raise max_trials / time_budget or lower init_batch_size"
@@ -331,7 +331,7 @@ def _run(
     return result, strategy
 
 
-def _nothing_fits(trials: list[Trial], device: DeviceBackend) -> NoBatchSizeFitsError:
+def _nothing_fits(trials: list[Trial], device: DeviceBackend, *, optimizer: bool = True) -> NoBatchSizeFitsError:
     smallest = min(trials, key=lambda t: t.batch_size)
     request = smallest.requested_bytes or 0
     needed = max(smallest.peak_reserved_bytes, smallest.peak_bytes) + request  # what the allocator held, and asked
@@ -343,7 +343,8 @@ def _nothing_fits(trials: list[Trial], device: DeviceBackend) -> NoBatchSizeFits
         f"{format_bytes(smallest.baseline_bytes)} is the model and its existing state, then asked for "
         f"{format_bytes(request)} more) but the device has {format_bytes(capacity)}"
         + (f" ({report})" if report else "")
-        + ". Use a larger GPU, an optimizer with less state (SGD), mixed precision, or a smaller model.",
+        + f". Use a larger GPU, {'an optimizer with less state (SGD), ' if optimizer else ''}mixed precision, or a smaller "
+        "model.",
         needed_bytes=needed,
         capacity_bytes=capacity,
     )

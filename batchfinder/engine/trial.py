@@ -287,7 +287,7 @@ class TrialSession:
                     self.optimizer.create()
                 if self.eval_step is not None and self.eval_source is not None:
                     tracker.enter("collate")
-                    host_batch = self.eval_source.batch(min(2, self.eval_source.length))
+                    host_batch = self._host(self.eval_source.batch(min(2, self.eval_source.length)))
                     tracker.enter("moving the batch to the device")
                     batch = self.device.to_device(host_batch)
                     self.model.eval()
@@ -415,7 +415,7 @@ class TrialSession:
         if given is not None and not given:
             raise ValueError("host_batches is empty: give one batch per step")
         if phase == "eval":
-            host = self.source.batch(min(2, self.source.length)) if self.trains else None
+            host = self._host(self.source.batch(min(2, self.source.length))) if self.trains else None
             if given is None:
                 eval_host: Any = self._host(self.eval_source.batch(batch_size))  # type: ignore[union-attr]
                 eval_steps = steps or self.eval_steps

@@ -58,7 +58,7 @@ from ..training.optimizers import OptimizerSpec
 from ..training.precision import cuda_autocast_policies
 from ..training.sample_sizes import DEFAULT_SCAN_BUDGET, SampleSize, check_scan_budget
 from .framework import Callback, is_overridden, is_param_in_hook_signature, pl
-from .guard import GuardHooks, check_on_oom
+from .guard import GuardHooks, check_guardable, check_on_oom
 from .reporting import log_result
 from .isolation import isolated, trial_state
 from .sources import check_sample_size_option, evaluation_source, training_source
@@ -257,6 +257,13 @@ class BatchFinder(GuardHooks, Callback):
                         "target_batch_size sets trainer.accumulate_grad_batches, which a GradientAccumulationScheduler "
                         "callback would override; use one or the other"
                     )
+            if self.on_oom is not None:  # refused now, not after a search whose answer the guard could not use
+                if self.options.target_batch_size is not None:
+                    raise ValueError(
+                        "on_oom='split' needs accumulate_grad_batches=1, and target_batch_size reaches its target with "
+                        "gradient accumulation: use one or the other"
+                    )
+                check_guardable(trainer, pl_module)
             if is_param_in_hook_signature(pl_module.training_step, "dataloader_iter", explicit=True):
                 raise ValueError("training_step takes a dataloader_iter: it chooses its own batches, so there is no "
                                  "batch to size")

@@ -291,8 +291,8 @@ def predict_max_batch_size(
             f"{where} is too small for batch size 1: {'training' if train else 'inference'} needs {format_bytes(one)} at batch size 1 (parameters "
             f"{format_bytes(est.parameters + est.buffers)}, gradients {format_bytes(est.gradients)}, optimizer state "
             f"{format_bytes(est.optimizer_state)}, batch {format_bytes(est.batch)}, activations and temporaries "
-            f"{format_bytes(est.activations)} at the peak). Use a larger GPU, an optimizer with less state (SGD), "
-            "mixed precision, or a smaller model."
+            f"{format_bytes(est.activations)} at the peak). Use a larger GPU, "
+            f"{'an optimizer with less state (SGD), ' if train else ''}mixed precision, or a smaller model."
         )
     capped = best >= cap
     next_peak = None if capped else estimator.peak(best + 1)

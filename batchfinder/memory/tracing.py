@@ -281,9 +281,9 @@ class FakeTrainer:
             allocator releases its cache and retries where a GPU of that size would, and a trace that would not fit
             raises ``torch.OutOfMemoryError`` as the trial would.
         train: False traces inference as ``find_batch_size(..., train=False)`` runs it: ``step(model, batch) ->
-            output`` (``optimizer`` None) in eval mode under ``torch.no_grad()`` (which holds the same memory as
-            ``torch.inference_mode()``, under which fake tensors do not run), each step's batch moved before the last
-            is dropped and each output kept until the next one is computed.
+            output`` (``optimizer`` None) in eval mode under ``torch.inference_mode()``, as the trials run it (a
+            mixed-precision trace with CUDA's attention under ``torch.no_grad()`` held more than the trial), each step's
+            batch moved before the last is dropped and each output kept until the next one is computed.
         kernels: ``"cuda"`` (default): attention and optimizer steps as CUDA's kernels allocate them, on a GPU of
             compute capability ``compute_capability`` (:mod:`batchfinder.memory.kernels`); ``"cpu"``: the CPU's.
     """
@@ -432,7 +432,7 @@ class FakeTrainer:
         autocast = StepPrecision(self.precision, "cpu", tracing=True).autocast
         batch: Any = None
         output: Any = None
-        with mode, ChargingMode(ledger), KernelModels(self.kernels, self.compute_capability) as models, torch.no_grad():
+        with mode, ChargingMode(ledger), KernelModels(self.kernels, self.compute_capability) as models, torch.inference_mode():
             recorder.kernel_models = models
             recorder.enter("setup", 0)
             self.model.eval()
@@ -447,7 +447,8 @@ class FakeTrainer:
                     output = self.step(self.model, batch)
             recorder.enter("done", self.steps)
             del output, batch
-            return recorder.result(batch_size)
+        self.kernel_notes = models.describe()
+        return recorder.result(batch_size)
 
     def _other_batch(self, batch_size: int, mode: FakeTensorMode, ledger: PeakLedger) -> Any:
         """A batch of another size for the later steps of a recording: on the device, not in its log (a trial reuses

@@ -17,7 +17,7 @@ from batchfinder.search.strategies import StopReason
 from batchfinder.training.batching import BatchSource
 from batchfinder.training.optimizers import resolve_optimizer
 from batchfinder.training.steps import make_step
-from tests.helpers import MLP, assert_unchanged, classification_data, snapshot
+from tests.helpers import MLP, WideOutput, assert_unchanged, classification_data, snapshot
 
 
 def _workload(model: nn.Module | None = None, n: int = 20_000) -> Workload:
@@ -136,3 +136,12 @@ def test_evaluation_search_progress_has_its_own_heading(capsys) -> None:
     headings = [i for i, line in enumerate(lines) if line.startswith("searching ")]
     assert [lines[i].split()[1] for i in headings] == ["training", "evaluation"]
     assert all(lines[i + 1].startswith("trial  1:") for i in headings)  # each list counts from its heading
+
+
+def test_an_inference_search_where_nothing_fits_gives_no_optimizer_advice():
+    data = classification_data(64, (8,), 2)
+    with pytest.raises(bf.NoBatchSizeFitsError, match="Use a larger GPU, mixed precision, or a smaller model") as info:
+        bf.find_batch_size(WideOutput(), data, device="sim:4MiB", train=False)
+    assert "optimizer" not in str(info.value)
+    with pytest.raises(bf.NoBatchSizeFitsError, match="an optimizer with less state"):
+        bf.find_batch_size(WideOutput(), data, device="sim:4MiB", loss_fn=lambda output, target: output.mean())

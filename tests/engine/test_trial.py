@@ -111,6 +111,22 @@ def test_a_session_is_a_context_manager_and_knows_its_phases():
         TrialSession(model, BatchSource(data), None, None, bf.SimulatedGPU("64MiB"))
 
 
+@pytest.mark.parametrize("precision", ["16-true", "bf16-true"])
+def test_evaluation_batches_are_cast_to_a_true_precision_as_training_batches_are(precision):
+    model, data = _small()
+    before = snapshot(model)
+    forward = lambda module, batch: module(batch[0])  # noqa: E731
+    device = bf.SimulatedGPU("64MiB")
+    inference = TrialSession(model, BatchSource(data), None, None, device, eval_step=forward, precision=precision,
+                             inference=True)
+    with inference:  # the probe's evaluation batch of 2, then the trial's
+        assert inference.run(16, phase="eval").fits
+    trains = _session(model, data, device, eval_step=forward, eval_source=BatchSource(data), precision=precision)
+    with trains:  # the training step at 2 that an evaluation trial of a training session runs first
+        assert trains.run(16, phase="eval").fits
+    assert_unchanged(before, model)
+
+
 def test_trials_record_the_reserved_peak_and_reports_show_it():
     class CachingGPU(bf.SimulatedGPU):
         """A simulated GPU whose allocator keeps 2 MiB cached beyond what tensors hold."""

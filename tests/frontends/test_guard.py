@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
@@ -247,6 +248,46 @@ def test_two_ranks_retry_together_and_train_as_plain_ddp():
     results = _spawn(_two_rank_worker)
     assert results[0]["splits"] == results[1]["splits"] >= 1  # rank 0 fitted and still redid the batch with rank 1
     assert all(result["difference"] < 1e-5 for result in results.values())
+
+
+def _interrupted_rank_worker(rank: int, world: int, port: int, queue) -> None:
+    import time
+    import traceback
+
+    from tests.engine.test_distributed import _init
+
+    try:
+        _init(rank, world, port)
+        model = _model()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+
+        def step(module: nn.Module, batch: Any) -> torch.Tensor:
+            if rank == 1:
+                raise KeyboardInterrupt  # Ctrl-C on one rank, in its forward pass
+            return nn.functional.cross_entropy(module(batch[0]), batch[1])
+
+        guard = OOMGuard(ddp, optimizer, step_fn=step, device=bf.SimulatedGPU("1GiB"))
+        started = time.perf_counter()
+        try:
+            guard.step((torch.randn(8, 64), torch.randint(0, 10, (8,))))
+            outcome = "stepped"
+        except BaseException as exc:  # the rank stays alive, as a notebook does
+            outcome = type(exc).__name__
+        queue.put((rank, {"outcome": outcome, "seconds": time.perf_counter() - started}))
+        if rank == 1:
+            time.sleep(12)  # alive, its process group open: the other rank must not wait for it to exit
+    except BaseException:
+        queue.put((rank, traceback.format_exc()))
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_one_rank_in_a_guarded_step_stops_the_other_at_once():
+    from tests.engine.test_distributed import _spawn
+
+    results = _spawn(_interrupted_rank_worker)
+    assert results[1]["outcome"] == "KeyboardInterrupt"
+    assert results[0]["outcome"] == "RankFailedError" and results[0]["seconds"] < 8
 
 
 def test_several_ranks_without_ddp_are_refused(monkeypatch):

@@ -679,6 +679,17 @@ def test_on_oom_refuses_what_lightnings_loop_cannot_redo(tmp_path: Path) -> None
     assert model.training_steps == 0
 
 
+def test_on_oom_is_refused_before_the_search_when_training_would_accumulate(tmp_path: Path) -> None:
+    model = LitMLP(batch_size=64)
+    callback = finder(on_oom="split", target_batch_size=2000)
+    with pytest.raises(ValueError, match="target_batch_size reaches its target with gradient accumulation"):
+        trainer(tmp_path, [callback], max_steps=1).fit(model)
+    callback = finder(on_oom="split")
+    with pytest.raises(ValueError, match="accumulate_grad_batches=1, not 2"):
+        trainer(tmp_path, [callback], max_steps=1, accumulate_grad_batches=2).fit(model)
+    assert callback.result is None and model.training_steps == 0 and model.batch_size == 64  # no search ran
+
+
 class AccumulationEvents(LitMLP):
     """Records the order of Lightning's hooks: 'fwd' (training_step), 'zero' (optimizer_zero_grad), 'step'
     (optimizer_step)."""

@@ -20,7 +20,7 @@ from batchfinder.memory.gpus import (
     lookup_gpu,
 )
 from batchfinder.units import format_bytes
-from tests.helpers import assert_unchanged, classification_data, make_case, snapshot
+from tests.helpers import WideOutput, assert_unchanged, classification_data, make_case, snapshot
 
 MiB = 2**20
 
@@ -205,3 +205,10 @@ def test_a_prediction_for_a_gpu_leaves_out_the_context_and_counts_the_workspaces
     assert prediction.peak_bytes <= prediction.capacity_bytes
     with pytest.raises(ValueError, match="allocator='exact'"):
         bf.predict_max_batch_size(zoo.mnist_mlp(), (1, 28, 28), gpu="T4", allocator="exact")
+
+
+def test_an_inference_prediction_where_nothing_fits_gives_no_optimizer_advice():
+    with pytest.raises(ValueError, match="inference needs .* Use a larger GPU, mixed precision, or a smaller model"):
+        bf.predict_max_batch_size(WideOutput(), (8,), capacity="4MiB", train=False)
+    with pytest.raises(ValueError, match="training needs .* an optimizer with less state"):
+        bf.predict_max_batch_size(WideOutput(), (8,), capacity="4MiB")

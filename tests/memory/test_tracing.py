@@ -123,3 +123,35 @@ def test_only_the_tracing_thread_is_quiet_and_only_while_it_traces(torch_fake_re
     fake_logger.error("after the trace")
     assert [r.getMessage() for r in torch_fake_records] == ["from another thread", "after the trace"]
     assert dropped.dropped == 1
+
+
+class _Attention(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = torch.nn.MultiheadAttention(32, 4, dropout=0.1, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attention(x, x, x, need_weights=False)[0].mean(1)
+
+
+@pytest.mark.parametrize("kernels", ["cpu", "cuda"])
+def test_an_inference_prediction_says_which_kernel_models_applied_as_a_training_one_does(kernels):
+    Attention = _Attention
+    torch.manual_seed(0)
+    estimate = bf.estimate_memory(Attention(), (24, 32), 8, train=False, kernels=kernels)
+    prediction = bf.predict_max_batch_size(Attention(), (24, 32), capacity="8MiB", train=False, kernels=kernels)
+    assert prediction.kernels and prediction.kernels == estimate.kernels
+    assert ("memory-efficient (CUDA)" if kernels == "cuda" else "the CPU's") in prediction.kernels[0]
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed", "32-true"])
+@pytest.mark.parametrize("kernels", ["cpu", "cuda"])
+def test_an_inference_estimate_is_the_simulated_inference_trial_to_the_byte(precision, kernels):
+    torch.manual_seed(0)
+    model = _Attention()
+    data = [(torch.randn(24, 32), torch.tensor(1)) for _ in range(40)]
+    for size in (5, 33):
+        estimate = bf.estimate_memory(model, (24, 32), size, train=False, kernels=kernels, precision=precision)
+        trial = bf.try_batch_size(model, data, size, device=bf.SimulatedGPU("64MiB", kernels=kernels), train=False,
+                                  precision=precision)
+        assert (estimate.peak, estimate.peak_reserved) == (trial.peak_bytes, trial.peak_reserved_bytes), size
