@@ -106,7 +106,10 @@ def _search(
     with _open(session, agreement):
         phase = "train" if training else "eval"
         if not training:  # the guided mode models training memory
-            options = _evaluation_options(options, options.init_batch_size)
+            searched = _evaluation_options(options, options.init_batch_size)
+            if searched.mode != options.mode:
+                session.notes.append(f"mode={options.mode!r} predicts training memory: inference sizes were bisected")
+            options = searched
         result, strategy = _run(session, context, options, agreement, phase=phase, length=source.length)
         if full and _looked_further(source, time.perf_counter() - started, agreement):
             session.notes.append(

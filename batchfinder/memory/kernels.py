@@ -512,7 +512,7 @@ class KernelModels:
 def describe_usage(usage: Counter[str] | dict[str, int], kernels: str = "cuda") -> list[str]:
     """Lines saying which kernel models applied and how often (``kernels="cpu"``: one line saying none did)."""
     if kernels == "cpu":
-        return ["kernels: the CPU's (kernels='cpu')"]
+        return ["the CPU's (kernels='cpu')"]
     lines = []
     for label, count in sorted(usage.items()):
         unit = "step" if label.startswith("optimizer") else "call"

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
 import batchfinder as bf
 from batchfinder.training.host import host_side_loading
@@ -138,3 +139,12 @@ def test_the_command_line_sizes_inference(capsys):
     assert found["train"] is False and f"largest batch size that fits: {found['max_batch_size']} " in predicted
     assert main(["find", "batchfinder.zoo:mnist_mlp", "--input", "1x28x28", "--device", "sim:16MiB", "--inference",
                  "--optimizer", "sgd"]) != 0
+
+
+def test_guided_mode_for_inference_says_that_it_bisected():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
+    data = TensorDataset(torch.randn(4096, 16), torch.randint(0, 4, (4096,)))
+    result = bf.find_batch_size(model, data, train=False, mode="guided", device="sim:4MiB")
+    assert result.mode == "binsearch"
+    assert "mode='guided' predicts training memory: inference sizes were bisected" in result.notes

@@ -64,7 +64,7 @@ def test_attention_with_dropout_costs_what_it_costs_without():
     estimate = bf.estimate_memory(AttentionBlock(), (256, 64), 8)
     assert "attention: memory-efficient (CUDA), 2 calls" in estimate.kernels  # one call per step, two steps
     assert any(line.startswith("kernels: attention: memory-efficient") for line in str(estimate).splitlines())
-    assert bf.estimate_memory(AttentionBlock(), (256, 64), 8, kernels="cpu").kernels == ["kernels: the CPU's (kernels='cpu')"]
+    assert bf.estimate_memory(AttentionBlock(), (256, 64), 8, kernels="cpu").kernels == ["the CPU's (kernels='cpu')"]
 
 
 @pytest.mark.parametrize("p", [0.0, 0.2])
@@ -192,7 +192,7 @@ def test_the_command_line_takes_the_kernels(capsys):
     assert main([*args, "--json", "--kernels", "cpu"]) == 0
     cpu = json.loads(capsys.readouterr().out)["estimates"][0]
     assert cuda["kernels"] == ["optimizer: foreach Adam (CUDA's default), 2 steps"]
-    assert cpu["kernels"] == ["kernels: the CPU's (kernels='cpu')"] and cpu["peak"] != cuda["peak"]
+    assert cpu["kernels"] == ["the CPU's (kernels='cpu')"] and cpu["peak"] != cuda["peak"]
     assert main([*args, "--kernels", "cuda"]) == 0 and "kernels: optimizer: foreach Adam" in capsys.readouterr().out
 
 
