@@ -11,7 +11,7 @@ that is the model's own size, before any batch.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ from ..training.optimizers import state_tensors
 from ..training.steps import PhaseTracker
 from ..units import format_bytes
 
-__all__ = ["note_error", "noting", "note_search_progress", "model_does_not_fit"]
+__all__ = ["note_error", "note_search_progress", "model_does_not_fit"]
 
 
 _PHASES: dict[str, tuple[str, str]] = {
@@ -93,16 +93,6 @@ def note_error(
     with contextlib.suppress(AttributeError, TypeError):
         exc.batchfinder_phase = phase  # type: ignore[attr-defined]
     set_note(exc, f"batchfinder: raised {where}{in_step}, in {words}." + (f" {advice}" if advice else ""))
-
-
-@contextlib.contextmanager
-def noting(tracker: PhaseTracker, where: str, batch_size: int) -> Iterator[None]:
-    """Note where an exception of the block happened (host-side work only: no device memory is at stake)."""
-    try:
-        yield
-    except Exception as exc:
-        note_error(exc, tracker, where, batch_size=batch_size)
-        raise
 
 
 def note_search_progress(exc: BaseException, trials: Sequence[Trial], batch_size: int | None = None) -> None:

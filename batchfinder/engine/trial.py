@@ -354,8 +354,6 @@ class TrialSession:
             raise ValueError("this session only evaluates: use run(batch_size, phase='eval')")
         if phase == "eval" and (self.eval_step is None or self.eval_source is None):
             raise ValueError("this session has no eval step to measure")
-        if host_batches is not None and not callable(host_batches) and not host_batches:
-            raise ValueError("host_batches is empty: give one batch per step")
         # The level before the batch is built: a collate_fn that moves the batch to the GPU charges it to the trial.
         baseline = self.device.start_measurement()
         durations: list[float] = []
