@@ -17,11 +17,13 @@ from typing import Any
 
 from .errors import BatchFinderError, batchfinder_note
 from .loading import CommandError, described, load_data, load_model
+from .memory.cudnn import CUDNN_WORKSPACES
 from .memory.kernels import KERNELS
 from .search.checks import MIN_STEPS_PER_TRIAL
 from .training.precision import PRECISIONS
 from .training.sample_sizes import DEFAULT_SCAN_BUDGET
 from .training.synthetic import DTYPES, SyntheticDataset, parse_shape
+from .units import parse_bytes
 
 __all__ = ["main", "build_parser", "load_model", "load_data", "SUBCOMMANDS"]
 
@@ -178,6 +180,24 @@ def _add_kernels_argument(parser: argparse.ArgumentParser) -> None:
         "--kernels", choices=KERNELS, default="cuda",
         help="whose kernels' memory to model: cuda (default: attention and the optimizer's step as on a GPU) or cpu",
     )
+    parser.add_argument(
+        "--cudnn-workspace", type=_cudnn_workspace, default=None, metavar="auto|none|SIZE",
+        help="what each convolution charges as cuDNN's workspace with --kernels cuda: auto (default: its input + "
+        "output bytes in the forward pass, calibrated against published measurements), none, or a fixed size such "
+        "as 256MiB charged after each convolution's output and gradients",
+    )
+
+
+def _cudnn_workspace(text: str) -> str | int:
+    """``--cudnn-workspace``: ``auto``, ``none`` or a size such as ``256MiB`` (``0`` for none)."""
+    if text.lower() in CUDNN_WORKSPACES:
+        return text.lower()
+    if text.strip() == "0":
+        return 0
+    try:
+        return parse_bytes(text, argument="--cudnn-workspace")
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(f"{exc}; or auto (the default model) or none") from None
 
 
 def _prepare(args: argparse.Namespace) -> tuple[Any, Any, Any]:
@@ -238,7 +258,7 @@ def run_estimate(args: argparse.Namespace) -> int:
     model, optimizer, dtype = _prepare(args)
     estimates = estimate_memory_curve(
         model, _sample(args), list(args.batch_sizes), optimizer=optimizer, input_dtype=dtype, scan_budget=args.scan_budget,
-        precision=args.precision, train=not args.inference, kernels=args.kernels,
+        precision=args.precision, train=not args.inference, kernels=args.kernels, cudnn_workspace=args.cudnn_workspace,
     )
     if args.plot:
         estimates.plot(args.plot, capacity=args.capacity)
@@ -290,6 +310,7 @@ def run_predict(args: argparse.Namespace) -> int:
         precision=args.precision,
         train=not args.inference,
         kernels=args.kernels,
+        cudnn_workspace=args.cudnn_workspace,
     )
     if args.plot:
         prediction.plot(args.plot)

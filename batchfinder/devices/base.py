@@ -66,6 +66,10 @@ class DeviceBackend(ABC):
     #: The compute capability attention kernels are chosen for (an A100's where unknown).
     compute_capability: tuple[int, int] = (8, 0)
 
+    #: What convolutions charge as cuDNN's workspace with ``kernels="cuda"`` (:mod:`batchfinder.memory.cudnn`):
+    #: ``"auto"``, ``"none"`` or bytes; None: that of an enclosing ``cudnn_workspace()`` block, else ``"auto"``.
+    cudnn_workspace: str | int | None = None
+
     def kernel_counts(self) -> dict[str, int]:
         """How often each kernel model applied on this device so far (none on a real GPU: its kernels are its own)."""
         return {}

@@ -42,6 +42,7 @@ from ..memory.accounting import (
 )
 from ..memory.allocator import ALLOCATORS, CachingAllocator
 from ..memory.gpus import CUDA_CONTEXT_BYTES, lookup_gpu
+from ..memory.cudnn import CudnnWorkspace, check_cudnn_workspace
 from ..memory.kernels import DEFAULT_CAPABILITY, KernelModels, check_kernels, describe_usage
 from ..training.batching import plain_containers
 from ..training.host import host_side_loading
@@ -89,8 +90,10 @@ class SimulatedGPU(DeviceBackend):
         expandable_segments: bool = False,
         kernels: str = "cuda",
         compute_capability: tuple[int, int] = DEFAULT_CAPABILITY,
+        cudnn_workspace: CudnnWorkspace | None = None,
     ) -> None:
         self.kernels = check_kernels(kernels)
+        self.cudnn_workspace = None if cudnn_workspace is None else check_cudnn_workspace(cudnn_workspace)
         self.compute_capability = tuple(compute_capability)
         self.kernel_usage: Counter[str] = Counter()
         """Which kernel models applied inside this device so far, and how often (:mod:`batchfinder.memory.kernels`)."""
@@ -123,7 +126,13 @@ class SimulatedGPU(DeviceBackend):
 
     @classmethod
     def like(
-        cls, gpu: str, *, allocator: str = "caching", context_bytes: int = CUDA_CONTEXT_BYTES, kernels: str = "cuda"
+        cls,
+        gpu: str,
+        *,
+        allocator: str = "caching",
+        context_bytes: int = CUDA_CONTEXT_BYTES,
+        kernels: str = "cuda",
+        cudnn_workspace: CudnnWorkspace | None = None,
     ) -> "SimulatedGPU":
         """A simulated GPU shaped like a real one (a name from :mod:`batchfinder.memory.gpus`, e.g. ``"A100-40GB"``).
 
@@ -145,7 +154,7 @@ class SimulatedGPU(DeviceBackend):
             )
         device = cls(
             capacity, allocator=allocator, workspace_bytes=spec.workspace_bytes, kernels=kernels,
-            compute_capability=spec.compute_capability,
+            compute_capability=spec.compute_capability, cudnn_workspace=cudnn_workspace,
         )
         device.like_gpu = spec.name
         return device
@@ -257,7 +266,7 @@ class SimulatedGPU(DeviceBackend):
                 self._depth -= 1
                 raise
             self._mode = mode
-            models = KernelModels(self.kernels, self.compute_capability)
+            models = KernelModels(self.kernels, self.compute_capability, self.cudnn_workspace)
             try:
                 models.__enter__()
             except BaseException:

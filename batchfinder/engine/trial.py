@@ -473,7 +473,7 @@ class TrialSession:
                 precision=StepPrecision(self.precision, self.device.torch_device.type),
                 workspace_bytes=self.device.workspace_bytes, extra_optimizers=self.extra_optimizers,
                 reserved=self._reserved, kernels=self.device.kernels, compute_capability=self.device.compute_capability,
-            )
+                cudnn_workspace=self.device.cudnn_workspace)
         finally:
             state.restore(final=False)
 

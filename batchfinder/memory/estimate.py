@@ -53,6 +53,7 @@ from ..training.steps import LossFn, StepFn, check_train, forward, make_step
 from ..training.synthetic import as_shape
 from ..training.validation import check_model
 from .breakdown import NO_OPTIMIZER, MemoryEstimate, MemoryEstimates
+from .cudnn import CudnnWorkspace, check_cudnn_workspace
 from .kernels import DEFAULT_CAPABILITY, check_kernels
 from .replay import AllocationLog, Replay, record, replay_obstacle
 from .shapes import check_sample, is_data, largest_template, template_from_shape
@@ -103,6 +104,7 @@ class Estimator:
         precision: str = "32-true",
         train: bool = True,
         kernels: str = "cuda", compute_capability: tuple[int, int] = DEFAULT_CAPABILITY,
+        cudnn_workspace: CudnnWorkspace | None = None,
     ) -> None:
         self.model = model
         self.template = template
@@ -118,6 +120,7 @@ class Estimator:
         self.trainer = FakeTrainer(
             model, template, optimizer, step, steps=steps, workspace_bytes=workspace_bytes,
             allocator_capacity=allocator_capacity, precision=precision, train=train, kernels=kernels, compute_capability=compute_capability,
+            cudnn_workspace=cudnn_workspace,
         )
         self.precision = precision
         self.train = train
@@ -161,10 +164,13 @@ class Estimator:
         precision: str = "32-true",
         train: bool = True,
         kernels: str = "cuda", compute_capability: tuple[int, int] = DEFAULT_CAPABILITY,
+        cudnn_workspace: CudnnWorkspace | None = None,
     ) -> "Estimator":
         """Validate the public arguments (see :func:`estimate_memory`) and build the estimator."""
         check_precision(precision)
         check_kernels(kernels)
+        if cudnn_workspace is not None:
+            check_cudnn_workspace(cudnn_workspace)
         check_model(model)
         check_steps_per_trial(steps_per_trial)
         check_train(train, optimizer, loss_fn)
@@ -189,6 +195,7 @@ class Estimator:
             model, template, spec, step, steps=steps_per_trial, sample_label=label, reserved=reserved,
             workspace_bytes=workspace_bytes, allocator_capacity=allocator_capacity, sample_index=index,
             precision=precision, train=train, kernels=kernels, compute_capability=compute_capability,
+            cudnn_workspace=cudnn_workspace,
         )
 
     @classmethod
@@ -211,6 +218,7 @@ class Estimator:
             sample_index=index,
             precision=getattr(context, "precision", "32-true"),
             kernels=device.kernels, compute_capability=device.compute_capability,
+            cudnn_workspace=getattr(device, "cudnn_workspace", None),
         )
 
     # -- estimates -----------------------------------------------------------------------------------------------
@@ -464,6 +472,7 @@ def estimate_memory(
     precision: str = "32-true",
     train: bool = True,
     kernels: str = "cuda",
+    cudnn_workspace: CudnnWorkspace | None = None,
 ) -> MemoryEstimate:
     """Estimate the GPU memory of training ``model`` at ``batch_size``, on the CPU, in a fraction of a second.
 
@@ -495,6 +504,11 @@ def estimate_memory(
             ``step_fn(model, batch) -> output`` replaces the forward), each output kept until the next one exists.
         kernels: ``"cuda"`` (default): attention and the optimizer's step as CUDA's kernels allocate them on an A100
             (sm80; :mod:`batchfinder.memory.kernels`); ``"cpu"``: as the CPU's do. ``estimate.kernels`` says which.
+        cudnn_workspace: with ``kernels="cuda"``, what each convolution charges as cuDNN's workspace
+            (:mod:`batchfinder.memory.cudnn`): ``"auto"`` (the default: a transient block of its input + output bytes
+            in the forward pass, calibrated against published measurements), ``"none"``, or a whole number of bytes
+            charged after each convolution's output and gradients. None: that of an enclosing
+            ``batchfinder.memory.cudnn.cudnn_workspace(...)`` block, else ``"auto"``.
 
     Returns:
         A :class:`MemoryEstimate`. Print it for a table; its ``peak`` equals what a trial on a large enough
@@ -515,7 +529,7 @@ def estimate_memory(
     curve = estimate_memory_curve(
         model, sample, [batch_size], optimizer=optimizer, loss_fn=loss_fn, step_fn=step_fn,
         steps_per_trial=steps_per_trial, input_dtype=input_dtype, sample_size=sample_size, scan_budget=scan_budget,
-        precision=precision, train=train, kernels=kernels,
+        precision=precision, train=train, kernels=kernels, cudnn_workspace=cudnn_workspace,
     )
     return curve[0]
 
@@ -535,6 +549,7 @@ def estimate_memory_curve(
     precision: str = "32-true",
     train: bool = True,
     kernels: str = "cuda",
+    cudnn_workspace: CudnnWorkspace | None = None,
 ) -> MemoryEstimates:
     """Estimate the GPU memory of training ``model`` at each of ``batch_sizes``, as :func:`estimate_memory` does
     at one: one estimator (the sample and arguments are checked once), one fake-tensor trace per distinct size.
@@ -542,7 +557,7 @@ def estimate_memory_curve(
     Args:
         model, sample, optimizer, loss_fn, step_fn, steps_per_trial, input_dtype, sample_size, scan_budget, precision,
         train: as for :func:`estimate_memory`.
-        kernels: as for :func:`estimate_memory`.
+        kernels, cudnn_workspace: as for :func:`estimate_memory`.
         batch_sizes: the batch sizes (a list, tuple or range of whole numbers of at least 1), e.g.
             ``[64, 256, 1024, 4096]``.
 
@@ -568,6 +583,7 @@ def estimate_memory_curve(
     estimator = Estimator.create(
         model, sample, optimizer=optimizer, loss_fn=loss_fn, step_fn=step_fn, steps_per_trial=steps_per_trial,
         input_dtype=input_dtype, sample_size=sample_size, scan_budget=scan_budget, precision=precision, train=train, kernels=kernels,
+        cudnn_workspace=cudnn_workspace,
     )
     estimates = MemoryEstimates(estimator.estimate(size) for size in sizes)
     logger.debug("estimated %d batch size(s) with %d fake-tensor trace(s)", len(sizes), estimator.calls)

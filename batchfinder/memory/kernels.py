@@ -42,20 +42,24 @@ The models, each chosen as CUDA chooses:
   explicit ``foreach=False`` or ``fused=True`` is respected (the foreach ops' CPU implementations allocate their
   outputs as a list, as CUDA's do).
 
-* **cuDNN workspaces** (an allowance, off by default). cuDNN's convolutions ask the caching allocator for a
+* **cuDNN workspaces** (:mod:`batchfinder.memory.cudnn`). cuDNN's convolutions ask the caching allocator for a
   workspace while they run (``run_conv_plan`` in ``aten/src/ATen/native/cudnn/Conv_v8.cpp`` allocates
   ``plan.getWorkspaceSize()`` bytes through ``c10::cuda::CUDACachingAllocator`` after the output exists, and frees it
-  when the kernel is queued); its size depends on the algorithm cuDNN's heuristics (or, with
-  ``torch.backends.cudnn.benchmark=True``, its timed search) pick for that GPU and cuDNN version, which cannot be
-  known on the CPU. Inside ``with cudnn_workspace(nbytes):`` every ``conv1d``/``conv2d``/``conv3d`` charges a
-  transient block of ``nbytes`` after its output in the forward pass, and another after its gradients in the
-  backward pass (``cudnn_convolution_backward`` in ``aten/src/ATen/native/cudnn/ConvShared.cpp`` runs the
-  input-gradient and then the weight-gradient plan, each with its workspace). Outside it nothing is charged: the
-  outputs and saved tensors of convolutions and batch norm are already cuDNN's, operation by operation (batch
-  norm's ``save_mean``/``save_invstd``; its reserve space is empty in NCHW training).
+  when the kernel is queued). By default (``cudnn_workspace="auto"``) every ``conv1d``/``conv2d``/``conv3d`` charges
+  a transient block of its input + output bytes after its output in the forward pass (a model calibrated against
+  published measurements; its sizes are not cuDNN's own, which depend on the algorithm picked for a GPU and cuDNN
+  version); ``"none"`` charges nothing, and a number of bytes is a fixed allowance charged after each output and
+  again after each convolution's gradients in the backward pass (``cudnn_convolution_backward`` in
+  ``aten/src/ATen/native/cudnn/ConvShared.cpp`` runs the input-gradient and then the weight-gradient plan, each with
+  its workspace). The outputs and saved tensors of convolutions and batch norm need no model: operation by
+  operation they are cuDNN's (``cudnn_batch_norm`` returns the output, ``save_mean``, ``save_var`` and a reserve
+  space, empty for NCHW training without a fused activation, as the CPU's ``native_batch_norm`` returns output,
+  ``save_mean`` and ``save_invstd``; ``convolution_backward`` allocates the input's, then the weight's, then the
+  bias's gradient on both).
 
-Not modelled: the workspace sizes cuDNN really picks (the allowance is one size for every call), the padded copies
-flash makes for head sizes that are not a multiple of 8.
+Not modelled: the workspace sizes cuDNN really picks (``"auto"`` is one rule for every call),
+``torch.backends.cudnn.benchmark``'s search, the padded copies flash makes for head sizes that are not a multiple of
+8.
 """
 
 from __future__ import annotations
@@ -72,6 +76,14 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from ..training.host import host_side_loading, loading_on_host
+from .cudnn import (
+    CudnnWorkspace,
+    backward_workspace_bytes,
+    cudnn_workspace,
+    forward_workspace_bytes,
+    resolve_cudnn_workspace,
+)
+from .cudnn import describe as _describe_workspace
 
 __all__ = [
     "KERNELS",
@@ -287,27 +299,6 @@ def _autocast_inputs(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 _CONVOLUTIONS = (torch.conv1d, torch.conv2d, torch.conv3d)
 
 
-@contextlib.contextmanager
-def cudnn_workspace(nbytes: int) -> Iterator[None]:
-    """Charge a cuDNN workspace of ``nbytes`` to every convolution in this block (on this thread), forward and backward.
-
-    An explicit allowance for what cuDNN's convolutions take from the caching allocator while they run (see the
-    module documentation; off by default): the simulated GPU, estimates and predictions made inside the block charge
-    a transient allocation of ``nbytes`` after each convolution's output and after each convolution's gradients.
-    ``cudnn_workspace(0)`` charges nothing. Example: ``with cudnn_workspace(64 * 2**20): estimate_memory(...)``.
-    """
-    if isinstance(nbytes, bool) or not isinstance(nbytes, int):
-        raise TypeError(f"cudnn_workspace takes a whole number of bytes (e.g. 64 * 2**20), not {type(nbytes).__name__}")
-    if nbytes < 0:
-        raise ValueError(f"cudnn_workspace must be 0 or more bytes, got {nbytes}")
-    previous = getattr(_LOCAL, "workspace", 0)
-    _LOCAL.workspace = nbytes
-    try:
-        yield
-    finally:
-        _LOCAL.workspace = previous
-
-
 class _AttentionMode(TorchFunctionMode):
     def __init__(self, models: "KernelModels") -> None:
         super().__init__()
@@ -317,7 +308,7 @@ class _AttentionMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is _SDPA and not getattr(_LOCAL, "depth", 0) and not loading_on_host():
             return self.models.attention(*args, **kwargs)
-        if func in _CONVOLUTIONS and self.models.workspace and not loading_on_host():
+        if func in _CONVOLUTIONS and self.models.workspace not in ("none", 0) and not loading_on_host():
             return self.models.convolution(func, args, kwargs)
         return func(*args, **kwargs)
 
@@ -362,14 +353,20 @@ class KernelModels:
     documentation) on a GPU of compute capability ``capability``; ``kernels="cpu"`` models nothing. Enter it inside
     a charging mode. :attr:`usage` counts which models applied."""
 
-    def __init__(self, kernels: str = "cuda", capability: tuple[int, int] = DEFAULT_CAPABILITY) -> None:
+    def __init__(
+        self,
+        kernels: str = "cuda",
+        capability: tuple[int, int] = DEFAULT_CAPABILITY,
+        cudnn_workspace: CudnnWorkspace | None = None,
+    ) -> None:
         self.kernels = check_kernels(kernels)
         self.capability = tuple(capability)
         self.usage: Counter[str] = Counter()
         """Calls per model, e.g. ``{"attention: memory-efficient (CUDA)": 24, "optimizer: foreach Adam (CUDA's
         default)": 2}``."""
-        self.workspace: int = getattr(_LOCAL, "workspace", 0)
-        """The cuDNN workspace allowance charged per convolution, forward and backward (:func:`cudnn_workspace`)."""
+        self.workspace: CudnnWorkspace = resolve_cudnn_workspace(cudnn_workspace)
+        """What convolutions charge as cuDNN's workspace (:mod:`batchfinder.memory.cudnn`): ``"auto"``, ``"none"`` or a
+        fixed allowance in bytes; None takes that of an enclosing ``cudnn_workspace()`` block, else ``"auto"``."""
         self._mode: _AttentionMode | None = None
         self._handles: list[Any] = []
         self._changed: list[dict[str, Any]] = []
@@ -476,18 +473,23 @@ class KernelModels:
 
     # -- convolutions -----------------------------------------------------------------------------------------------
     def convolution(self, func: Any, args: tuple, kwargs: dict) -> torch.Tensor:
-        """A convolution, then its cuDNN workspace allowance (allocated after the output and freed, as
-        ``run_conv_plan`` does); the backward charges the allowance again once its gradients exist."""
+        """A convolution, then its cuDNN workspace (allocated after the output and freed, as ``run_conv_plan`` does;
+        :mod:`batchfinder.memory.cudnn`); with a fixed allowance the backward charges it again once its gradients
+        exist."""
         out = func(*args, **kwargs)
-        self.usage[f"convolution: cuDNN workspace allowance {self.workspace:,} B"] += 1
-        self._charge_workspace(out)
-        if out.grad_fn is not None:
-            out.grad_fn.register_hook(lambda grad_inputs, grad_outputs: self._charge_workspace(out_like))
+        inputs = args[0] if args else kwargs["input"]
+        self.usage[_describe_workspace(self.workspace)] += 1
+        self._charge_workspace(out, forward_workspace_bytes(self.workspace, inputs, out))
+        backward = backward_workspace_bytes(self.workspace)
+        if out.grad_fn is not None and backward:
+            out.grad_fn.register_hook(lambda grad_inputs, grad_outputs: self._charge_workspace(out_like, backward))
         out_like = out.new_empty(0)  # only its device and kind (fake or real): keeps no activation alive
         return out
 
-    def _charge_workspace(self, like: torch.Tensor) -> None:
-        workspace = like.new_empty(self.workspace, dtype=torch.uint8)
+    def _charge_workspace(self, like: torch.Tensor, nbytes: int) -> None:
+        if nbytes <= 0:
+            return
+        workspace = like.new_empty(nbytes, dtype=torch.uint8)
         del workspace
 
     def _inference(self, call: _Call) -> torch.Tensor:

@@ -35,6 +35,7 @@ from ..units import format_bytes, parse_bytes
 from .allocator import ALLOCATORS
 from .estimate import Estimator, MemoryEstimate
 from .gpus import GPUSpec, lookup_gpu
+from .cudnn import CudnnWorkspace
 from .kernels import DEFAULT_CAPABILITY
 
 __all__ = ["Prediction", "predict_max_batch_size", "DEFAULT_MAX_BATCH_SIZE"]
@@ -233,6 +234,7 @@ def predict_max_batch_size(
     precision: str = "32-true",
     train: bool = True,
     kernels: str = "cuda",
+    cudnn_workspace: CudnnWorkspace | None = None,
 ) -> Prediction:
     """Predict the largest batch size ``model`` can train with in ``capacity`` bytes or on ``gpu``, without a GPU.
 
@@ -257,6 +259,8 @@ def predict_max_batch_size(
         kernels: ``"cuda"`` (default): attention and the optimizer's step as CUDA's kernels allocate them, on the
             compute capability of ``gpu`` (sm80 with ``capacity=``; :mod:`batchfinder.memory.kernels`); ``"cpu"``:
             as the CPU's kernels do.
+        cudnn_workspace: what each convolution charges as cuDNN's workspace with ``kernels="cuda"``: ``"auto"``
+            (default), ``"none"`` or a whole number of bytes, as for :func:`~batchfinder.estimate_memory`.
         safety: the recommendation is ``floor(safety * max_batch_size)`` (default 0.8).
         multiple_of: round the recommendation down to a multiple of this.
         max_batch_size: the largest size considered (default 2**31 - 1).
@@ -278,7 +282,7 @@ def predict_max_batch_size(
         model, sample, optimizer=optimizer, loss_fn=loss_fn, step_fn=step_fn, steps_per_trial=steps_per_trial,
         input_dtype=input_dtype, reserved=allocator == "caching", workspace_bytes=spec.workspace_bytes if spec else 0,
         allocator_capacity=limit if allocator == "caching" else None, sample_size=sample_size, scan_budget=scan_budget,
-        precision=precision, train=train, kernels=kernels,
+        precision=precision, train=train, kernels=kernels, cudnn_workspace=cudnn_workspace,
         compute_capability=spec.compute_capability if spec is not None else DEFAULT_CAPABILITY,
     )
     estimator.detailed = True  # when traced per size, the breakdown at the answer then costs no extra trace

@@ -46,6 +46,7 @@ def record_trial(
     reserved: Sequence[torch.Tensor] = (),
     kernels: str = "cuda",
     compute_capability: tuple[int, int] = DEFAULT_CAPABILITY,
+    cudnn_workspace: str | int | None = None,
 ) -> AllocationLog:
     """Run one training trial of ``steps_per_trial`` (at least 2) steps on the host batches ``hosts`` (one per
     size in ``sizes``), every allocation logged, and fit the log.
@@ -54,7 +55,7 @@ def record_trial(
     the model's parameters and buffers with the bound optimizer's state, the cuBLAS workspaces of the forward and
     backward threads (``workspace_bytes`` each), ``extra_optimizers``' state and the ``reserved`` tensors (a
     wrapper's buffers). ``kernels`` and ``compute_capability``: the kernel models of the device the log stands for
-    (:mod:`batchfinder.memory.kernels`). The caller restores the model's and the optimizers' state afterwards. Raises what the step
+    (:mod:`batchfinder.memory.kernels`), with ``cudnn_workspace`` (:mod:`batchfinder.memory.cudnn`). The caller restores the model's and the optimizers' state afterwards. Raises what the step
     raised.
     """
     steps = [sizes[0], *[sizes[1]] * (max(steps_per_trial, 2) - 1)]
@@ -67,7 +68,7 @@ def record_trial(
         for extra in extra_optimizers:
             ledger.charge(tensor_storages(state_tensors(extra)))
         ledger.charge(tensor_storages(list(reserved)))
-        with ChargingMode(ledger), KernelModels(kernels, compute_capability):
+        with ChargingMode(ledger), KernelModels(kernels, compute_capability, cudnn_workspace):
             ledger.mark_phase("setup", 0)
             created = optimizer.create()
             model.train()

@@ -45,6 +45,7 @@ from ..training.state import TrainingState
 from ..training.steps import StepFn, run_training_step
 from .accounting import ChargingMode, MemoryLedger, round_allocation, tensor_storages
 from .allocator import CachingAllocator
+from .cudnn import CudnnWorkspace, check_cudnn_workspace
 from .kernels import DEFAULT_CAPABILITY, KernelModels, check_kernels
 from .fake_support import (
     TORCH_FAKE_TENSOR_LOGGERS,
@@ -56,16 +57,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from torch._subclasses.fake_tensor import FakeTensorMode
 
 __all__ = [
-    "FakeTrainer",
-    "PeakLedger",
-    "Trace",
-    "StepContractError",
-    "PHASES",
-    "describe_template",
-    "fake_output",
-    "quiet_fake_tensor_logs",
-    "is_fake_unsupported",
-    "TORCH_FAKE_TENSOR_LOGGERS",
+    "FakeTrainer", "PeakLedger", "Trace", "StepContractError", "PHASES", "describe_template", "fake_output",
+    "quiet_fake_tensor_logs", "is_fake_unsupported", "TORCH_FAKE_TENSOR_LOGGERS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -286,6 +279,8 @@ class FakeTrainer:
             batch moved before the last is dropped and each output kept until the next one is computed.
         kernels: ``"cuda"`` (default): attention and optimizer steps as CUDA's kernels allocate them, on a GPU of
             compute capability ``compute_capability`` (:mod:`batchfinder.memory.kernels`); ``"cpu"``: the CPU's.
+        cudnn_workspace: what convolutions charge as cuDNN's workspace with ``kernels="cuda"``
+            (:mod:`batchfinder.memory.cudnn`); None: that of an enclosing ``cudnn_workspace()`` block, else ``"auto"``.
     """
 
     def __init__(
@@ -302,10 +297,12 @@ class FakeTrainer:
         train: bool = True,
         kernels: str = "cuda",
         compute_capability: tuple[int, int] = DEFAULT_CAPABILITY,
+        cudnn_workspace: CudnnWorkspace | None = None,
     ) -> None:
         self.model = model
         self.train = train
         self.kernels = check_kernels(kernels)
+        self.cudnn_workspace = None if cudnn_workspace is None else check_cudnn_workspace(cudnn_workspace)
         self.compute_capability = tuple(compute_capability)
         self.precision = check_precision(precision)
         dtype = parameter_dtype(self.precision)
@@ -403,7 +400,7 @@ class FakeTrainer:
             recorder.batch = [leaf for leaf in tree_flatten(batch)[0] if isinstance(leaf, torch.Tensor)]
             if not self.train:
                 return self._trace_inference(batch_size, mode, recorder, ledger)
-            with mode, ChargingMode(ledger), KernelModels(self.kernels, self.compute_capability) as models:
+            with mode, ChargingMode(ledger), self._kernel_models() as models:
                 recorder.kernel_models = models
                 recorder.enter("setup", 0)
                 if optimizer is None:
@@ -432,7 +429,7 @@ class FakeTrainer:
         autocast = StepPrecision(self.precision, "cpu", tracing=True).autocast
         batch: Any = None
         output: Any = None
-        with mode, ChargingMode(ledger), KernelModels(self.kernels, self.compute_capability) as models, torch.inference_mode():
+        with mode, ChargingMode(ledger), self._kernel_models() as models, torch.inference_mode():
             recorder.kernel_models = models
             recorder.enter("setup", 0)
             self.model.eval()
@@ -449,6 +446,9 @@ class FakeTrainer:
             del output, batch
         self.kernel_notes = models.describe()
         return recorder.result(batch_size)
+
+    def _kernel_models(self) -> KernelModels:
+        return KernelModels(self.kernels, self.compute_capability, self.cudnn_workspace)
 
     def _other_batch(self, batch_size: int, mode: FakeTensorMode, ledger: PeakLedger) -> Any:
         """A batch of another size for the later steps of a recording: on the device, not in its log (a trial reuses

@@ -213,15 +213,15 @@ def _conv_net() -> nn.Module:
                          nn.Flatten(), nn.Linear(8 * 16 * 16, 4))
 
 
-def test_the_cudnn_workspace_allowance_is_off_by_default_and_charged_forward_and_backward(monkeypatch):
+def test_a_fixed_cudnn_workspace_allowance_is_charged_forward_and_backward(monkeypatch):
     sample = (torch.randn(3, 16, 16), torch.tensor(1))
-    plain = bf.estimate_memory(_conv_net(), sample, 4, loss_fn=F.cross_entropy)
+    plain = bf.estimate_memory(_conv_net(), sample, 4, loss_fn=F.cross_entropy, cudnn_workspace="none")
     with cudnn_workspace(0):
         assert bf.estimate_memory(_conv_net(), sample, 4, loss_fn=F.cross_entropy).peak == plain.peak
     charged: list[bool] = []
     original = KernelModels._charge_workspace
     monkeypatch.setattr(KernelModels, "_charge_workspace",
-                        lambda self, like: (charged.append(torch.is_grad_enabled()), original(self, like))[1])
+                        lambda self, like, n: (charged.append(torch.is_grad_enabled()), original(self, like, n))[1])
     workspace = 8 * 2**20
     with cudnn_workspace(workspace):
         allowed = bf.estimate_memory(_conv_net(), sample, 4, loss_fn=F.cross_entropy, steps_per_trial=2)
@@ -245,7 +245,10 @@ def test_the_cudnn_workspace_allowance_is_the_same_in_trials_and_replays():
     assert all(p < a <= p + 3 * 2**20 for p, a in zip(plain, allowed)), (plain, allowed)
 
 
-@pytest.mark.parametrize("bad, error", [(-1, ValueError), (1.5, TypeError), (True, TypeError), ("64MiB", TypeError)])
+@pytest.mark.parametrize(
+    "bad, error",
+    [(-1, ValueError), (1.5, TypeError), (True, TypeError), ("64MiB", TypeError), ("benchmark", ValueError)],
+)
 def test_a_bad_cudnn_workspace_is_refused_clearly(bad, error):
     with pytest.raises(error, match="cudnn_workspace"):
         with cudnn_workspace(bad):
