@@ -432,3 +432,19 @@ def test_progress_lines_follow_the_heading():
     first_trial = next(i for i, line in enumerate(lines) if line.startswith("trial  1:"))
     assert heading < progress < first_trial
     assert sum(line.startswith("synthetic data:") for line in lines) == 1  # not printed again with the result
+
+
+def test_the_cudnn_workspace_flag_sets_what_convolutions_charge(capsys):
+    argv = ["estimate", "torchvision:resnet18", "--input", "3x32x32", "--batch-sizes", "4", "--json"]
+    runs = {}
+    for setting in ("auto", "none", "64MiB"):
+        code, out, _ = _run(capsys, *argv, "--cudnn-workspace", setting)
+        assert code == 0
+        runs[setting] = json.loads(out)["estimates"][0]
+    assert any("input + output bytes" in line for line in runs["auto"]["kernels"])
+    assert not any("convolution" in line for line in runs["none"]["kernels"])
+    assert any("allowance 67,108,864 B" in line for line in runs["64MiB"]["kernels"])
+    assert runs["none"]["peak_reserved"] < runs["64MiB"]["peak_reserved"]
+    with pytest.raises(SystemExit):
+        main([*argv, "--cudnn-workspace", "lots"])
+    assert "--cudnn-workspace" in capsys.readouterr().err

@@ -253,3 +253,53 @@ def test_a_bad_cudnn_workspace_is_refused_clearly(bad, error):
     with pytest.raises(error, match="cudnn_workspace"):
         with cudnn_workspace(bad):
             pass
+
+
+def test_by_default_each_forward_convolution_charges_its_input_and_output_bytes(monkeypatch):
+    sample = (torch.randn(3, 16, 16), torch.tensor(1))
+    sizes: list[tuple[bool, int]] = []
+    original = KernelModels._charge_workspace
+    monkeypatch.setattr(KernelModels, "_charge_workspace",
+                        lambda self, like, n: (sizes.append((torch.is_grad_enabled(), n)), original(self, like, n))[1])
+    auto = bf.estimate_memory(_conv_net(), sample, 4, loss_fn=F.cross_entropy, steps_per_trial=2)
+    # Per step: conv 3->8 on 4x3x16x16 (3,072 B in, 32,768 B out), conv 8->8 (32,768 B in and out); none in backward.
+    assert sizes == [(True, 3_072 + 32_768), (True, 65_536)] * 2
+    assert "convolution: cuDNN workspace, input + output bytes in the forward pass (auto), 4 calls" in auto.kernels
+    sizes.clear()
+    none = bf.estimate_memory(_conv_net(), sample, 4, loss_fn=F.cross_entropy, cudnn_workspace="none")
+    assert sizes == [] and none.peak <= auto.peak
+    with cudnn_workspace("none"):  # an enclosing block sets the default, an argument overrides it
+        assert bf.estimate_memory(_conv_net(), sample, 4, loss_fn=F.cross_entropy).peak_reserved == none.peak_reserved
+        assert bf.estimate_memory(_conv_net(), sample, 4, loss_fn=F.cross_entropy,
+                                  cudnn_workspace="auto").peak_reserved == auto.peak_reserved
+    cpu = bf.estimate_memory(_conv_net(), sample, 4, loss_fn=F.cross_entropy, kernels="cpu")
+    assert not any("convolution" in line for line in cpu.kernels)
+
+
+def test_the_default_cudnn_workspace_is_the_same_in_trials_and_replays():
+    from batchfinder.training.steps import make_step
+
+    data = [(torch.randn(3, 16, 16), torch.tensor(i % 4)) for i in range(40)]
+    _trials_match_their_recording(_conv_net(), data, make_step(F.cross_entropy), torch.optim.SGD,
+                                  bf.SimulatedGPU("256MiB", cudnn_workspace="auto"))
+
+
+@pytest.mark.parametrize("bad, error, words", [
+    ("fast", TypeError, "'auto' (the default model), 'none' or a whole number of bytes"),
+    ("benchmark", ValueError, "not modelled"),
+    (-5, ValueError, "0 or more bytes"),
+    (2.5, TypeError, "whole number of bytes"),
+])
+def test_a_bad_cudnn_workspace_argument_is_refused_before_anything_runs(bad, error, words):
+    model = _conv_net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for call in (
+        lambda: bf.estimate_memory(model, (3, 16, 16), 2, cudnn_workspace=bad),
+        lambda: bf.predict_max_batch_size(model, (3, 16, 16), capacity="64MiB", cudnn_workspace=bad),
+        lambda: bf.SimulatedGPU("64MiB", cudnn_workspace=bad),
+        lambda: bf.SimulatedGPU.like("T4", cudnn_workspace=bad),
+    ):
+        with pytest.raises(error, match="cudnn_workspace") as info:
+            call()
+        assert words in str(info.value)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
