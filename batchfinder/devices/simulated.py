@@ -15,11 +15,11 @@ By default the charges go through a model of PyTorch's CUDA caching allocator (:
 that memory is reserved in segments, cached blocks are reused, and a charge fails where the real allocator would.
 
 Kernels: where CUDA's kernels allocate differently from the CPU's (scaled-dot-product attention, the optimizers'
-foreach step), the simulated GPU charges what CUDA's would (:mod:`batchfinder.memory.kernels`; ``kernels="cpu"``
-keeps the CPU's).
+foreach step, cuDNN's convolution workspaces), the simulated GPU charges what CUDA's would
+(:mod:`batchfinder.memory.kernels`, :mod:`batchfinder.memory.cudnn`; ``kernels="cpu"`` keeps the CPU's).
 
 What it does not model: the CUDA context (0.3-0.5 GiB per process; :meth:`SimulatedGPU.like` subtracts one),
-cuDNN workspaces and memory used by other processes. Those are why the recommendation keeps a 0.8 safety factor.
+cuDNN's workspaces as cuDNN really sizes them (a calibrated rule stands in) and memory used by other processes. Those are why the recommendation keeps a 0.8 safety factor.
 """
 
 from __future__ import annotations
@@ -74,6 +74,10 @@ class SimulatedGPU(DeviceBackend):
     ``kernels="cuda"`` (the default) charges attention and optimizer steps as CUDA's kernels allocate them, on a GPU
     of compute capability ``compute_capability`` (sm80 unless :meth:`like` names a GPU; see
     :mod:`batchfinder.memory.kernels`); ``kernels="cpu"`` charges what the CPU's kernels allocate.
+    ``cudnn_workspace`` (with ``kernels="cuda"``): what each convolution charges as cuDNN's workspace, ``"auto"``
+    (a transient block of its input + output bytes in the forward pass, calibrated against published measurements),
+    ``"none"`` or a fixed allowance in bytes (:mod:`batchfinder.memory.cudnn`); None (the default) takes that of an
+    enclosing ``cudnn_workspace()`` block when the device is entered, else ``"auto"``.
     """
 
     torch_device = torch.device("cpu")

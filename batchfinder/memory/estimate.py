@@ -27,9 +27,10 @@ from the simulated GPU's accounting (:mod:`batchfinder.memory.accounting`), so:
   (512 B) too, the 128 x 10 weight (5,120 B) too, and the 10-float bias (40 B) takes 512. ``estimate.exact`` keeps the unrounded figures. A batch of B MNIST
   images holds B x 3,136 B (one storage, rounded once) and its B integer labels B x 8 B (another storage).
 
-Where CUDA's kernels allocate differently from the CPU's (attention, the optimizers' foreach step), the trace
-charges what CUDA's would (:mod:`batchfinder.memory.kernels`; ``kernels="cpu"`` for the CPU's). What it does not
-see: the CUDA context and cuDNN workspaces. See
+Where CUDA's kernels allocate differently from the CPU's (attention, the optimizers' foreach step, cuDNN's
+convolution workspaces), the trace charges what CUDA's would (:mod:`batchfinder.memory.kernels`,
+:mod:`batchfinder.memory.cudnn`; ``kernels="cpu"`` for the CPU's). What it does not see: the CUDA context and the
+workspaces cuDNN really picks (a calibrated rule stands in). See
 :func:`~batchfinder.predict_max_batch_size` for the allowance made for those.
 """
 

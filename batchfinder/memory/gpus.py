@@ -16,8 +16,9 @@ process can fill with tensors is less, and :func:`~batchfinder.predict_max_batch
   PyTorch's default ``CUBLAS_WORKSPACE_CONFIG=:4096:2:16:8``) before Hopper, :data:`CUBLAS_WORKSPACE_BYTES_HOPPER`
   (32 MiB) on Hopper and Blackwell.
 
-Not covered (a search with real trials sees them): cuDNN workspaces (they depend on the algorithm and on free
-memory; ``cudnn.benchmark=True`` can add large transient peaks), the caching allocator's segment rounding and
+Not covered (a search with real trials sees them): cuDNN workspaces as cuDNN sizes them (they depend on the
+algorithm and on free memory; ``cudnn.benchmark=True`` can add large transient peaks; estimates charge a calibrated
+rule, :mod:`batchfinder.memory.cudnn`), the caching allocator's segment rounding and
 fragmentation, NCCL buffers, memory used by other processes, and kernels that differ between the CPU trace and the
 GPU (fused/foreach optimizers, attention kernels). That is what the 0.8 safety factor is for.
 """

@@ -262,8 +262,8 @@ def test_by_default_each_forward_convolution_charges_its_input_and_output_bytes(
     monkeypatch.setattr(KernelModels, "_charge_workspace",
                         lambda self, like, n: (sizes.append((torch.is_grad_enabled(), n)), original(self, like, n))[1])
     auto = bf.estimate_memory(_conv_net(), sample, 4, loss_fn=F.cross_entropy, steps_per_trial=2)
-    # Per step: conv 3->8 on 4x3x16x16 (3,072 B in, 32,768 B out), conv 8->8 (32,768 B in and out); none in backward.
-    assert sizes == [(True, 3_072 + 32_768), (True, 65_536)] * 2
+    # Per step: conv 3->8 on 4x3x16x16 (12,288 B in, 32,768 B out), conv 8->8 (32,768 B in and out); none in backward.
+    assert sizes == [(True, 12_288 + 32_768), (True, 65_536)] * 2
     assert "convolution: cuDNN workspace, input + output bytes in the forward pass (auto), 4 calls" in auto.kernels
     sizes.clear()
     none = bf.estimate_memory(_conv_net(), sample, 4, loss_fn=F.cross_entropy, cudnn_workspace="none")
