@@ -121,16 +121,13 @@ def resolve_cudnn_workspace(value: CudnnWorkspace | None) -> CudnnWorkspace:
     return DEFAULT_CUDNN_WORKSPACE if inner is None else inner
 
 
-def _nbytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
-
-
 def forward_workspace_bytes(setting: CudnnWorkspace, inputs: torch.Tensor, output: torch.Tensor) -> int:
     """Bytes a forward convolution of ``inputs`` to ``output`` charges as its workspace under ``setting``."""
     if setting == "none":
         return 0
     if setting == "auto":
-        return int(CUDNN_FORWARD_WORKSPACE_FACTOR * (_nbytes(inputs) + _nbytes(output)))
+        # The kernel's operands are in the output's dtype (under autocast the input is cast before cuDNN sees it).
+        return int(CUDNN_FORWARD_WORKSPACE_FACTOR * (inputs.numel() + output.numel()) * output.element_size())
     return int(setting)
 
 
