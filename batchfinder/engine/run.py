@@ -366,6 +366,12 @@ def run_trial(workload: Workload, device: DeviceBackend, options: SearchOptions,
         )
     check_precision(workload.precision)
     device.check_precision(workload.precision)
-    with each_warning_once(), gradients_enabled(), _session(workload, device, options) as session:
-        trial = session.run(batch_size, phase="train" if workload.trains else "eval")
+    # The ranks of a sharded model try the size together (its trials gather parameters from every rank), and it fits
+    # only where it fitted on every rank.
+    sharded = is_sharded(workload.model)
+    with agreeing_ranks(None if sharded else False) as agreement, each_warning_once(), gradients_enabled():
+        with _session(workload, device, options) as session:
+            trial = session.run(batch_size, phase="train" if workload.trains else "eval")
+        if agreement is not None:
+            trial, _ = agreement.agree_trial(trial, f"the trial at batch size {batch_size}")
     return dataclasses.replace(trial, data_scan=source.scan)

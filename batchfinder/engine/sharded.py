@@ -54,6 +54,7 @@ from torch import nn
 from ..memory.recording import RECORDED_SIZES
 from ..memory.replay import AllocationLog
 from ..result import Trial
+from ..training.host import host_side_loading
 from .ranks import RankAgreement, active_agreement
 from .trial import TrialSession
 
@@ -262,7 +263,8 @@ class CollectiveCheckpoints:
     def _leave(self, outcome: int, size: int) -> None:
         while True:
             self.rounds += 1
-            rows = self.agreement.trial_round(True, (outcome, size), f"the end of the trial at batch size {size}")
+            with host_side_loading():  # the round's few bytes are host memory, charged to no device
+                rows = self.agreement.trial_round(True, (outcome, size), f"the end of the trial at batch size {size}")
             if all(left for left, _ in rows):
                 return
 
@@ -270,7 +272,8 @@ class CollectiveCheckpoints:
         """The round before the collective ``name``; raises when another rank left the trial."""
         size = self._size if self._size is not None else 0
         self.rounds += 1
-        rows = self.agreement.trial_round(False, (0, size), f"the {name} in the trial at batch size {size}")
+        with host_side_loading():
+            rows = self.agreement.trial_round(False, (0, size), f"the {name} in the trial at batch size {size}")
         left = [(rank, values) for rank, (gone, values) in enumerate(rows) if gone]
         if not left:
             return
