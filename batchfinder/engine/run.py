@@ -203,7 +203,13 @@ def _session(workload: Workload, device: DeviceBackend, options: SearchOptions) 
     # A real GPU already holds DDP's gradient buckets (the reducer allocates them when the wrapper is built); a
     # simulated one is told, and so is every device for a wrapper not built yet (the one HF's train() will build).
     charge_buckets = workload.ddp is not None and (device.simulated or not getattr(workload.ddp, "holds_buckets", True))
-    session_class = ShardedTrialSession if is_sharded(workload.model) else TrialSession
+    sharded = is_sharded(workload.model)
+    if sharded and mode_named(options.mode).records_on_entry:
+        raise ValueError(
+            f"mode={options.mode!r} predicts from a recorded trial or a trace of one rank's step, which does not model "
+            "a sharded model's step yet: search it with mode='binsearch' (the default) or mode='power'"
+        )
+    session_class = ShardedTrialSession if sharded else TrialSession
     return session_class(
         workload.model,
         workload.searched_source,
