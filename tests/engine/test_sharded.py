@@ -53,11 +53,16 @@ def _data(n: int = 512) -> TensorDataset:
     return TensorDataset(torch.randn(n, WIDTH, generator=generator), torch.randn(n, WIDTH, generator=generator))
 
 
+def _is_sharded(tensor: torch.Tensor) -> bool:
+    return hasattr(tensor, "to_local")
+
+
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     return (tensor.to_local() if hasattr(tensor, "to_local") else tensor).detach().clone()
 
 
 def _state(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    assert all(_is_sharded(p) for p in model.parameters())
     tensors = [_local(p) for p in model.parameters()]
     tensors += [_local(p.grad) for p in model.parameters() if p.grad is not None]
     for entries in optimizer.state.values():
@@ -70,12 +75,14 @@ def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 
 
 def _trained(model: nn.Module) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """``model`` with an Adam optimizer that has stepped once (so that it has sharded state to keep)."""
+    """``model`` with an Adam optimizer that has stepped once and sharded gradients of a further backward pass (state
+    the search must keep)."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     x, y = _data().tensors
     nn.functional.mse_loss(model(x[:8]), y[:8]).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    nn.functional.mse_loss(model(x[8:16]), y[8:16]).backward()
     return model, optimizer
 
 
