@@ -246,11 +246,15 @@ def _fault(phase: str) -> None:
     raise RuntimeError(f"a bug in {phase} on rank 1 only")
 
 
-PHASES = ("forward_before_unshard", "forward_after_unshard", "backward", "reduce_scatter", "optimizer_step")
+PHASES = (
+    "all_gather_buffer", "forward_before_unshard", "forward_after_unshard", "backward", "reduce_scatter",
+    "optimizer_step",
+)
 
 
 def _faulty(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Install the fault points of every phase on the failing rank (armed one at a time by ``_ARMED``)."""
+    import torch.distributed.fsdp._fully_shard._fsdp_collectives as collectives
     import torch.distributed.fsdp._fully_shard._fsdp_param_group as groups
 
     def batch(module: nn.Module, args: Any) -> None:
@@ -268,6 +272,14 @@ def _faulty(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         return real_reduce(*args, **kwargs)
 
     groups.foreach_reduce = foreach_reduce
+    real_allocate = collectives.DefaultAllocMixin.allocate
+
+    def allocate(*args: Any, **kwargs: Any) -> Any:
+        # An all-gather's output buffer (or a reduce-scatter's), after the last round and before the collective.
+        _fault("all_gather_buffer")
+        return real_allocate(*args, **kwargs)
+
+    collectives.DefaultAllocMixin.allocate = allocate
     optimizer.register_step_pre_hook(lambda o, a, k: _fault("optimizer_step"))
 
 
