@@ -405,11 +405,17 @@ _STRIDED = torch.strided
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The tensor whose storage this rank holds: a ``DTensor``'s local shard (``DTensor._local_tensor``; the wrapper's
     own storage describes the global tensor and holds no data), any other tensor itself."""
-    local = getattr(tensor, "_local_tensor", None) if type(tensor) not in _PLAIN else None
-    return local if isinstance(local, torch.Tensor) else tensor
+    cls = type(tensor)
+    if cls in _PLAIN:
+        return tensor
+    local = getattr(tensor, "_local_tensor", None)
+    if isinstance(local, torch.Tensor):
+        return local
+    _PLAIN.add(cls)  # a tensor class without a local tensor (a fake tensor): not looked up again
+    return tensor
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_PLAIN: set[type] = {torch.Tensor, torch.nn.Parameter}
 
 
 def _collect_storages(value: Any, storages: list[torch.UntypedStorage]) -> None:
@@ -417,7 +423,7 @@ def _collect_storages(value: Any, storages: list[torch.UntypedStorage]) -> None:
     # generality costs a sixth of the trace's time. Other containers (named tuples, dataclasses) go through pytree.
     if isinstance(value, torch.Tensor):
         if type(value) not in _PLAIN:
-            value = local_tensor(value)
+            value = local_tensor(value)  # a DTensor's local shard
         if value.layout == _STRIDED:
             try:
                 storages.append(value.untyped_storage())

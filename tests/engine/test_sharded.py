@@ -421,3 +421,40 @@ def test_a_sharded_model_on_one_rank_is_searched_and_charged_by_its_shards(one_r
     grads = sum(p.grad.to_local().numel() * 4 for p in model.parameters())
     assert after_backward >= grads
     assert after_backward < 2 * grads + 8 * 4 * WIDTH * 4  # the gathered parameters were released
+
+
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_reset_returns_every_unit_to_idle_after_a_step_stopped_midway(one_rank, where):
+    model, reference = _model(3), _model(3)
+    x, y = _data().tensors
+
+    def fail(*args: Any) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    # forward: after model[1]'s unshard (FSDP's pre-hook runs first); backward: after model[2] and model[1]'s.
+    handle = (
+        model[1].register_forward_pre_hook(fail) if where == "forward" else model[0].register_full_backward_pre_hook(fail)
+    )
+    with pytest.raises(torch.OutOfMemoryError):
+        nn.functional.mse_loss(model(x[:8]), y[:8]).backward()
+    handle.remove()
+    state = model._get_fsdp_state()
+
+    def idle() -> bool:
+        groups = [g for s in state._state_ctx.all_states for g in s._fsdp_param_groups]
+        return (
+            all(s._training_state.name == "IDLE" for s in state._state_ctx.all_states)
+            and all(g._training_state.name == "IDLE" and g._sharded_state.name == "SHARDED" for g in groups)
+            and state._state_ctx.iter_forward_root is None
+            and not state._state_ctx.post_backward_final_callback_queued
+            and all(_is_sharded(p) for p in model.parameters())
+        )
+
+    assert not idle()  # FSDP2's state after the exception, as Composer found it
+    reset_sharded_state(model)
+    assert idle()
+    for p in model.parameters():
+        p.grad = None  # the failed step's sharded gradients (a trial's restore drops them)
+    optimizers = [torch.optim.Adam(m.parameters()) for m in (model, reference)]
+    assert _step_loss(model, optimizers[0]) == _step_loss(reference, optimizers[1])
+    assert all(torch.equal(_local(a), _local(b)) for a, b in zip(model.parameters(), reference.parameters()))
