@@ -45,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -91,6 +92,8 @@ memory limit; left because another rank did."""
 
 # -- what a sharded model is ------------------------------------------------------------------------------------
 def _fsdp_module_class() -> type | None:
+    if "torch.distributed.fsdp" not in sys.modules:  # never imported: no model can be sharded (and no import here)
+        return None
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # a PyTorch without FSDP2 (or without torch.distributed)
@@ -99,6 +102,8 @@ def _fsdp_module_class() -> type | None:
 
 
 def _is_dtensor(tensor: torch.Tensor) -> bool:
+    if "torch.distributed.tensor" not in sys.modules:
+        return False
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:
@@ -113,6 +118,8 @@ def is_sharded(model: nn.Module) -> bool:
 
 
 def _fsdp1_class() -> type | None:
+    if "torch.distributed.fsdp" not in sys.modules:
+        return None
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel
     except ImportError:
@@ -286,6 +293,8 @@ class CollectiveCheckpoints:
             )
         self._followed = True
         first = next((rank for rank, values in left if values[0] == _OUT_OF_MEMORY), left[0][0])
+        logger.info("rank %d leaves the trial at batch size %d before the %s: rank %d left it", self.agreement.rank,
+                    size, name, first)
         raise _RankLeftTrial(f"rank {first} ran out of memory at batch size {size}")
 
     def _install(self) -> list[tuple[Any, str, Any]]:
