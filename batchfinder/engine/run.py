@@ -375,7 +375,8 @@ def run_trial(workload: Workload, device: DeviceBackend, options: SearchOptions,
     # The ranks of a sharded model try the size together (its trials gather parameters from every rank), and it fits
     # only where it fitted on every rank.
     sharded = is_sharded(workload.model)
-    with agreeing_ranks(None if sharded else False) as agreement, each_warning_once(), gradients_enabled():
+    ranks = agreeing_ranks(None) if sharded else contextlib.nullcontext(None)
+    with ranks as agreement, each_warning_once(), gradients_enabled():
         with _session(workload, device, options) as session:
             trial = session.run(batch_size, phase="train" if workload.trains else "eval")
         if agreement is not None:
