@@ -299,6 +299,15 @@ def _faults(rank: int) -> dict[str, Any]:
     except ValueError as exc:
         report["mesh"] = str(exc)
 
+    # Clipping sharded gradients all-reduces their norm through DTensor's functional collectives: a round first.
+    model, _ = _trained(_model(4))
+    checkpoints = CollectiveCheckpoints(RankAgreement())
+    with checkpoints.trial(8) as fitted:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        fitted[0] = True
+    report["clip_rounds"] = checkpoints.rounds
+    checkpoints.agreement.close()
+
     model, optimizer = _trained(_model(4))
     if rank == FAILING:
         _faulty(model, optimizer)
@@ -336,6 +345,7 @@ def test_a_fault_on_one_rank_at_any_phase_ends_every_rank_with_its_state_restore
     good, bad = results[0], results[1]
     for report in results.values():
         assert "device mesh of the ranks" in report["mesh"], report["mesh"]
+        assert report["clip_rounds"] == 2  # before the norm's all-reduce, and the one that ends the trial
     for phase in PHASES:
         (fits, error), seconds = good[(phase, "oom")]
         assert fits is False and error == "rank 1 ran out of memory at batch size 64", (phase, error)
