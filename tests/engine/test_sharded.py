@@ -24,6 +24,7 @@ import batchfinder as bf
 from batchfinder.engine.distributed import check_supported_wrapper
 from batchfinder.engine.ranks import RankAgreement
 from batchfinder.engine.sharded import CollectiveCheckpoints, check_sharded_model, reset_sharded_state
+from batchfinder.memory.accounting import round_allocation, tensor_storages
 from batchfinder.units import parse_bytes
 from tests.helpers import free_port
 
@@ -155,8 +156,22 @@ def _init(rank: int, port: int) -> None:
 
 
 # -- the search on two ranks of different capacities ------------------------------------------------------------
+def _charges() -> tuple[int, int, int]:
+    """What a SimulatedGPU charges for a sharded model's parameters, then after one forward and backward pass (with
+    the batch still held), and what this rank's shards of parameters and gradients and the batch take."""
+    model = _model()
+    x, y = (t[:8].clone() for t in _data().tensors)
+    with bf.SimulatedGPU("64MiB", allocator="ideal") as gpu:
+        gpu.ledger.charge(tensor_storages(list(model.parameters())))
+        params = gpu.memory_allocated()
+        nn.functional.mse_loss(model(x), y).backward()
+        after = gpu.memory_allocated()
+    shards = sum(round_allocation(p.to_local().numel() * 4) for p in model.parameters())
+    return params, after, 2 * shards + 2 * round_allocation(x.numel() * 4)
+
+
 def _search(rank: int) -> dict[str, Any]:
-    report: dict[str, Any] = {}
+    report: dict[str, Any] = {"charges": _charges()}
     capacity, smaller = CAPACITIES[rank], min(CAPACITIES, key=parse_bytes)
     model, optimizer = _trained(_model())
     before = _state(model, optimizer)
@@ -219,6 +234,13 @@ def test_two_ranks_of_different_capacities_find_the_same_tight_size(two_ranks):
     assert any(e and "out of memory" in e and "simulated" in e for e in second["errors"])
     assert any(e and e.startswith("rank 1 ran out of memory at batch size") for e in first["errors"])
     for report in results.values():
+        # Each rank is charged its shards (half of each weight matrix), not the DTensors' global size; after a step
+        # it holds its parameters' and gradients' shards and the batch: the gathered parameters were released.
+        params, after, expected = report["charges"]
+        assert params == expected // 2 - round_allocation(8 * WIDTH * 4) == 7 * (WIDTH // 2 * WIDTH * 4 + 512)
+        # gloo's worker thread may still hold the last reduce-scatter's flat input (one unit, both ranks' shards) for
+        # a moment when backward returns; without the released storages every unit's gathered weights would remain.
+        assert expected <= after <= expected + round_allocation(2 * (WIDTH // 2 * WIDTH + WIDTH // 2) * 4)
         assert report["restored"], "weights, gradients, optimizer state and RNG must be as before the search"
         searched, reference = report["losses"]
         assert searched == reference  # a normal training step after failed trials: same losses, bit for bit
