@@ -60,6 +60,7 @@ from .distributed import (
 from .modes import SearchContext, mode_named
 from .options import SearchOptions, progress_callback
 from .error_context import note_search_progress
+from .sharded import ShardedTrialSession, is_sharded
 from .trial import TrialSession
 from .workload import Workload
 
@@ -202,7 +203,14 @@ def _session(workload: Workload, device: DeviceBackend, options: SearchOptions) 
     # A real GPU already holds DDP's gradient buckets (the reducer allocates them when the wrapper is built); a
     # simulated one is told, and so is every device for a wrapper not built yet (the one HF's train() will build).
     charge_buckets = workload.ddp is not None and (device.simulated or not getattr(workload.ddp, "holds_buckets", True))
-    return TrialSession(
+    sharded = is_sharded(workload.model)
+    if sharded and mode_named(options.mode).records_on_entry:
+        raise ValueError(
+            f"mode={options.mode!r} predicts from a recorded trial or a trace of one rank's step, which does not model "
+            "a sharded model's step yet: search it with mode='binsearch' (the default) or mode='power'"
+        )
+    session_class = ShardedTrialSession if sharded else TrialSession
+    return session_class(
         workload.model,
         workload.searched_source,
         workload.step,
@@ -364,6 +372,13 @@ def run_trial(workload: Workload, device: DeviceBackend, options: SearchOptions,
         )
     check_precision(workload.precision)
     device.check_precision(workload.precision)
-    with each_warning_once(), gradients_enabled(), _session(workload, device, options) as session:
-        trial = session.run(batch_size, phase="train" if workload.trains else "eval")
+    # The ranks of a sharded model try the size together (its trials gather parameters from every rank), and it fits
+    # only where it fitted on every rank.
+    sharded = is_sharded(workload.model)
+    ranks = agreeing_ranks(None) if sharded else contextlib.nullcontext(None)
+    with ranks as agreement, each_warning_once(), gradients_enabled():
+        with _session(workload, device, options) as session:
+            trial = session.run(batch_size, phase="train" if workload.trains else "eval")
+        if agreement is not None:
+            trial, _ = agreement.agree_trial(trial, f"the trial at batch size {batch_size}")
     return dataclasses.replace(trial, data_scan=source.scan)
