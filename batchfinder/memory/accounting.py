@@ -330,13 +330,20 @@ def tensor_storages(tree: Any) -> list[torch.UntypedStorage]:
 
 
 _STRIDED = torch.strided
+_WRAPPERS: dict[type, bool] = {}
+"""Tensor types by whether they wrap inner tensors (``__tensor_flatten__``, e.g. ``DTensor``)."""
 
 
 def _collect_storages(value: Any, storages: list[torch.UntypedStorage]) -> None:
     # Hand-rolled rather than pytree's flatten: this runs for every operation of a trace (twice), where pytree's
     # generality costs a sixth of the trace's time. Other containers (named tuples, dataclasses) go through pytree.
     if isinstance(value, torch.Tensor):
-        if value.layout == _STRIDED:
+        wrapper = _WRAPPERS.get(type(value))
+        if wrapper is None:
+            wrapper = _WRAPPERS[type(value)] = hasattr(type(value), "__tensor_flatten__")
+        if wrapper:  # a DTensor's own storage (under fake tensors, one of its global size) is not what it holds
+            _collect_inner(value, storages)
+        elif value.layout == _STRIDED:
             try:
                 storages.append(value.untyped_storage())
             except (RuntimeError, NotImplementedError):  # tensors without a storage of their own
@@ -357,6 +364,60 @@ def _collect_storages(value: Any, storages: list[torch.UntypedStorage]) -> None:
                 _collect_storages(leaf, storages)
 
 
+def _collect_inner(value: torch.Tensor, storages: list[torch.UntypedStorage]) -> None:
+    """A wrapper tensor (a sharded ``DTensor``: its local shard; any subclass with ``__tensor_flatten__``) holds the
+    storages of its inner tensors."""
+    for name in value.__tensor_flatten__()[0]:
+        _collect_storages(getattr(value, name, None), storages)
+
+
+class _StorageResizeHook:
+    """While a :class:`ChargingMode` is active, ``UntypedStorage.resize_`` (which runs no aten operation) is charged
+    to the innermost active mode's ledger: FSDP frees an unsharded parameter with ``resize_(0)`` after its use and
+    allocates it again with ``resize_(nbytes)`` before the next all-gather
+    (``torch/distributed/fsdp/_fully_shard/_fsdp_param.py``, ``free_storage``/``alloc_storage``), as the CUDA caching
+    allocator would free and allocate the block."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ledgers: list[MemoryLedger] = []
+
+    def acquire(self, ledger: MemoryLedger) -> None:
+        with self._lock:
+            self._ledgers.append(ledger)
+            if len(self._ledgers) == 1:
+                original = torch._C.StorageBase.resize_
+                hook = self
+
+                def resize_(storage: Any, size: int) -> Any:
+                    result = original(storage, size)
+                    hook.resized(storage)
+                    return result
+
+                torch.UntypedStorage.resize_ = resize_  # type: ignore[method-assign]
+
+    def release(self, ledger: MemoryLedger) -> None:
+        with self._lock:
+            for index in range(len(self._ledgers) - 1, -1, -1):
+                if self._ledgers[index] is ledger:
+                    del self._ledgers[index]
+                    break
+            if not self._ledgers and "resize_" in torch.UntypedStorage.__dict__:
+                del torch.UntypedStorage.resize_
+
+    def resized(self, storage: torch.UntypedStorage) -> None:
+        if loading_on_host() or not self._ledgers:
+            return
+        ledger = self._ledgers[-1]
+        if storage.nbytes() < ledger.charged_bytes(storage):
+            ledger.release(storage)
+        if storage.nbytes() > 0:
+            ledger.charge([storage])
+
+
+_RESIZE_HOOK = _StorageResizeHook()
+
+
 _GEMMS = frozenset(
     getattr(torch.ops.aten, name)
     for name in ("mm", "addmm", "bmm", "baddbmm", "addbmm", "mv", "addmv", "_addmm_activation")
@@ -373,9 +434,11 @@ class ChargingMode(TorchDispatchMode):
 
     def __enter__(self) -> "ChargingMode":
         _DATALOADER_HOOK.acquire()
+        _RESIZE_HOOK.acquire(self.ledger)
         try:
             return super().__enter__()
         except BaseException:
+            _RESIZE_HOOK.release(self.ledger)
             _DATALOADER_HOOK.release()
             raise
 
@@ -383,6 +446,7 @@ class ChargingMode(TorchDispatchMode):
         try:
             super().__exit__(*exc_info)
         finally:
+            _RESIZE_HOOK.release(self.ledger)
             _DATALOADER_HOOK.release()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:

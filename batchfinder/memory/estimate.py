@@ -56,9 +56,11 @@ from .breakdown import NO_OPTIMIZER, MemoryEstimate, MemoryEstimates
 from .kernels import DEFAULT_CAPABILITY, check_kernels
 from .replay import AllocationLog, Replay, record, replay_obstacle
 from .shapes import check_sample, is_data, largest_template, template_from_shape
+from .sharding import ShardedTrainer, Sharding, check_unsharded
 from .tracing import FakeTrainer, StepContractError, Trace, describe_template
 
 __all__ = [
+    "Sharding",
     "MemoryEstimate",
     "MemoryEstimates",
     "Estimator",
@@ -103,6 +105,8 @@ class Estimator:
         precision: str = "32-true",
         train: bool = True,
         kernels: str = "cuda", compute_capability: tuple[int, int] = DEFAULT_CAPABILITY,
+        sharding: Sharding | None = None,
+        optimizer_arg: OptimizerLike = None,
     ) -> None:
         self.model = model
         self.template = template
@@ -115,8 +119,9 @@ class Estimator:
         self.reserved = reserved
         """When True, :meth:`peak` (and so :meth:`largest_fitting`) is the caching allocator's reserved peak, on which
         a real GPU runs out of memory, rather than the allocated peak."""
-        self.trainer = FakeTrainer(
-            model, template, optimizer, step, steps=steps, workspace_bytes=workspace_bytes,
+        sharded: dict[str, Any] = {} if sharding is None else {"sharding": sharding, "optimizer_arg": optimizer_arg}
+        self.trainer = (FakeTrainer if sharding is None else ShardedTrainer)(
+            model, template, optimizer, step, steps=steps, workspace_bytes=workspace_bytes, **sharded,
             allocator_capacity=allocator_capacity, precision=precision, train=train, kernels=kernels, compute_capability=compute_capability,
         )
         self.precision = precision
@@ -161,11 +166,17 @@ class Estimator:
         precision: str = "32-true",
         train: bool = True,
         kernels: str = "cuda", compute_capability: tuple[int, int] = DEFAULT_CAPABILITY,
+        sharding: Sharding | None = None,
     ) -> "Estimator":
         """Validate the public arguments (see :func:`estimate_memory`) and build the estimator."""
         check_precision(precision)
         check_kernels(kernels)
         check_model(model)
+        if sharding is not None:
+            if not isinstance(sharding, Sharding):
+                raise TypeError(f"sharding must be a batchfinder.Sharding(world_size=..., wrap=...), not {type(sharding).__name__}")
+            check_unsharded(model)
+            sharding.units(model)  # a wrap that picks nothing is refused before any trace
         check_steps_per_trial(steps_per_trial)
         check_train(train, optimizer, loss_fn)
         step = make_step(loss_fn, step_fn) if train or step_fn is not None else forward
@@ -189,6 +200,7 @@ class Estimator:
             model, template, spec, step, steps=steps_per_trial, sample_label=label, reserved=reserved,
             workspace_bytes=workspace_bytes, allocator_capacity=allocator_capacity, sample_index=index,
             precision=precision, train=train, kernels=kernels, compute_capability=compute_capability,
+            sharding=sharding, optimizer_arg=optimizer,
         )
 
     @classmethod
@@ -431,6 +443,7 @@ class Estimator:
             steps=self.steps,
             sample_index=self.sample_index,
             kernels=list(trace.kernels),
+            sharded=getattr(self.trainer, "sharded", {}).get(batch_size),
         )
 
     def _sample_error(self, exc: BaseException, batch_size: int) -> Exception:
@@ -464,6 +477,7 @@ def estimate_memory(
     precision: str = "32-true",
     train: bool = True,
     kernels: str = "cuda",
+    sharding: Sharding | None = None,
 ) -> MemoryEstimate:
     """Estimate the GPU memory of training ``model`` at ``batch_size``, on the CPU, in a fraction of a second.
 
@@ -495,6 +509,11 @@ def estimate_memory(
             ``step_fn(model, batch) -> output`` replaces the forward), each output kept until the next one exists.
         kernels: ``"cuda"`` (default): attention and the optimizer's step as CUDA's kernels allocate them on an A100
             (sm80; :mod:`batchfinder.memory.kernels`); ``"cpu"``: as the CPU's do. ``estimate.kernels`` says which.
+        sharding: a :class:`~batchfinder.Sharding` (world size, which blocks ``fully_shard`` wraps,
+            ``reshard_after_forward``, FSDP's mixed precision): estimate one rank of a job that shards ``model`` (an
+            unsharded model; it is left as it was) with FSDP2, without a process group or GPUs
+            (:mod:`batchfinder.memory.sharding`). The figures are that rank's; ``estimate.sharded`` says what it
+            gathers.
 
     Returns:
         A :class:`MemoryEstimate`. Print it for a table; its ``peak`` equals what a trial on a large enough
@@ -515,7 +534,7 @@ def estimate_memory(
     curve = estimate_memory_curve(
         model, sample, [batch_size], optimizer=optimizer, loss_fn=loss_fn, step_fn=step_fn,
         steps_per_trial=steps_per_trial, input_dtype=input_dtype, sample_size=sample_size, scan_budget=scan_budget,
-        precision=precision, train=train, kernels=kernels,
+        precision=precision, train=train, kernels=kernels, sharding=sharding,
     )
     return curve[0]
 
@@ -535,6 +554,7 @@ def estimate_memory_curve(
     precision: str = "32-true",
     train: bool = True,
     kernels: str = "cuda",
+    sharding: Sharding | None = None,
 ) -> MemoryEstimates:
     """Estimate the GPU memory of training ``model`` at each of ``batch_sizes``, as :func:`estimate_memory` does
     at one: one estimator (the sample and arguments are checked once), one fake-tensor trace per distinct size.
@@ -542,7 +562,7 @@ def estimate_memory_curve(
     Args:
         model, sample, optimizer, loss_fn, step_fn, steps_per_trial, input_dtype, sample_size, scan_budget, precision,
         train: as for :func:`estimate_memory`.
-        kernels: as for :func:`estimate_memory`.
+        kernels, sharding: as for :func:`estimate_memory`.
         batch_sizes: the batch sizes (a list, tuple or range of whole numbers of at least 1), e.g.
             ``[64, 256, 1024, 4096]``.
 
@@ -568,6 +588,7 @@ def estimate_memory_curve(
     estimator = Estimator.create(
         model, sample, optimizer=optimizer, loss_fn=loss_fn, step_fn=step_fn, steps_per_trial=steps_per_trial,
         input_dtype=input_dtype, sample_size=sample_size, scan_budget=scan_budget, precision=precision, train=train, kernels=kernels,
+        sharding=sharding,
     )
     estimates = MemoryEstimates(estimator.estimate(size) for size in sizes)
     logger.debug("estimated %d batch size(s) with %d fake-tensor trace(s)", len(sizes), estimator.calls)
