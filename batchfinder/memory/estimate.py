@@ -56,7 +56,7 @@ from .breakdown import NO_OPTIMIZER, MemoryEstimate, MemoryEstimates
 from .kernels import DEFAULT_CAPABILITY, check_kernels
 from .replay import AllocationLog, Replay, record, replay_obstacle
 from .shapes import check_sample, is_data, largest_template, template_from_shape
-from .sharding import ShardedTrainer, Sharding, check_unsharded
+from .sharding import ShardedTrainer, Sharding, check_no_process_group, check_unsharded
 from .tracing import FakeTrainer, StepContractError, Trace, describe_template
 
 __all__ = [
@@ -176,6 +176,7 @@ class Estimator:
             if not isinstance(sharding, Sharding):
                 raise TypeError(f"sharding must be a batchfinder.Sharding(world_size=..., wrap=...), not {type(sharding).__name__}")
             check_unsharded(model)
+            check_no_process_group(sharding)
             sharding.units(model)  # a wrap that picks nothing is refused before any trace
         check_steps_per_trial(steps_per_trial)
         check_train(train, optimizer, loss_fn)

@@ -45,7 +45,7 @@ from .accounting import tensor_storages
 from .breakdown import ShardedMemory
 from .tracing import FakeTrainer
 
-__all__ = ["Sharding", "ShardedTrainer", "check_unsharded"]
+__all__ = ["Sharding", "ShardedTrainer", "check_unsharded", "check_no_process_group", "fake_world"]
 
 logger = logging.getLogger(__name__)
 
@@ -175,11 +175,9 @@ def _is_fsdp(module: nn.Module) -> bool:
 
 
 # -- the fake process group ------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def fake_world(sharding: Sharding) -> Iterator[Any]:
-    """A fake process group of ``sharding.world_size`` ranks as this process's default group, as rank
-    ``sharding.rank``, and a 1-D CPU device mesh over it; destroyed on exit. Refuses to replace a process group the
-    process has already."""
+def check_no_process_group(sharding: Sharding) -> None:
+    """Refuse to run where ``torch.distributed`` is unavailable or already has a process group (see the module
+    documentation)."""
     import torch.distributed as dist
 
     if not dist.is_available():
@@ -192,6 +190,16 @@ def fake_world(sharding: Sharding) -> Iterator[Any]:
             "without a process group (before init_process_group, or outside torchrun), or search the sharded model "
             "with find_batch_size on every rank"
         )
+
+
+@contextlib.contextmanager
+def fake_world(sharding: Sharding) -> Iterator[Any]:
+    """A fake process group of ``sharding.world_size`` ranks as this process's default group, as rank
+    ``sharding.rank``, and a 1-D CPU device mesh over it; destroyed on exit. Refuses to replace a process group the
+    process has already."""
+    import torch.distributed as dist
+
+    check_no_process_group(sharding)
     from torch._C._distributed_c10d import FakeStore
     from torch.distributed.device_mesh import init_device_mesh
 

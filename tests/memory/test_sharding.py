@@ -118,7 +118,7 @@ def test_the_prediction_equals_a_real_sharded_step_to_the_byte(world: int) -> No
         peak, reserved, refused, total = measured[rank]
         assert (est.peak, est.peak_reserved) == (peak, reserved), f"rank {rank} of {world}"
         assert total == world
-        assert "already initialised" in refused and "gloo" in refused
+        assert refused.startswith("sharding=...: torch.distributed is already initialised") and "gloo" in refused
     assert not dist.is_initialized()
 
 
@@ -213,3 +213,42 @@ def test_a_model_sharded_already_is_refused_untouched() -> None:
 def test_sharding_must_be_a_sharding() -> None:
     with pytest.raises(TypeError, match="batchfinder.Sharding"):
         bf.estimate_memory(_seven_layers(), _sample(), BATCH, sharding=8)  # type: ignore[arg-type]
+
+
+def test_keeping_gathered_parameters_after_forward_holds_more_at_the_peak() -> None:
+    model = _seven_layers()
+    freed = bf.estimate_memory(model, _sample(), BATCH, sharding=Sharding(4, wrap=nn.Linear, reshard_after_forward=True))
+    kept = bf.estimate_memory(model, _sample(), BATCH, sharding=Sharding(4, wrap=nn.Linear, reshard_after_forward=False))
+    assert kept.parameters == freed.parameters
+    assert kept.sharded.gathered_at_peak > freed.sharded.gathered_at_peak
+    assert kept.peak > freed.peak
+
+
+def test_a_storage_resize_is_charged_and_the_hook_goes_with_the_device() -> None:
+    gpu = bf.SimulatedGPU("1MiB", allocator="ideal")
+    with gpu:
+        tensor = torch.empty(1000)  # 4,000 B: 4,096 charged
+        tensor.untyped_storage().resize_(0)  # as FSDP frees a gathered parameter
+        freed = gpu.memory_allocated()
+        tensor.untyped_storage().resize_(8000)  # and allocates it again
+        grown = gpu.memory_allocated()
+    assert (freed, grown) == (0, 8192)
+    assert "resize_" not in torch.UntypedStorage.__dict__
+    with pytest.raises(torch.OutOfMemoryError):
+        with gpu:
+            tensor.untyped_storage().resize_(2 * 2**20)
+
+
+def test_a_dtensor_is_charged_for_its_local_shard() -> None:
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=4)
+    try:
+        sharded = distribute_tensor(torch.zeros(400, 100), init_device_mesh("cpu", (4,)), [Shard(0)])
+        gpu = bf.SimulatedGPU("1MiB", allocator="ideal")
+        with gpu.hold_model(nn.ParameterList([nn.Parameter(sharded)]), None):
+            assert gpu.memory_allocated() == 40448  # its 100 rows (40,000 B, rounded to 512 B), not all 400
+    finally:
+        dist.destroy_process_group()
