@@ -15,13 +15,12 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import batchfinder as bf
 from batchfinder.estimate import Sharding
 from batchfinder.training.steps import make_step, run_training_step
-from tests.helpers import free_port
+from tests.helpers import spawn_ranks
 
 TIMEOUT_S = 240
 WIDTH = 100
@@ -77,39 +76,11 @@ def _real_step_worker(rank: int, world: int, port: int, queue: Any, allocator: s
         queue.put((rank, traceback.format_exc()))
 
 
-def _spawn(world: int, allocator: str) -> dict[int, Any]:
-    context = mp.get_context("spawn")
-    queue = context.SimpleQueue()
-    port = free_port()
-    processes = [
-        context.Process(target=_real_step_worker, args=(rank, world, port, queue, allocator), daemon=True)
-        for rank in range(world)
-    ]
-    for process in processes:
-        process.start()
-    deadline = time.monotonic() + TIMEOUT_S
-    for process in processes:
-        process.join(max(1.0, deadline - time.monotonic()))
-    hung = [p for p in processes if p.is_alive()]
-    for process in hung:
-        process.kill()
-        process.join(10)
-    assert not hung, "a rank hung"
-    results: dict[int, Any] = {}
-    while not queue.empty():
-        rank, value = queue.get()
-        results[rank] = value
-    for rank, value in results.items():
-        assert not (isinstance(value, str) and value.startswith("Traceback")), f"rank {rank} failed:\n{value}"
-    assert sorted(results) == list(range(world))
-    return results
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_the_prediction_equals_a_real_sharded_step_to_the_byte(world: int) -> None:
     allocator = "caching"
-    measured = _spawn(world, allocator)
+    measured = spawn_ranks(_real_step_worker, world, allocator, timeout_s=TIMEOUT_S)
     model = _seven_layers()
     for rank in sorted({0, world - 1}):
         est = bf.estimate_memory(
