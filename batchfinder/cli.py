@@ -289,15 +289,15 @@ def _sharding(args: argparse.Namespace) -> Any:
         if args.wrap is not None:
             raise CommandError("--wrap says which blocks FSDP2 shards: give --world-size too")
         return None
-    wrap = None
-    if args.wrap is not None:
-        name = args.wrap
+    if args.wrap is None:
+        return Sharding(args.world_size)
+    name = args.wrap
 
-        def wrap(module: Any) -> bool:
-            return type(module).__name__ == name
+    def picks(module: Any) -> bool:
+        return type(module).__name__ == name
 
-        wrap.__name__ = name
-    return Sharding(args.world_size, wrap=wrap)
+    picks.__name__ = name  # named in messages
+    return Sharding(args.world_size, wrap=picks)
 
 
 def run_predict(args: argparse.Namespace) -> int:

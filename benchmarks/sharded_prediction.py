@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[8, 64])
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--gpu", default=None, help="also predict the largest batch size per GPU on this GPU, e.g. H100")
+    parser.add_argument("--gpu", default=None, help="also predict the largest batch per GPU on it, e.g. H100")
     args = parser.parse_args(argv)
     from torch.distributed.fsdp import MixedPrecisionPolicy
 

@@ -25,7 +25,7 @@ _CATEGORY_LABELS: tuple[tuple[str, str], ...] = (
 
 @dataclass
 class ShardedMemory:
-    """What one rank of a sharded job gathers (:class:`~batchfinder.Sharding`): the estimate's ``parameters``,
+    """What one rank of a sharded job gathers (:class:`~batchfinder.estimate.Sharding`): the estimate's ``parameters``,
     ``gradients`` and ``optimizer_state`` are that rank's shards; this says what it all-gathers to compute."""
 
     world_size: int

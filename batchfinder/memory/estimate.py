@@ -174,7 +174,7 @@ class Estimator:
         check_model(model)
         if sharding is not None:
             if not isinstance(sharding, Sharding):
-                raise TypeError(f"sharding must be a batchfinder.Sharding(world_size=..., wrap=...), not {type(sharding).__name__}")
+                raise TypeError(f"sharding must be a batchfinder.estimate.Sharding(world_size=..., wrap=...), not {type(sharding).__name__}")
             check_unsharded(model)
             check_no_process_group(sharding)
             sharding.units(model)  # a wrap that picks nothing is refused before any trace
@@ -510,7 +510,7 @@ def estimate_memory(
             ``step_fn(model, batch) -> output`` replaces the forward), each output kept until the next one exists.
         kernels: ``"cuda"`` (default): attention and the optimizer's step as CUDA's kernels allocate them on an A100
             (sm80; :mod:`batchfinder.memory.kernels`); ``"cpu"``: as the CPU's do. ``estimate.kernels`` says which.
-        sharding: a :class:`~batchfinder.Sharding` (world size, which blocks ``fully_shard`` wraps,
+        sharding: a :class:`~batchfinder.estimate.Sharding` (world size, which blocks ``fully_shard`` wraps,
             ``reshard_after_forward``, FSDP's mixed precision): estimate one rank of a job that shards ``model`` (an
             unsharded model; it is left as it was) with FSDP2, without a process group or GPUs
             (:mod:`batchfinder.memory.sharding`). The figures are that rank's; ``estimate.sharded`` says what it

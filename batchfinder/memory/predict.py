@@ -258,7 +258,7 @@ def predict_max_batch_size(
         kernels: ``"cuda"`` (default): attention and the optimizer's step as CUDA's kernels allocate them, on the
             compute capability of ``gpu`` (sm80 with ``capacity=``; :mod:`batchfinder.memory.kernels`); ``"cpu"``:
             as the CPU's kernels do.
-        sharding: a :class:`~batchfinder.Sharding`: predict the batch size per GPU of one rank of a job that shards
+        sharding: a :class:`~batchfinder.estimate.Sharding`: predict the batch size per GPU of one rank of a job that shards
             ``model`` with FSDP2 over ``world_size`` GPUs of this kind (see :func:`~batchfinder.estimate_memory`).
         safety: the recommendation is ``floor(safety * max_batch_size)`` (default 0.8).
         multiple_of: round the recommendation down to a multiple of this.

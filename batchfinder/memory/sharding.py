@@ -2,11 +2,13 @@
 
 >>> import torch, batchfinder as bf
 >>> from torch import nn
+>>> from batchfinder.estimate import Sharding
 >>> model = nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(8)])
->>> est = bf.estimate_memory(model, (1024,), 64, sharding=bf.Sharding(world_size=64, wrap=nn.Linear))  # doctest: +SKIP
+>>> est = bf.estimate_memory(model, (1024,), 64, sharding=Sharding(world_size=64, wrap=nn.Linear))     # doctest: +SKIP
 >>> est.sharded.world_size, est.parameters                                                   # doctest: +SKIP
 
-:class:`Sharding` describes the job: how many ranks, which modules are wrapped with ``fully_shard`` (the root always is),
+:class:`Sharding` describes the job: how many ranks, which modules are wrapped with ``fully_shard`` (the root always
+is),
 ``reshard_after_forward`` and FSDP's ``MixedPrecisionPolicy``. Given an *unsharded* model, the estimator traces one
 rank's training step: a copy of the model is made of fake tensors (no memory, no values), sharded with PyTorch's own
 ``fully_shard`` on a *fake* process group of ``world_size`` ranks (``torch.distributed``'s ``"fake"`` backend:
@@ -140,7 +142,8 @@ class Sharding:
             dtypes = f", parameters gathered in {policy.param_dtype or 'their own dtype'}, gradients reduced in " \
                 f"{policy.reduce_dtype or policy.param_dtype or 'their own dtype'}"
         reshard = "" if self.reshard_after_forward is None else f", reshard_after_forward={self.reshard_after_forward}"
-        return f"FSDP2 over {self.world_size} ranks (rank {self.rank}), wrap={_describe_wrap(self.wrap)}{reshard}{dtypes}"
+        wrap = _describe_wrap(self.wrap)
+        return f"FSDP2 over {self.world_size} ranks (rank {self.rank}), wrap={wrap}{reshard}{dtypes}"
 
 
 def _describe_wrap(wrap: WrapSpec) -> str:
@@ -204,7 +207,9 @@ def fake_world(sharding: Sharding) -> Iterator[Any]:
     from torch.distributed.device_mesh import init_device_mesh
 
     if "fake" not in dist.Backend.backend_list:  # older PyTorch registers it on import of its testing module
-        import torch.testing._internal.distributed.fake_pg  # noqa: F401
+        import importlib
+
+        importlib.import_module("torch.testing._internal.distributed.fake_pg")
 
     dist.init_process_group("fake", store=FakeStore(), rank=sharding.rank, world_size=sharding.world_size)
     try:
@@ -262,7 +267,9 @@ class ShardedTrainer(FakeTrainer):
         self.unit_names = sharding.units(self.model)
         self.sharded: dict[int, ShardedMemory] = {}
 
-    def _trace_steps(self, batch_size: int, mode: Any, convert: Any, recorder: Any, ledger: Any, step_sizes: Any = None) -> Any:
+    def _trace_steps(
+        self, batch_size: int, mode: Any, convert: Any, recorder: Any, ledger: Any, step_sizes: Any = None
+    ) -> Any:
         user_model, user_optimizer = self.model, self.optimizer
         with fake_world(self.sharding) as mesh:
             with mode:

@@ -182,14 +182,14 @@ def test_a_model_sharded_already_is_refused_untouched() -> None:
 
 
 def test_sharding_must_be_a_sharding() -> None:
-    with pytest.raises(TypeError, match="batchfinder.Sharding"):
+    with pytest.raises(TypeError, match="batchfinder.estimate.Sharding"):
         bf.estimate_memory(_seven_layers(), _sample(), BATCH, sharding=8)  # type: ignore[arg-type]
 
 
 def test_keeping_gathered_parameters_after_forward_holds_more_at_the_peak() -> None:
     model = _seven_layers()
-    freed = bf.estimate_memory(model, _sample(), BATCH, sharding=Sharding(4, wrap=nn.Linear, reshard_after_forward=True))
-    kept = bf.estimate_memory(model, _sample(), BATCH, sharding=Sharding(4, wrap=nn.Linear, reshard_after_forward=False))
+    freed = bf.estimate_memory(model, _sample(), BATCH, sharding=Sharding(4, nn.Linear, reshard_after_forward=True))
+    kept = bf.estimate_memory(model, _sample(), BATCH, sharding=Sharding(4, nn.Linear, reshard_after_forward=False))
     assert kept.parameters == freed.parameters
     assert kept.sharded.gathered_at_peak > freed.sharded.gathered_at_peak
     assert kept.peak > freed.peak
