@@ -167,6 +167,7 @@ class Prediction:
                 f"the peak is in {est.peak_phase}; {self.traces} fake-tensor trace(s) ({self.method}), "
                 f"{self.seconds:.1f} s, no GPU used",
                 *(["kernels: " + "; ".join(self.kernels)] if self.kernels else []),
+                *([str(est.sharded)] if est.sharded is not None else []),
             ]
         )
 

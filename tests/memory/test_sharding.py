@@ -127,6 +127,7 @@ def test_predict_max_batch_size_per_gpu_grows_with_the_world_size() -> None:
         )
         sizes[world] = prediction.max_batch_size
         assert prediction.estimate.sharded.world_size == world
+        assert f"FSDP2 over {world} ranks (rank 0)" in str(prediction)
         assert prediction.peak_bytes == prediction.estimate.peak <= 64 * 2**20  # the replay agrees with a trace
     assert sizes[8] > sizes[1]
 
