@@ -289,8 +289,35 @@ def add_predict(subparsers: Any) -> None:
     where.add_argument("--capacity", help="bytes the tensors may take, e.g. 16GiB (as a simulated GPU's capacity)")
     parser.add_argument("--safety", type=float, default=0.8, help="recommend floor(SAFETY x largest) (default 0.8)")
     parser.add_argument("--max-batch-size", type=int, default=None, help="largest batch size considered")
+    parser.add_argument(
+        "--world-size", type=int, default=None,
+        help="per GPU of an FSDP2 job sharding the model over this many GPUs (one rank traced, no GPUs needed)",
+    )
+    parser.add_argument(
+        "--wrap", metavar="CLASS", default=None,
+        help="with --world-size: the class name of the blocks sharded as units of their own (the root always is)",
+    )
     _add_kernels_argument(parser)
     parser.set_defaults(handler=run_predict)
+
+
+def _sharding(args: argparse.Namespace) -> Any:
+    """The ``Sharding`` that ``--world-size`` and ``--wrap`` describe (None without them)."""
+    from .memory.sharding import Sharding
+
+    if args.world_size is None:
+        if args.wrap is not None:
+            raise CommandError("--wrap says which blocks FSDP2 shards: give --world-size too")
+        return None
+    if args.wrap is None:
+        return Sharding(args.world_size)
+    name = args.wrap
+
+    def picks(module: Any) -> bool:
+        return type(module).__name__ == name
+
+    picks.__name__ = name  # named in messages
+    return Sharding(args.world_size, wrap=picks)
 
 
 def run_predict(args: argparse.Namespace) -> int:
@@ -311,6 +338,7 @@ def run_predict(args: argparse.Namespace) -> int:
         train=not args.inference,
         kernels=args.kernels,
         cudnn_workspace=args.cudnn_workspace,
+        sharding=_sharding(args),
     )
     if args.plot:
         prediction.plot(args.plot)

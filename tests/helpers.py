@@ -195,6 +195,40 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def spawn_ranks(worker: Any, world: int, *args: Any, timeout_s: float = 240.0) -> dict[int, Any]:
+    """Run ``worker(rank, world, port, queue, *args)`` on ``world`` spawned processes, all joined within ``timeout_s``
+    (a rank still alive then is killed and fails the test); returns what each rank put in the queue as
+    ``(rank, value)``. A rank that put a traceback there fails the test with it."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    queue = context.SimpleQueue()
+    port = free_port()
+    processes = [
+        context.Process(target=worker, args=(rank, world, port, queue, *args), daemon=True) for rank in range(world)
+    ]
+    for process in processes:
+        process.start()
+    deadline = time.monotonic() + timeout_s
+    for process in processes:
+        process.join(max(1.0, deadline - time.monotonic()))
+    hung = [p for p in processes if p.is_alive()]
+    for process in hung:
+        process.kill()
+        process.join(10)
+    assert not hung, "a rank hung: it waited on a collective the other rank never entered"
+    results: dict[int, Any] = {}
+    while not queue.empty():
+        rank, value = queue.get()
+        results[rank] = value
+    for rank, value in results.items():
+        assert not (isinstance(value, str) and value.startswith("Traceback")), f"rank {rank} failed:\n{value}"
+    assert sorted(results) == list(range(world))
+    return results
+
+
 def as_lightning_rank(rank: int, world: int, port: int) -> None:
     """Make this (spawned) process one rank of Lightning's ``strategy="ddp"`` on the CPU, as torchrun would: Lightning
     sees ``LOCAL_RANK`` and launches nothing. One intra-op thread (the ranks share the cores); warnings silenced."""

@@ -11,7 +11,7 @@ from typing import Any
 from ..search.checks import MIN_STEPS_PER_TRIAL
 from ..units import format_bytes, parse_bytes
 
-__all__ = ["MemoryEstimate", "MemoryEstimates", "NO_OPTIMIZER"]
+__all__ = ["MemoryEstimate", "MemoryEstimates", "ShardedMemory", "NO_OPTIMIZER"]
 
 _CATEGORY_LABELS: tuple[tuple[str, str], ...] = (
     ("parameters", "parameters"),
@@ -21,6 +21,38 @@ _CATEGORY_LABELS: tuple[tuple[str, str], ...] = (
     ("batch", "batch (inputs + targets)"),
     ("activations", "activations, temporaries"),
 )
+
+
+@dataclass
+class ShardedMemory:
+    """What one rank of a sharded job gathers (:class:`~batchfinder.estimate.Sharding`): the estimate's ``parameters``,
+    ``gradients`` and ``optimizer_state`` are that rank's shards; this says what it all-gathers to compute."""
+
+    world_size: int
+    rank: int
+    description: str
+    """The sharding, e.g. ``"FSDP2 over 8 ranks (rank 0), wrap=Linear"``."""
+    units: int
+    """Units that gather their parameters together (the wrapped modules, and the root if it owns parameters)."""
+    unsharded_parameters: int
+    """Bytes of all parameters gathered (padded to equal shards, in the gathered dtype, rounded per unit)."""
+    largest_unit: str
+    largest_unit_bytes: int
+    """Gathered bytes of the largest unit: what one all-gather brings in."""
+    gathered_at_peak: int
+    """Bytes of gathered (unsharded) parameters held at the peak."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every figure as plain JSON-ready values."""
+        return dict(self.__dict__)
+
+    def __str__(self) -> str:
+        return (
+            f"sharded: {self.description}; parameters, gradients and optimizer state above are rank {self.rank}'s "
+            f"shards; gathered for compute: {format_bytes(self.unsharded_parameters)} over {self.units} unit(s), the "
+            f"largest ({self.largest_unit}) {format_bytes(self.largest_unit_bytes)}, "
+            f"{format_bytes(self.gathered_at_peak)} held at the peak"
+        )
 
 
 @dataclass
@@ -72,6 +104,8 @@ class MemoryEstimate:
     kernels: list[str] = field(default_factory=list)
     """Which kernel models applied (:mod:`batchfinder.memory.kernels`), e.g. ``["attention: memory-efficient
     (CUDA), 24 calls", "optimizer: foreach Adam (CUDA's default), 2 steps"]``."""
+    sharded: ShardedMemory | None = None
+    """With ``sharding=``: what the rank traced gathers (None for an unsharded model)."""
 
     @property
     def model_bytes(self) -> int:
@@ -108,6 +142,7 @@ class MemoryEstimate:
             "steps": self.steps,
             "sample_index": self.sample_index,
             "kernels": list(self.kernels),
+            "sharded": None if self.sharded is None else self.sharded.as_dict(),
         }
 
     def table(self) -> str:
@@ -140,6 +175,7 @@ class MemoryEstimate:
             "cache (whole segments, cached blocks)",
             "not included: CUDA context, cuBLAS/cuDNN workspaces, fragmentation left by earlier work",
             *(["kernels: " + "; ".join(self.kernels)] if self.kernels else []),
+            *([str(self.sharded)] if self.sharded is not None else []),
         ]
         return "\n".join(lines)
 

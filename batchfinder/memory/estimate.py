@@ -58,9 +58,11 @@ from .cudnn import CudnnWorkspace, check_cudnn_workspace
 from .kernels import DEFAULT_CAPABILITY, check_kernels
 from .replay import AllocationLog, Replay, record, replay_obstacle
 from .shapes import check_sample, is_data, largest_template, template_from_shape
+from .sharding import ShardedTrainer, Sharding, check_no_process_group, check_unsharded
 from .tracing import FakeTrainer, StepContractError, Trace, describe_template
 
 __all__ = [
+    "Sharding",
     "MemoryEstimate",
     "MemoryEstimates",
     "Estimator",
@@ -106,6 +108,8 @@ class Estimator:
         train: bool = True,
         kernels: str = "cuda", compute_capability: tuple[int, int] = DEFAULT_CAPABILITY,
         cudnn_workspace: CudnnWorkspace | None = None,
+        sharding: Sharding | None = None,
+        optimizer_arg: OptimizerLike = None,
     ) -> None:
         self.model = model
         self.template = template
@@ -118,8 +122,9 @@ class Estimator:
         self.reserved = reserved
         """When True, :meth:`peak` (and so :meth:`largest_fitting`) is the caching allocator's reserved peak, on which
         a real GPU runs out of memory, rather than the allocated peak."""
-        self.trainer = FakeTrainer(
-            model, template, optimizer, step, steps=steps, workspace_bytes=workspace_bytes,
+        sharded: dict[str, Any] = {} if sharding is None else {"sharding": sharding, "optimizer_arg": optimizer_arg}
+        self.trainer = (FakeTrainer if sharding is None else ShardedTrainer)(
+            model, template, optimizer, step, steps=steps, workspace_bytes=workspace_bytes, **sharded,
             allocator_capacity=allocator_capacity, precision=precision, train=train, kernels=kernels, compute_capability=compute_capability,
             cudnn_workspace=cudnn_workspace,
         )
@@ -166,6 +171,7 @@ class Estimator:
         train: bool = True,
         kernels: str = "cuda", compute_capability: tuple[int, int] = DEFAULT_CAPABILITY,
         cudnn_workspace: CudnnWorkspace | None = None,
+        sharding: Sharding | None = None,
     ) -> "Estimator":
         """Validate the public arguments (see :func:`estimate_memory`) and build the estimator."""
         check_precision(precision)
@@ -173,6 +179,12 @@ class Estimator:
         if cudnn_workspace is not None:
             check_cudnn_workspace(cudnn_workspace)
         check_model(model)
+        if sharding is not None:
+            if not isinstance(sharding, Sharding):
+                raise TypeError(f"sharding must be a batchfinder.estimate.Sharding(world_size=..., wrap=...), not {type(sharding).__name__}")
+            check_unsharded(model)
+            check_no_process_group(sharding)
+            sharding.units(model)  # a wrap that picks nothing is refused before any trace
         check_steps_per_trial(steps_per_trial)
         check_train(train, optimizer, loss_fn)
         step = make_step(loss_fn, step_fn) if train or step_fn is not None else forward
@@ -197,6 +209,7 @@ class Estimator:
             workspace_bytes=workspace_bytes, allocator_capacity=allocator_capacity, sample_index=index,
             precision=precision, train=train, kernels=kernels, compute_capability=compute_capability,
             cudnn_workspace=cudnn_workspace,
+            sharding=sharding, optimizer_arg=optimizer,
         )
 
     @classmethod
@@ -440,6 +453,7 @@ class Estimator:
             steps=self.steps,
             sample_index=self.sample_index,
             kernels=list(trace.kernels),
+            sharded=getattr(self.trainer, "sharded", {}).get(batch_size),
         )
 
     def _sample_error(self, exc: BaseException, batch_size: int) -> Exception:
@@ -474,6 +488,7 @@ def estimate_memory(
     train: bool = True,
     kernels: str = "cuda",
     cudnn_workspace: CudnnWorkspace | None = None,
+    sharding: Sharding | None = None,
 ) -> MemoryEstimate:
     """Estimate the GPU memory of training ``model`` at ``batch_size``, on the CPU, in a fraction of a second.
 
@@ -510,6 +525,11 @@ def estimate_memory(
             in the forward pass, calibrated against published measurements), ``"none"``, or a whole number of bytes
             charged after each convolution's output and gradients. None: that of an enclosing
             ``batchfinder.memory.cudnn.cudnn_workspace(...)`` block, else ``"auto"``.
+        sharding: a :class:`~batchfinder.estimate.Sharding` (world size, which blocks ``fully_shard`` wraps,
+            ``reshard_after_forward``, FSDP's mixed precision): estimate one rank of a job that shards ``model`` (an
+            unsharded model; it is left as it was) with FSDP2, without a process group or GPUs
+            (:mod:`batchfinder.memory.sharding`). The figures are that rank's; ``estimate.sharded`` says what it
+            gathers.
 
     Returns:
         A :class:`MemoryEstimate`. Print it for a table; its ``peak`` equals what a trial on a large enough
@@ -531,6 +551,7 @@ def estimate_memory(
         model, sample, [batch_size], optimizer=optimizer, loss_fn=loss_fn, step_fn=step_fn,
         steps_per_trial=steps_per_trial, input_dtype=input_dtype, sample_size=sample_size, scan_budget=scan_budget,
         precision=precision, train=train, kernels=kernels, cudnn_workspace=cudnn_workspace,
+        precision=precision, train=train, kernels=kernels, sharding=sharding,
     )
     return curve[0]
 
@@ -551,6 +572,7 @@ def estimate_memory_curve(
     train: bool = True,
     kernels: str = "cuda",
     cudnn_workspace: CudnnWorkspace | None = None,
+    sharding: Sharding | None = None,
 ) -> MemoryEstimates:
     """Estimate the GPU memory of training ``model`` at each of ``batch_sizes``, as :func:`estimate_memory` does
     at one: one estimator (the sample and arguments are checked once), one fake-tensor trace per distinct size.
@@ -559,6 +581,7 @@ def estimate_memory_curve(
         model, sample, optimizer, loss_fn, step_fn, steps_per_trial, input_dtype, sample_size, scan_budget, precision,
         train: as for :func:`estimate_memory`.
         kernels, cudnn_workspace: as for :func:`estimate_memory`.
+        kernels, sharding: as for :func:`estimate_memory`.
         batch_sizes: the batch sizes (a list, tuple or range of whole numbers of at least 1), e.g.
             ``[64, 256, 1024, 4096]``.
 
@@ -585,6 +608,7 @@ def estimate_memory_curve(
         model, sample, optimizer=optimizer, loss_fn=loss_fn, step_fn=step_fn, steps_per_trial=steps_per_trial,
         input_dtype=input_dtype, sample_size=sample_size, scan_budget=scan_budget, precision=precision, train=train, kernels=kernels,
         cudnn_workspace=cudnn_workspace,
+        sharding=sharding,
     )
     estimates = MemoryEstimates(estimator.estimate(size) for size in sizes)
     logger.debug("estimated %d batch size(s) with %d fake-tensor trace(s)", len(sizes), estimator.calls)

@@ -33,7 +33,7 @@ from ..training.sample_sizes import DEFAULT_SCAN_BUDGET, SampleSize
 from ..training.steps import LossFn, StepFn
 from ..units import format_bytes, parse_bytes
 from .allocator import ALLOCATORS
-from .estimate import Estimator, MemoryEstimate
+from .estimate import Estimator, MemoryEstimate, Sharding
 from .gpus import GPUSpec, lookup_gpu
 from .cudnn import CudnnWorkspace
 from .kernels import DEFAULT_CAPABILITY
@@ -168,6 +168,7 @@ class Prediction:
                 f"the peak is in {est.peak_phase}; {self.traces} fake-tensor trace(s) ({self.method}), "
                 f"{self.seconds:.1f} s, no GPU used",
                 *(["kernels: " + "; ".join(self.kernels)] if self.kernels else []),
+                *([str(est.sharded)] if est.sharded is not None else []),
             ]
         )
 
@@ -235,6 +236,7 @@ def predict_max_batch_size(
     train: bool = True,
     kernels: str = "cuda",
     cudnn_workspace: CudnnWorkspace | None = None,
+    sharding: Sharding | None = None,
 ) -> Prediction:
     """Predict the largest batch size ``model`` can train with in ``capacity`` bytes or on ``gpu``, without a GPU.
 
@@ -261,6 +263,8 @@ def predict_max_batch_size(
             as the CPU's kernels do.
         cudnn_workspace: what each convolution charges as cuDNN's workspace with ``kernels="cuda"``: ``"auto"``
             (default), ``"none"`` or a whole number of bytes, as for :func:`~batchfinder.estimate_memory`.
+        sharding: a :class:`~batchfinder.estimate.Sharding`: predict the batch size per GPU of one rank of a job that shards
+            ``model`` with FSDP2 over ``world_size`` GPUs of this kind (see :func:`~batchfinder.estimate_memory`).
         safety: the recommendation is ``floor(safety * max_batch_size)`` (default 0.8).
         multiple_of: round the recommendation down to a multiple of this.
         max_batch_size: the largest size considered (default 2**31 - 1).
@@ -283,7 +287,7 @@ def predict_max_batch_size(
         input_dtype=input_dtype, reserved=allocator == "caching", workspace_bytes=spec.workspace_bytes if spec else 0,
         allocator_capacity=limit if allocator == "caching" else None, sample_size=sample_size, scan_budget=scan_budget,
         precision=precision, train=train, kernels=kernels, cudnn_workspace=cudnn_workspace,
-        compute_capability=spec.compute_capability if spec is not None else DEFAULT_CAPABILITY,
+        compute_capability=spec.compute_capability if spec is not None else DEFAULT_CAPABILITY, sharding=sharding,
     )
     estimator.detailed = True  # when traced per size, the breakdown at the answer then costs no extra trace
     cap = max_batch_size if max_batch_size is not None else DEFAULT_MAX_BATCH_SIZE

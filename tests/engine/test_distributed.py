@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -36,6 +35,7 @@ from tests.helpers import (
     free_port,
     requires_cuda,
     snapshot,
+    spawn_ranks,
 )
 
 CAPACITIES = ("512KiB", "320KiB")  # rank 0 has more memory than rank 1 (allocated bytes only: allocator="ideal")
@@ -53,26 +53,7 @@ def _data(n: int = 1024) -> TensorDataset:
 
 def _spawn(worker: Any, *args: Any) -> dict[int, Any]:
     """Run ``worker(rank, world, port, queue, *args)`` on two processes; returns what each rank put in the queue."""
-    context = mp.get_context("spawn")
-    queue = context.SimpleQueue()
-    port = free_port()
-    processes = [context.Process(target=worker, args=(rank, 2, port, queue, *args), daemon=True) for rank in range(2)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(TIMEOUT_S)
-    hung = [p for p in processes if p.is_alive()]
-    for process in hung:
-        process.kill()
-    assert not hung, "a rank hung: it waited on a collective the other rank never entered"
-    results: dict[int, Any] = {}
-    while not queue.empty():
-        rank, value = queue.get()
-        results[rank] = value
-    for rank, value in results.items():
-        assert not (isinstance(value, str) and value.startswith("Traceback")), f"rank {rank} failed:\n{value}"
-    assert sorted(results) == [0, 1]
-    return results
+    return spawn_ranks(worker, 2, *args, timeout_s=TIMEOUT_S)
 
 
 def _init(rank: int, world: int, port: int) -> None:

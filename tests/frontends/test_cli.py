@@ -448,3 +448,21 @@ def test_the_cudnn_workspace_flag_sets_what_convolutions_charge(capsys):
     with pytest.raises(SystemExit):
         main([*argv, "--cudnn-workspace", "lots"])
     assert "--cudnn-workspace" in capsys.readouterr().err
+
+
+def test_predict_per_gpu_of_a_sharded_job(capsys):
+    from batchfinder.estimate import Sharding
+
+    code, out, _ = _run(
+        capsys, "predict", "batchfinder.zoo:mnist_mlp", "--input", "1x28x28", "--capacity", "8MiB", "--world-size", "8",
+        "--wrap", "Linear", "--json",
+    )
+    assert code == 0
+    data = json.loads(out)
+    api = bf.predict_max_batch_size(
+        zoo.mnist_mlp(), (1, 28, 28), capacity="8MiB", sharding=Sharding(8, wrap=torch.nn.Linear)
+    )
+    assert data["max_batch_size"] == api.max_batch_size
+    assert data["estimate"]["sharded"]["world_size"] == 8 and data["estimate"]["sharded"]["units"] == 2
+    code, _, err = _run(capsys, "predict", "batchfinder.zoo:mnist_mlp", "--input", "1x28x28", "--capacity", "8MiB", "--world-size", "8", "--wrap", "Conv2d")
+    assert code != 0 and "picks no module" in err and "Linear" in err
