@@ -21,11 +21,9 @@ from the simulated GPU's accounting (:mod:`batchfinder.memory.accounting`), so:
 
 * ``estimate.peak`` equals, to the byte, the ``peak_bytes`` that ``try_batch_size`` measures on a
   :class:`~batchfinder.SimulatedGPU` large enough for the same model, optimizer, step and batch;
-* every storage is rounded up to 512 bytes, as the CUDA caching allocator rounds every request. For the MNIST
-  MLP (:func:`batchfinder.zoo.mnist_mlp`, 784-128-10) the four parameter tensors hold 407,080 bytes (101,770 x 4)
-  and are charged 407,552: the weight of 784 x 128 floats is a multiple of 512 already, the bias of 128 floats
-  (512 B) too, the 128 x 10 weight (5,120 B) too, and the 10-float bias (40 B) takes 512. ``estimate.exact`` keeps the unrounded figures. A batch of B MNIST
-  images holds B x 3,136 B (one storage, rounded once) and its B integer labels B x 8 B (another storage).
+* every storage is rounded up to 512 bytes, as the CUDA caching allocator rounds every request: the MNIST MLP's four
+  parameter tensors hold 407,080 bytes and are charged 407,552 (the 10-float bias takes 512); ``estimate.exact``
+  keeps the unrounded figures.
 
 Where CUDA's kernels allocate differently from the CPU's (attention, the optimizers' foreach step, cuDNN's
 convolution workspaces), the trace charges what CUDA's would (:mod:`batchfinder.memory.kernels`,
@@ -58,7 +56,7 @@ from .cudnn import CudnnWorkspace, check_cudnn_workspace
 from .kernels import DEFAULT_CAPABILITY, check_kernels
 from .replay import AllocationLog, Replay, record, replay_obstacle
 from .shapes import check_sample, is_data, largest_template, template_from_shape
-from .sharding import ShardedTrainer, Sharding, check_no_process_group, check_unsharded
+from .sharding import ShardedTrainer, Sharding, check_sharding
 from .tracing import FakeTrainer, StepContractError, Trace, describe_template
 
 __all__ = [
@@ -104,12 +102,9 @@ class Estimator:
         workspace_bytes: int = 0,
         allocator_capacity: int | None = None,
         sample_index: int | None = None,
-        precision: str = "32-true",
-        train: bool = True,
+        precision: str = "32-true", train: bool = True,
         kernels: str = "cuda", compute_capability: tuple[int, int] = DEFAULT_CAPABILITY,
-        cudnn_workspace: CudnnWorkspace | None = None,
-        sharding: Sharding | None = None,
-        optimizer_arg: OptimizerLike = None,
+        cudnn_workspace: CudnnWorkspace | None = None, sharding: Sharding | None = None, optimizer_arg: OptimizerLike = None,
     ) -> None:
         self.model = model
         self.template = template
@@ -125,8 +120,8 @@ class Estimator:
         sharded: dict[str, Any] = {} if sharding is None else {"sharding": sharding, "optimizer_arg": optimizer_arg}
         self.trainer = (FakeTrainer if sharding is None else ShardedTrainer)(
             model, template, optimizer, step, steps=steps, workspace_bytes=workspace_bytes, **sharded,
-            allocator_capacity=allocator_capacity, precision=precision, train=train, kernels=kernels, compute_capability=compute_capability,
-            cudnn_workspace=cudnn_workspace,
+            allocator_capacity=allocator_capacity, precision=precision, train=train, kernels=kernels,
+            compute_capability=compute_capability, cudnn_workspace=cudnn_workspace,
         )
         self.precision = precision
         self.train = train
@@ -180,11 +175,7 @@ class Estimator:
             check_cudnn_workspace(cudnn_workspace)
         check_model(model)
         if sharding is not None:
-            if not isinstance(sharding, Sharding):
-                raise TypeError(f"sharding must be a batchfinder.estimate.Sharding(world_size=..., wrap=...), not {type(sharding).__name__}")
-            check_unsharded(model)
-            check_no_process_group(sharding)
-            sharding.units(model)  # a wrap that picks nothing is refused before any trace
+            check_sharding(sharding, model)
         check_steps_per_trial(steps_per_trial)
         check_train(train, optimizer, loss_fn)
         step = make_step(loss_fn, step_fn) if train or step_fn is not None else forward
@@ -208,8 +199,7 @@ class Estimator:
             model, template, spec, step, steps=steps_per_trial, sample_label=label, reserved=reserved,
             workspace_bytes=workspace_bytes, allocator_capacity=allocator_capacity, sample_index=index,
             precision=precision, train=train, kernels=kernels, compute_capability=compute_capability,
-            cudnn_workspace=cudnn_workspace,
-            sharding=sharding, optimizer_arg=optimizer,
+            cudnn_workspace=cudnn_workspace, sharding=sharding, optimizer_arg=optimizer,
         )
 
     @classmethod
@@ -521,15 +511,11 @@ def estimate_memory(
         kernels: ``"cuda"`` (default): attention and the optimizer's step as CUDA's kernels allocate them on an A100
             (sm80; :mod:`batchfinder.memory.kernels`); ``"cpu"``: as the CPU's do. ``estimate.kernels`` says which.
         cudnn_workspace: with ``kernels="cuda"``, what each convolution charges as cuDNN's workspace
-            (:mod:`batchfinder.memory.cudnn`): ``"auto"`` (the default: a transient block of its input + output bytes
-            in the forward pass, calibrated against published measurements), ``"none"``, or a whole number of bytes
-            charged after each convolution's output and gradients. None: that of an enclosing
-            ``batchfinder.memory.cudnn.cudnn_workspace(...)`` block, else ``"auto"``.
-        sharding: a :class:`~batchfinder.estimate.Sharding` (world size, which blocks ``fully_shard`` wraps,
-            ``reshard_after_forward``, FSDP's mixed precision): estimate one rank of a job that shards ``model`` (an
-            unsharded model; it is left as it was) with FSDP2, without a process group or GPUs
-            (:mod:`batchfinder.memory.sharding`). The figures are that rank's; ``estimate.sharded`` says what it
-            gathers.
+            (:mod:`batchfinder.memory.cudnn`): ``"auto"`` (default; calibrated against published measurements),
+            ``"none"``, or a number of bytes. None: that of an enclosing ``cudnn_workspace(...)`` block, else ``"auto"``.
+        sharding: a :class:`~batchfinder.estimate.Sharding` (world size, the blocks ``fully_shard`` wraps, ...):
+            estimate one rank of an FSDP2 job over the unsharded ``model`` (left as it was), without a process group
+            (:mod:`batchfinder.memory.sharding`); ``estimate.sharded`` says what that rank gathers.
 
     Returns:
         A :class:`MemoryEstimate`. Print it for a table; its ``peak`` equals what a trial on a large enough
@@ -550,8 +536,7 @@ def estimate_memory(
     curve = estimate_memory_curve(
         model, sample, [batch_size], optimizer=optimizer, loss_fn=loss_fn, step_fn=step_fn,
         steps_per_trial=steps_per_trial, input_dtype=input_dtype, sample_size=sample_size, scan_budget=scan_budget,
-        precision=precision, train=train, kernels=kernels, cudnn_workspace=cudnn_workspace,
-        precision=precision, train=train, kernels=kernels, sharding=sharding,
+        precision=precision, train=train, kernels=kernels, cudnn_workspace=cudnn_workspace, sharding=sharding,
     )
     return curve[0]
 
@@ -607,8 +592,7 @@ def estimate_memory_curve(
     estimator = Estimator.create(
         model, sample, optimizer=optimizer, loss_fn=loss_fn, step_fn=step_fn, steps_per_trial=steps_per_trial,
         input_dtype=input_dtype, sample_size=sample_size, scan_budget=scan_budget, precision=precision, train=train, kernels=kernels,
-        cudnn_workspace=cudnn_workspace,
-        sharding=sharding,
+        cudnn_workspace=cudnn_workspace, sharding=sharding,
     )
     estimates = MemoryEstimates(estimator.estimate(size) for size in sizes)
     logger.debug("estimated %d batch size(s) with %d fake-tensor trace(s)", len(sizes), estimator.calls)

@@ -47,7 +47,7 @@ from .accounting import tensor_storages
 from .breakdown import ShardedMemory
 from .tracing import FakeTrainer
 
-__all__ = ["Sharding", "ShardedTrainer", "check_unsharded", "check_no_process_group", "fake_world"]
+__all__ = ["Sharding", "ShardedTrainer", "check_sharding", "check_unsharded", "check_no_process_group", "fake_world"]
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +154,18 @@ def _describe_wrap(wrap: WrapSpec) -> str:
     if isinstance(wrap, tuple):
         return "(" + ", ".join(c.__name__ for c in wrap) + ")"
     return getattr(wrap, "__name__", type(wrap).__name__)
+
+
+def check_sharding(sharding: Any, model: nn.Module) -> None:
+    """Refuse, before any trace, a ``sharding`` argument that is not a :class:`Sharding`, a model already sharded, a
+    process group already initialised, and a wrap that picks no module of ``model``."""
+    if not isinstance(sharding, Sharding):
+        raise TypeError(
+            f"sharding must be a batchfinder.estimate.Sharding(world_size=..., wrap=...), not {type(sharding).__name__}"
+        )
+    check_unsharded(model)
+    check_no_process_group(sharding)
+    sharding.units(model)
 
 
 def check_unsharded(model: nn.Module) -> None:
