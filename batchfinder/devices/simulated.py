@@ -37,6 +37,7 @@ from torch.utils._pytree import tree_map
 from ..memory.accounting import (
     ChargingMode,
     MemoryLedger,
+    local_tensor,
     round_allocation,
     tensor_storages,
 )
@@ -197,7 +198,7 @@ class SimulatedGPU(DeviceBackend):
 
     def holds(self, tensor: torch.Tensor) -> bool:
         """True when ``tensor``'s storage is charged to this simulated GPU."""
-        return self.ledger.is_charged(tensor.untyped_storage())
+        return self.ledger.is_charged(local_tensor(tensor).untyped_storage())
 
     def charging(self) -> "SimulatedGPU":
         """Charges the ledger for every operation inside (the simulated GPU as a context manager)."""

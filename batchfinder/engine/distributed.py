@@ -14,7 +14,7 @@ in lock step with one small collective before and one after each trial:
   module re-exports :class:`RankAgreement`, :func:`resolve_agreement`, :func:`agreeing_ranks` and
   :func:`agrees_across_ranks`).
 
-The collectives run *between* trials, never inside one. Trials run on the unwrapped module (``ddp.module``):
+For DDP the collectives run *between* trials, never inside one. Trials run on the unwrapped module (``ddp.module``):
 ``DistributedDataParallel``'s forward (buffer broadcast, bucket rebuilding) and its backward hooks (gradient
 all-reduce) are collectives that a rank which has just run out of memory would never enter, so they are not run.
 ``SyncBatchNorm`` layers gather statistics from every rank in their forward; during trials they run as plain batch
@@ -29,9 +29,11 @@ What this accounts for, and what it does not:
   gradients that the trial allocates anyway; on a real GPU the trial is then conservative by one gradient copy.
 * Not accounted for: NCCL/gloo communication buffers and streams (outside PyTorch's allocator), the temporary
   copies made while an all-reduce runs, and the statistics SyncBatchNorm gathers (a few values per channel and rank).
-* Sharded strategies (FSDP, DeepSpeed ZeRO) change the memory of parameters, gradients and optimizer state with the
-  number of ranks and gather parameters with collectives inside forward and backward; they are refused
-  (:func:`check_supported_wrapper`).
+* Models sharded with FSDP2 (``torch.distributed.fsdp.fully_shard``) are searched as they are, their trials running
+  the sharded steps with their all-gathers and reduce-scatters: the ranks run one round of agreement immediately
+  before every collective of a trial, so that a rank that runs out of memory makes every rank leave the trial
+  there (:mod:`batchfinder.engine.sharded`). FSDP1 (``FullyShardedDataParallel``) and DeepSpeed's engines are
+  refused with a reason (:func:`check_supported_wrapper`).
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .ranks import RankAgreement, agreeing_ranks, agrees_across_ranks, resolve_agreement
+from .ranks import RankAgreement, active_agreement, agreeing_ranks, agrees_across_ranks, resolve_agreement
+from .sharded import check_sharded_model
 
 __all__ = [
     "RankAgreement",
@@ -60,7 +63,7 @@ __all__ = [
 
 
 # -- wrappers -----------------------------------------------------------------------------------------------------
-_SHARDED_WRAPPERS = ("FullyShardedDataParallel", "FSDPModule", "DeepSpeedEngine", "PipelineEngine")
+_DEEPSPEED_ENGINES = ("DeepSpeedEngine", "PipelineEngine", "DeepSpeedHybridEngine")
 
 
 def check_reducer_untouched(ddp: Any) -> None:
@@ -87,14 +90,19 @@ def check_reducer_untouched(ddp: Any) -> None:
 
 
 def check_supported_wrapper(model: Any) -> None:
-    """Refuse sharded wrappers (FSDP, DeepSpeed) with a reason; ``DataParallel`` with a pointer to DDP."""
+    """Check the wrapper of a model a search gets: a model sharded with FSDP2 (``fully_shard``) passes the checks of
+    :func:`~batchfinder.engine.sharded.check_sharded_model`; FSDP1, DeepSpeed's engines and ``DataParallel`` are
+    refused with a reason and what to do instead."""
+    if isinstance(model, nn.Module) and check_sharded_model(model, agreement=active_agreement()):
+        return
     for cls in type(model).__mro__:
-        if cls.__name__ in _SHARDED_WRAPPERS or cls.__name__.startswith("FSDP"):
+        if cls.__name__ in _DEEPSPEED_ENGINES:
             raise ValueError(
-                f"{type(model).__name__} shards parameters, gradients and optimizer state across ranks and gathers "
-                "them with collectives inside forward and backward: its memory depends on the number of ranks and a "
-                "trial that runs out of memory on one rank would leave the others waiting. Sharded models are not "
-                "supported; search the unsharded model on one GPU (an upper bound on the memory per rank) or use DDP"
+                f"{type(model).__name__} is a DeepSpeed engine: batchfinder does not search DeepSpeed models (ZeRO "
+                "shards parameters, gradients and optimizer state and gathers them inside its own engine, whose "
+                "collectives a trial that runs out of memory on one rank could not stop). Search the model before "
+                "deepspeed.initialize (an upper bound on the memory per rank), or shard it with PyTorch's FSDP2 "
+                "(torch.distributed.fsdp.fully_shard), which batchfinder searches on every rank"
             )
     if isinstance(model, nn.DataParallel):
         raise ValueError(
@@ -104,7 +112,8 @@ def check_supported_wrapper(model: Any) -> None:
 
 
 def unwrap_ddp(model: nn.Module) -> tuple[nn.Module, nn.parallel.DistributedDataParallel | None]:
-    """``(module, ddp)`` for a ``DistributedDataParallel`` model, ``(model, None)`` otherwise."""
+    """``(module, ddp)`` for a ``DistributedDataParallel`` model, ``(model, None)`` otherwise (a model sharded with
+    ``fully_shard`` is searched as it is: its trials run the sharded steps)."""
     check_supported_wrapper(model)
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return model.module, model

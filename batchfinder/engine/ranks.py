@@ -48,6 +48,7 @@ __all__ = [
     "resolve_agreement",
     "agreeing_ranks",
     "agrees_across_ranks",
+    "active_agreement",
     "DEFAULT_TIMEOUT_S",
     "TIMEOUT_VARIABLE",
 ]
@@ -62,6 +63,7 @@ TIMEOUT_VARIABLE = "BATCHFINDER_RANK_TIMEOUT"
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 _OK, _FAILED = 1, 2  # a record's status (0 would be a record that no rank filled)
+_IN_TRIAL, _LEFT = 3, 4  # a record's status in the rounds inside a trial of a sharded model (trial_round)
 _PAYLOAD = 4  # numbers an exchange carries per rank
 _MESSAGE_BYTES = 200  # the failing rank's "Type: first line", UTF-8, cut to this length
 _HEADER = 2 + _PAYLOAD + 1  # status, exchange number, payload, message length
@@ -204,7 +206,31 @@ class RankAgreement:
         if len(values) > _PAYLOAD:
             raise ValueError(f"an exchange carries at most {_PAYLOAD} numbers per rank")
         rows = self._all_reduce(self._record(_OK, values), what)
-        failed = {r: _message(row) for r, row in enumerate(rows) if row[0] != _OK}
+        self._raise_failures(rows, (_OK,), what)
+        numbers = {row[1] for row in rows}
+        if len(numbers) > 1:
+            self._ended = True
+            raise RankFailedError(
+                f"the ranks are out of step at {what} (exchanges {sorted(numbers)}): every rank must run the same "
+                "search, with the same arguments, and call it the same number of times",
+                ranks=[r for r, row in enumerate(rows) if row[1] != rows[self.rank][1]],
+            )
+        return [row[2 : 2 + len(values)] for row in rows]
+
+    def trial_round(self, left: bool, values: Sequence[int], what: str) -> list[tuple[bool, list[int]]]:
+        """One round inside a trial of a sharded model (:mod:`batchfinder.engine.sharded`): every rank's
+        ``(left, values)``, where ``left`` says that the rank has left its trial. Rounds are exchanges like the
+        others (one all-reduce each, so every rank runs the same number of them and the exchange numbers stay
+        aligned), but a rank still in its trial and one that left it may meet in one: that is the point. Raises
+        :class:`RankFailedError` when another rank failed, exited or did not answer."""
+        if len(values) > _PAYLOAD:
+            raise ValueError(f"a round carries at most {_PAYLOAD} numbers per rank")
+        rows = self._all_reduce(self._record(_LEFT if left else _IN_TRIAL, values), what)
+        self._raise_failures(rows, (_IN_TRIAL, _LEFT), what)
+        return [(row[0] == _LEFT, row[2 : 2 + len(values)]) for row in rows]
+
+    def _raise_failures(self, rows: list[list[int]], well: tuple[int, ...], what: str) -> None:
+        failed = {r: _message(row) for r, row in enumerate(rows) if row[0] not in well}
         if failed:
             self._ended = True
             if len(failed) == 1:
@@ -217,15 +243,6 @@ class RankAgreement:
                 ranks=sorted(failed),
                 errors=failed,
             )
-        numbers = {row[1] for row in rows}
-        if len(numbers) > 1:
-            self._ended = True
-            raise RankFailedError(
-                f"the ranks are out of step at {what} (exchanges {sorted(numbers)}): every rank must run the same "
-                "search, with the same arguments, and call it the same number of times",
-                ranks=[r for r, row in enumerate(rows) if row[1] != rows[self.rank][1]],
-            )
-        return [row[2 : 2 + len(values)] for row in rows]
 
     def report_failure(self, exc: BaseException) -> None:
         """Tell the other ranks that this one failed with ``exc`` (at the exchange they wait in), so that they raise
@@ -324,6 +341,11 @@ def _message(row: list[int]) -> str:
 
 def _ranks_text(ranks: list[int]) -> str:
     return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks}"
+
+
+def active_agreement() -> RankAgreement | None:
+    """The agreement of the :func:`agreeing_ranks` block this code runs in (None outside one, or without ranks)."""
+    return _ACTIVE.get()
 
 
 def resolve_agreement(distributed: bool | None) -> RankAgreement | None:

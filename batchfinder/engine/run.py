@@ -60,6 +60,7 @@ from .distributed import (
 from .modes import SearchContext, mode_named
 from .options import SearchOptions, progress_callback
 from .error_context import note_search_progress
+from .sharded import ShardedTrialSession, is_sharded
 from .trial import TrialSession
 from .workload import Workload
 
@@ -202,7 +203,8 @@ def _session(workload: Workload, device: DeviceBackend, options: SearchOptions) 
     # A real GPU already holds DDP's gradient buckets (the reducer allocates them when the wrapper is built); a
     # simulated one is told, and so is every device for a wrapper not built yet (the one HF's train() will build).
     charge_buckets = workload.ddp is not None and (device.simulated or not getattr(workload.ddp, "holds_buckets", True))
-    return TrialSession(
+    session_class = ShardedTrialSession if is_sharded(workload.model) else TrialSession
+    return session_class(
         workload.model,
         workload.searched_source,
         workload.step,

@@ -11,7 +11,12 @@ when the storage is freed. With a capacity it refuses a charge that would pass i
   optimizer state, anything);
 * a storage that existed before (or that a DataLoader produced) is charged the first time an operation consumes
   it, as a transfer to the device would be;
-* while a DataLoader is producing a batch (host-side loading, collation, pinning) nothing is charged.
+* while a DataLoader is producing a batch (host-side loading, collation, pinning) nothing is charged;
+* a storage resized in place (``UntypedStorage.resize_``, which FSDP2 uses to free and re-allocate the unsharded
+  parameters between all-gathers, ``torch/distributed/fsdp/_fully_shard/_fsdp_param.py``: ``free_storage``,
+  ``alloc_storage``) is released at size 0 and charged again when it grows;
+* a ``DTensor`` (a sharded parameter, its gradient or optimizer state) is charged for its local tensor only: what
+  this rank holds, not the global tensor its wrapper describes (:func:`local_tensor`).
 
 The same ledger and mode serve the simulated GPU (real CPU tensors) and the memory estimator (fake tensors), which
 is why the two agree to the byte.
@@ -43,6 +48,7 @@ __all__ = [
     "MemoryLedger",
     "ChargingMode",
     "tensor_storages",
+    "local_tensor",
 ]
 
 def round_allocation(nbytes: int) -> int:
@@ -173,6 +179,26 @@ class MemoryLedger:
             self._allocated += extra
             self.peak = max(self.peak, self._allocated)
             return extra
+
+    def charge_resized(self, storage: torch.UntypedStorage, nbytes: int) -> None:
+        """Charge ``storage`` at ``nbytes`` before it is resized to that size (``torch.OutOfMemoryError`` when it
+        does not fit; nothing changes then)."""
+        with self._lock:
+            if self._dead:
+                self._settle()
+            size = round_allocation(nbytes)
+            delta = size - self.charged_bytes(storage)
+            if delta <= 0:
+                return
+            if self.allocator is not None:
+                handle = self._malloc(self.allocator, [size], [nbytes])[0]
+            elif self.capacity is not None and self._allocated + delta > self.capacity:
+                raise torch.OutOfMemoryError(self._oom_message(delta))
+            else:
+                handle = None
+            self._record(storage, size, handle)
+            self._allocated += delta
+            self.peak = max(self.peak, self._allocated)
 
     def release(self, storage: torch.UntypedStorage) -> int:
         """Stop charging ``storage`` now (it left the device); returns the bytes released."""
@@ -322,6 +348,50 @@ class _DataLoaderHook:
 _DATALOADER_HOOK = _DataLoaderHook()
 
 
+class _ResizeHook:
+    """While a :class:`ChargingMode` is active, ``UntypedStorage.resize_`` (not an aten operation, so no dispatch
+    mode sees it) tells the innermost active mode's ledger: a storage resized to 0 bytes is released, one that grew
+    is charged (an out-of-memory error then leaves the storage as it was)."""
+
+    def __init__(self) -> None:
+        self.ledgers: list[MemoryLedger] = []
+        self._lock = threading.Lock()
+        self._original: Any = None
+
+    def acquire(self, ledger: MemoryLedger) -> None:
+        with self._lock:
+            self.ledgers.append(ledger)
+            if self._original is not None:
+                return
+            original = torch.UntypedStorage.resize_
+            self._original = original
+            ledgers = self.ledgers
+
+            def resize_(storage: torch.UntypedStorage, size: int) -> Any:
+                ledger = ledgers[-1] if ledgers and not loading_on_host() else None
+                if ledger is not None and size > storage.nbytes():
+                    ledger.charge_resized(storage, size)
+                result = original(storage, size)
+                if ledger is not None and size == 0:
+                    ledger.release(storage)
+                return result
+
+            torch.UntypedStorage.resize_ = resize_  # type: ignore[method-assign]
+
+    def release(self, ledger: MemoryLedger) -> None:
+        with self._lock:
+            for index in range(len(self.ledgers) - 1, -1, -1):
+                if self.ledgers[index] is ledger:
+                    del self.ledgers[index]
+                    break
+            if not self.ledgers and self._original is not None:
+                torch.UntypedStorage.resize_ = self._original  # type: ignore[method-assign]
+                self._original = None
+
+
+_RESIZE_HOOK = _ResizeHook()
+
+
 def tensor_storages(tree: Any) -> list[torch.UntypedStorage]:
     """The storages of every strided tensor in a nested structure (lists, tuples, dicts)."""
     storages: list[torch.UntypedStorage] = []
@@ -332,10 +402,22 @@ def tensor_storages(tree: Any) -> list[torch.UntypedStorage]:
 _STRIDED = torch.strided
 
 
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor whose storage this rank holds: a ``DTensor``'s local shard (``DTensor._local_tensor``; the wrapper's
+    own storage describes the global tensor and holds no data), any other tensor itself."""
+    local = getattr(tensor, "_local_tensor", None) if type(tensor) not in _PLAIN else None
+    return local if isinstance(local, torch.Tensor) else tensor
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def _collect_storages(value: Any, storages: list[torch.UntypedStorage]) -> None:
     # Hand-rolled rather than pytree's flatten: this runs for every operation of a trace (twice), where pytree's
     # generality costs a sixth of the trace's time. Other containers (named tuples, dataclasses) go through pytree.
     if isinstance(value, torch.Tensor):
+        if type(value) not in _PLAIN:
+            value = local_tensor(value)
         if value.layout == _STRIDED:
             try:
                 storages.append(value.untyped_storage())
@@ -373,9 +455,11 @@ class ChargingMode(TorchDispatchMode):
 
     def __enter__(self) -> "ChargingMode":
         _DATALOADER_HOOK.acquire()
+        _RESIZE_HOOK.acquire(self.ledger)
         try:
             return super().__enter__()
         except BaseException:
+            _RESIZE_HOOK.release(self.ledger)
             _DATALOADER_HOOK.release()
             raise
 
@@ -383,6 +467,7 @@ class ChargingMode(TorchDispatchMode):
         try:
             super().__exit__(*exc_info)
         finally:
+            _RESIZE_HOOK.release(self.ledger)
             _DATALOADER_HOOK.release()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
