@@ -55,13 +55,13 @@ LAYERS, WIDTH, CLASSES = 7, 512, 10
 JOIN_TIMEOUT_S = 900
 
 
-def sharded_mlp(group: Any = None) -> nn.Module:
+def sharded_mlp(width: int = WIDTH, group: Any = None) -> nn.Module:
     """The benchmark's model (same weights on every rank), each layer then the root sharded over ``group``."""
     torch.manual_seed(0)
     layers: list[nn.Module] = []
     for index in range(LAYERS):
-        out = CLASSES if index == LAYERS - 1 else WIDTH
-        layers.append(nn.Linear(WIDTH, out))
+        out = CLASSES if index == LAYERS - 1 else width
+        layers.append(nn.Linear(width, out))
     model = nn.Sequential(*layers)
     mesh = None if group is None else DeviceMesh.from_group(group, "cpu")
     for layer in model:
@@ -70,9 +70,9 @@ def sharded_mlp(group: Any = None) -> nn.Module:
     return model
 
 
-def dataset(samples: int) -> TensorDataset:
+def dataset(samples: int, width: int = WIDTH) -> TensorDataset:
     generator = torch.Generator().manual_seed(1)
-    return TensorDataset(torch.randn(samples, WIDTH, generator=generator),
+    return TensorDataset(torch.randn(samples, width, generator=generator),
                          torch.randint(0, CLASSES, (samples,), generator=generator))
 
 
@@ -88,11 +88,19 @@ def _brute_force_fits(batch_size: int, capacity: str, steps: int, timeout_s: flo
     group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
     fitted = True
     try:
-        model = sharded_mlp(group)
+        gpu = bf.SimulatedGPU(capacity)
+        with gpu:  # built on the device, as a model is before its training starts
+            model = sharded_mlp(data.tensors[0].shape[1], group)
         optimizer = torch.optim.Adam(model.parameters())
-        inputs, targets = data.tensors[0][:batch_size], data.tensors[1][:batch_size]
-        with bf.SimulatedGPU(capacity):
-            for _ in range(steps):
+        # One batch of its own per step, made on the host (as a DataLoader collates it) and dropped when the next
+        # one arrives; a slice of the data set would be a view of its whole storage.
+        generator = torch.Generator().manual_seed(2)
+        width = data.tensors[0].shape[1]
+        batches = [(torch.randn(batch_size, width, generator=generator),
+                    torch.randint(0, CLASSES, (batch_size,), generator=generator)) for _ in range(steps)]
+        with gpu:
+            while batches:
+                inputs, targets = batches.pop(0)
                 optimizer.zero_grad()
                 nn.functional.cross_entropy(model(inputs), targets).backward()
                 optimizer.step()
@@ -131,8 +139,8 @@ def _rank(rank: int, world: int, port: int, options: dict[str, Any], queue: Any)
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world)
         capacity = _capacity(options["capacity"], rank, world)
-        data = dataset(options["samples"])
-        model = sharded_mlp()
+        data = dataset(options["samples"], options["width"])
+        model = sharded_mlp(options["width"])
         optimizer = torch.optim.Adam(model.parameters())
         started = time.perf_counter()
         result = bf.find_batch_size(model, data, optimizer=optimizer, device=bf.SimulatedGPU(capacity))
@@ -144,7 +152,9 @@ def _rank(rank: int, world: int, port: int, options: dict[str, Any], queue: Any)
             "largest_fits": _brute_force_fits(result.max_batch_size, capacity, steps, timeout_s, data),
             "next_fits": _brute_force_fits(result.max_batch_size + 1, capacity, steps, timeout_s, data),
         }
-        brute_largest, brute_runs = _brute_force_largest(capacity, steps, timeout_s, data)
+        brute_largest, brute_runs = (
+            _brute_force_largest(capacity, steps, timeout_s, data) if options["full_brute_force"] else (None, 0)
+        )
         brute_seconds = time.perf_counter() - started
         queue.put({
             "rank": rank,
@@ -210,7 +220,7 @@ def run_benchmark(worlds: list[int], options: dict[str, Any]) -> dict[str, Any]:
     rows = [run_world(world, options) for world in worlds]
     return {
         "benchmark": "sharded",
-        "setup": {"model": f"MLP of {LAYERS} Linear layers {WIDTH} wide, fully_shard per layer and at the root",
+        "setup": {"model": f"MLP of {LAYERS} Linear layers {options['width']} wide, fully_shard per layer and at the root",
                   "optimizer": "Adam", **options},
         "rows": rows,
         "environment": environment("simulated"),
@@ -234,13 +244,17 @@ def markdown_document(document: dict[str, Any]) -> str:
     for row in document["rows"]:
         cells = [row["world_size"], " / ".join(row["capacities"]), row["trials"], row["steps"],
                  row["out_of_memory_trials"], row["search_seconds"], row["largest"], row["recommended"],
-                 "yes" if row["ranks_agree"] else "**no**", row["brute_force_largest"], row["brute_force_runs"],
+                 "yes" if row["ranks_agree"] else "**no**", _cell(row["brute_force_largest"]), row["brute_force_runs"],
                  row["brute_force_seconds"], _yes(row["recommended_fits"]), _yes(row["largest_fits"]),
                  "no" if not row["next_fits"] else "**yes**", "yes" if row["tight"] else "**no**"]
         lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
     lines += ["", "Search seconds are wall seconds of the slowest rank (all ranks share the machine's CPU cores).", "",
               "Reproduce: `python -m benchmarks.sharded` (from the repository root)."]
     return "\n".join(lines) + "\n"
+
+
+def _cell(value: Any) -> str:
+    return "-" if value is None else str(value)
 
 
 def _yes(value: bool) -> str:
@@ -250,15 +264,18 @@ def _yes(value: bool) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4], help="world sizes (default: 2 4)")
-    parser.add_argument("--capacity", default="24MiB", help="simulated GPU memory per rank (default: 24MiB)")
+    parser.add_argument("--capacity", default="64MiB", help="simulated GPU memory per rank (default: 64MiB)")
+    parser.add_argument("--width", type=int, default=WIDTH, help=f"width of the MLP's layers (default: {WIDTH})")
     parser.add_argument("--samples", type=int, default=4096, help="samples in the data set (default: 4096)")
     parser.add_argument("--steps", type=int, default=2, help="training steps per brute-force run (default: 2)")
     parser.add_argument("--collective-timeout", type=float, default=10.0,
                         help="seconds a brute-force rank waits in a collective for a rank that ran out of memory")
+    parser.add_argument("--checks-only", action="store_true",
+                        help="run only the brute-force checks of the search's answer, not the brute-force search")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON and Markdown results")
     args = parser.parse_args(argv)
-    options = {"capacity": args.capacity, "samples": args.samples, "steps": args.steps,
-               "collective_timeout": args.collective_timeout}
+    options = {"width": args.width, "capacity": args.capacity, "samples": args.samples, "steps": args.steps,
+               "collective_timeout": args.collective_timeout, "full_brute_force": not args.checks_only}
     document = run_benchmark(args.worlds, options)
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(document, args.out / f"{NAME}.json")

@@ -6,8 +6,8 @@ each block and then the whole model with ``torch.distributed.fsdp.fully_shard``,
 reduce-scatters of the gradients, AdamW on the sharded state); all ranks try the same sizes, a size fits only if it
 fitted on every rank, and every rank gets the same answer. Then each rank trains 3 steps at the recommended size.
 
-Without CUDA every rank gets a simulated GPU (by default 192 MiB; rank 1 gets 160 MiB with ``--uneven`` to show the
-smaller one deciding) and the ranks talk over gloo. The data are random token sequences of 128 tokens (no data set is
+Without CUDA every rank gets a simulated GPU (by default 256 MiB; rank 1 gets 1/6 less with ``--uneven`` to show the
+smaller one deciding) and the ranks talk over gloo. The data are random token sequences of 64 tokens (no data set is
 downloaded).
 
     python examples/fsdp2_transformer.py                         # starts 2 ranks itself
@@ -34,7 +34,7 @@ from torch.utils.data import TensorDataset
 import batchfinder as bf
 from batchfinder.units import format_bytes, parse_bytes
 
-VOCAB, SEQUENCE, WIDTH, HEADS, BLOCKS = 2048, 128, 256, 4, 6
+VOCAB, SEQUENCE, WIDTH, HEADS, BLOCKS = 2048, 64, 256, 4, 6
 
 
 class TinyLM(nn.Module):
@@ -54,11 +54,11 @@ class TinyLM(nn.Module):
         x = self.embed(tokens)
         for block in self.blocks:
             x = block(x, src_mask=mask, is_causal=True)
-        return self.head(x)
+        return self.head(x.flatten(0, 1))  # (batch x positions, vocabulary): not a view, as FSDP2 asks of an output
 
 
 def language_model_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    return nn.functional.cross_entropy(logits, targets.flatten())
 
 
 def sharded_model() -> nn.Module:
@@ -82,6 +82,7 @@ def run_rank(args: argparse.Namespace) -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
         device: Any = "cuda"
+        capacity = None
     else:
         capacity = args.capacity
         if args.uneven and rank == 1:
@@ -101,15 +102,16 @@ def run_rank(args: argparse.Namespace) -> None:
     if rank == 0:
         print()
         print(result)
-    # The answer is the same on every rank; train a few steps at it.
-    with device if isinstance(device, bf.SimulatedGPU) else contextlib.nullcontext():
+    # The answer is the same on every rank; train a few steps at it (on a fresh simulated GPU without CUDA).
+    training_gpu = bf.SimulatedGPU(capacity) if capacity else None
+    with training_gpu if training_gpu else contextlib.nullcontext():
         loader = torch.utils.data.DataLoader(data, batch_size=result.batch_size, shuffle=True)
-        for step, (tokens, targets) in zip(range(3), loader):
+        for _, (tokens, targets) in zip(range(3), loader):
             optimizer.zero_grad()
             loss = language_model_loss(model(tokens), targets)
             loss.backward()
             optimizer.step()
-        peak = device.max_memory_allocated() if isinstance(device, bf.SimulatedGPU) else torch.cuda.max_memory_allocated()
+        peak = training_gpu.max_memory_allocated() if training_gpu else torch.cuda.max_memory_allocated()
     print(
         f"rank {rank}: largest {result.max_batch_size}, recommended {result.batch_size}; 3 training steps at "
         f"{result.batch_size} peaked at {format_bytes(peak)} (loss {loss.item():.3f})",
@@ -135,7 +137,7 @@ def _free_port() -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--world-size", type=int, default=2, help="ranks to start when not run by torchrun")
-    parser.add_argument("--capacity", default="192MiB", help="simulated GPU memory per rank (without CUDA)")
+    parser.add_argument("--capacity", default="256MiB", help="simulated GPU memory per rank (without CUDA)")
     parser.add_argument("--uneven", action="store_true", help="give rank 1 a simulated GPU 1/6 smaller")
     args = parser.parse_args()
     if "RANK" in os.environ:  # started by torchrun
