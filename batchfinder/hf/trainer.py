@@ -80,12 +80,9 @@ def _check_trainer(trainer: Any) -> None:
         )
     if trainer.train_dataset is None:
         raise ValueError("the Trainer has no train_dataset: the search runs training steps on its training data")
-    if getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False):
-        raise ValueError(
-            "the Trainer shards the model with DeepSpeed or FSDP: its memory depends on the number of ranks and its "
-            "collectives run inside forward and backward. Sharded training is not supported; search the unsharded "
-            "model on one GPU (an upper bound on the memory per rank) or use DDP"
-        )
+    refusal = _sharding_refusal(trainer)
+    if refusal:
+        raise ValueError(refusal)
     if getattr(trainer, "is_model_parallel", False):
         raise ValueError("the Trainer's model is split over several GPUs (device_map): search it on one device")
     if getattr(args, "n_gpu", 1) > 1:
@@ -94,6 +91,43 @@ def _check_trainer(trainer: Any) -> None:
             "DataParallel gathers on the first GPU is not charged",
             args.n_gpu,
         )
+
+
+def _fsdp_version(trainer: Any) -> int:
+    """The FSDP version the Trainer's accelerator was set up with (transformers' default is 2)."""
+    plugin = getattr(getattr(getattr(trainer, "accelerator", None), "state", None), "fsdp_plugin", None)
+    version = getattr(plugin, "fsdp_version", None)
+    if version is None:
+        config = getattr(trainer.args, "fsdp_config", None) or {}
+        version = config.get("version", config.get("fsdp_version", 2))
+    return int(version)
+
+
+def _sharding_refusal(trainer: Any) -> str | None:
+    """Why a Trainer that shards its model (DeepSpeed, FSDP) cannot be searched here, and what to do; None if it
+    does not shard."""
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        return (
+            "the Trainer runs DeepSpeed, whose engine partitions the model (ZeRO) and owns the backward pass and the "
+            "optimizer step, with collectives inside them that batchfinder cannot make every rank agree on before "
+            "they start: one rank running out of memory would leave the others waiting. Use DeepSpeed's autotuner, "
+            "or shard with FSDP2 (torch.distributed.fsdp.fully_shard) and call batchfinder.find_batch_size on the "
+            "sharded model on every rank"
+        )
+    if getattr(trainer, "is_fsdp_enabled", False):
+        version = _fsdp_version(trainer)
+        if version == 1:
+            what = ("FSDP1 (FullyShardedDataParallel), whose unit states are left half-gathered when a trial runs "
+                    "out of memory inside forward or backward")
+        else:
+            what = ("FSDP2, but only inside train() (accelerate's prepare), so before training there is no sharded "
+                    "model for a trial to run")
+        return (
+            f"the Trainer shards the model with {what}. Shard the model yourself with "
+            "torch.distributed.fsdp.fully_shard, call batchfinder.find_batch_size on it on every rank, and set "
+            "per_device_train_batch_size to the size it recommends"
+        )
+    return None
 
 
 def _device(trainer: Any, device: DeviceLike, memory_limit: int | str | None) -> DeviceBackend:

@@ -319,7 +319,26 @@ def test_sharded_strategy_is_refused() -> None:
     class FakeTrainer:  # FSDP cannot be built on a CPU-only machine; the check needs only the strategy
         strategy = FSDPStrategy.__new__(FSDPStrategy)
 
-    with pytest.raises(ValueError, match="FSDPStrategy strategy: it shards parameters"):
+    with pytest.raises(ValueError, match="FSDPStrategy strategy: it wraps the model in FSDP1.*fully_shard"):
+        finder().setup(FakeTrainer(), LitMLP(), "fit")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "strategy, expected",
+    [
+        ("DeepSpeedStrategy", "DeepSpeed's own autotuner, or shard with FSDP2"),
+        ("ModelParallelStrategy", "tensor parallelism.*tensor_parallel_size=1.*find_batch_size"),
+    ],
+)
+def test_other_sharded_strategies_say_what_to_do(strategy: str, expected: str) -> None:
+    import pytorch_lightning.strategies as strategies
+
+    class FakeTrainer:  # neither strategy can be set up on a CPU-only machine; the check needs only the class
+        pass
+
+    cls = getattr(strategies, strategy)
+    FakeTrainer.strategy = cls.__new__(cls)
+    with pytest.raises(ValueError, match=expected):
         finder().setup(FakeTrainer(), LitMLP(), "fit")  # type: ignore[arg-type]
 
 

@@ -302,6 +302,34 @@ def test_auto_find_batch_size_is_refused(tmp_path):
         find_trainer_batch_size(trainer, device=f"sim:{CAPACITY}")
 
 
+@pytest.mark.parametrize(
+    "sharding, expected",
+    [
+        ({"is_deepspeed_enabled": True}, "DeepSpeed.*autotuner.*fully_shard"),
+        ({"is_fsdp_enabled": True, "fsdp_config": {"version": 1}}, "FSDP1.*half-gathered.*fully_shard"),
+        ({"is_fsdp_enabled": True, "fsdp_config": {"version": 2}}, "FSDP2, but only inside train.*find_batch_size"),
+    ],
+)
+def test_a_sharding_trainer_is_refused_with_what_to_do(tmp_path, sharding, expected):
+    """DeepSpeed and both FSDP versions are refused before any trial, each saying why and what to do instead; the
+    model is not touched."""
+    trainer = make_trainer(tmp_path)
+    before = weights(trainer.model)
+    config = sharding.pop("fsdp_config", None)
+    for name, value in sharding.items():
+        setattr(trainer, name, value)
+    if config is not None:
+        trainer.accelerator.state.fsdp_plugin = type("Plugin", (), {"fsdp_version": config["version"]})()
+    try:
+        with pytest.raises(ValueError, match=expected):
+            find_trainer_batch_size(trainer, device=f"sim:{CAPACITY}")
+    finally:
+        if config is not None:
+            trainer.accelerator.state.fsdp_plugin = None
+    after = weights(trainer.model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_a_trainer_without_training_data_is_refused(tmp_path):
     trainer = make_trainer(tmp_path, train=None, eval_dataset=text_dataset(16))
     with pytest.raises(ValueError, match="no train_dataset"):
