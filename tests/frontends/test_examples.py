@@ -42,6 +42,17 @@ def test_cifar10_example_power_mode():
     assert "stopped: power: last doubling that fit" in out
 
 
+def test_fsdp2_example_two_ranks_agree_and_train_at_the_answer():
+    """Two CPU ranks over gloo, the second with a smaller simulated GPU: both print the same answer, and three
+    sharded training steps at the recommended size fit on a fresh simulated GPU of each rank's capacity."""
+    out = _run("examples/fsdp2_transformer.py", "--capacity", "112MiB", "--uneven")
+    assert "each of 6 blocks and the root sharded over 2 ranks" in out
+    assert "agreed by 2 ranks" in out
+    answers = [line.split(": ", 1)[1].split(";")[0] for line in out.splitlines() if line.startswith("rank ") and "largest" in line]
+    assert len(answers) == 2 and answers[0] == answers[1], out
+    assert "3 training steps at" in out
+
+
 def test_core_imports_no_optional_extras():
     code = (
         "import sys, batchfinder\n"
