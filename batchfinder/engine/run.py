@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import re
 import time
 import warnings
 from collections.abc import Iterator
@@ -348,6 +349,17 @@ def _nothing_fits(trials: list[Trial], device: DeviceBackend, *, optimizer: bool
     needed = max(smallest.peak_reserved_bytes, smallest.peak_bytes) + request  # what the allocator held, and asked
     capacity = device.capacity_bytes
     report = device.memory_report()
+    other = re.match(r"rank \d+ ran out of memory", smallest.error or "")
+    if other:  # this rank was stopped by another (a sharded trial): say so, then what this rank had reached
+        return NoBatchSizeFitsError(
+            f"batch size {smallest.batch_size} does not fit on every rank: {other.group(0)}; on this rank "
+            f"({device.name}, {format_bytes(capacity)}) the trial had reached "
+            f"{format_bytes(max(smallest.peak_reserved_bytes, smallest.peak_bytes))} when it stopped. Use larger GPUs, "
+            f"{'an optimizer with less state (SGD), ' if optimizer else ''}mixed precision, more ranks, or a smaller "
+            "model.",
+            needed_bytes=needed,
+            capacity_bytes=capacity,
+        )
     return NoBatchSizeFitsError(
         f"batch size {smallest.batch_size} does not fit on {device.name}: the trial needed at least "
         f"{format_bytes(needed)} (it reached {format_bytes(max(smallest.peak_reserved_bytes, smallest.peak_bytes))}, of which "

@@ -34,6 +34,7 @@ fully_shard = fsdp.fully_shard
 JOIN_TIMEOUT_S = 150
 ENDS_WITHIN_S = 20
 CAPACITIES = ("640KiB", "512KiB")  # rank 0 has more memory than rank 1 (allocated bytes only: allocator="ideal")
+NOTHING_FITS = ("640KiB", "240KiB")  # batch size 1 fits on rank 0 only
 WIDTH = 64
 FAILING = 1
 
@@ -202,6 +203,14 @@ def _search(rank: int) -> dict[str, Any]:
     )
     report["kept_unsharded"] = other.max_batch_size
     report["kept_restored"] = _same(before, _state(model, optimizer))
+    # Batch size 1 fits on rank 0 but not on rank 1: each rank's error says which rank it did not fit on.
+    model, optimizer = _trained(_model())
+    try:
+        bf.find_batch_size(model, _data(), optimizer=optimizer, loss_fn=nn.MSELoss(),
+                           device=bf.SimulatedGPU(NOTHING_FITS[rank], allocator="ideal"), init_batch_size=1)
+        report["nothing_fits"] = "it fitted"
+    except bf.NoBatchSizeFitsError as exc:
+        report["nothing_fits"] = str(exc)
     return report
 
 
@@ -248,6 +257,8 @@ def test_two_ranks_of_different_capacities_find_the_same_tight_size(two_ranks):
         assert report["kept_restored"]
     assert not (first["brute"]["failed"] and second["brute"]["failed"]), "the answer is not tight"
     assert first["kept_unsharded"] == second["kept_unsharded"] > 0
+    assert first["nothing_fits"].startswith("batch size 1 does not fit on every rank: rank 1 ran out of memory")
+    assert second["nothing_fits"].startswith("batch size 1 does not fit on SimulatedGPU(")
     print(f"2-rank sharded search: {first['seconds']:.1f} s, {first['trials']} trials, sizes {first['sizes']}")
 
 
