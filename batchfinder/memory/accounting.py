@@ -14,7 +14,9 @@ when the storage is freed. With a capacity it refuses a charge that would pass i
 * while a DataLoader is producing a batch (host-side loading, collation, pinning) nothing is charged;
 * a storage resized in place (``UntypedStorage.resize_``, which FSDP2 uses to free and re-allocate the unsharded
   parameters between all-gathers, ``torch/distributed/fsdp/_fully_shard/_fsdp_param.py``: ``free_storage``,
-  ``alloc_storage``) is released at size 0 and charged again when it grows;
+  ``alloc_storage``) is released at size 0 and charged again when it grows; one charged at a resize and resized to
+  0 where no mode saw it (FSDP freeing gathered parameters while a failed trial is recovered from) is released at
+  the ledger's next charge or query;
 * a ``DTensor`` (a sharded parameter, its gradient or optimizer state) is charged for its local tensor only: what
   this rank holds, not the global tensor its wrapper describes (:func:`local_tensor`).
 
@@ -42,6 +44,7 @@ from ..training.host import host_side_loading, loading_on_host
 from ..training.state import deferred_interrupts
 from ..units import format_bytes
 from .allocator import MIN_BLOCK_SIZE, AllocatorOutOfMemory, CachingAllocator
+from .collectives import WAIT_HOOK
 
 __all__ = [
     "round_allocation",
@@ -93,6 +96,7 @@ class MemoryLedger:
         self._dead: list[weakref.ref] = []
         self._ref_ids: dict[int, int] = {}  # token -> id(weakref)
         self._lock = threading.RLock()
+        self._resizable: dict[int, weakref.ref] = {}  # token -> the storage charged at a resize (charge_resized)
         self._next_token = 0
         self._allocated = 0
         self.peak = 0
@@ -101,28 +105,24 @@ class MemoryLedger:
     @property
     def allocated(self) -> int:
         """Bytes charged for the live storages."""
-        if self._dead:
-            self._settle()
+        self._catch_up()
         return self._allocated
 
     def is_charged(self, storage: torch.UntypedStorage) -> bool:
         """True when ``storage`` is currently charged."""
-        if self._dead:
-            self._settle()
+        self._catch_up()
         return id(storage) in self._tokens
 
     def charged_bytes(self, storage: torch.UntypedStorage) -> int:
         """Bytes charged for ``storage`` (0 when it is not charged)."""
-        if self._dead:
-            self._settle()
+        self._catch_up()
         token = self._tokens.get(id(storage))
         return 0 if token is None else self._sizes.get(token, 0)
 
     @property
     def reserved(self) -> int:
         """Bytes in the allocator's segments (the charged bytes when there is no allocator)."""
-        if self._dead:
-            self._settle()
+        self._catch_up()
         return self.allocator.reserved if self.allocator is not None else self._allocated
 
     @property
@@ -140,8 +140,7 @@ class MemoryLedger:
     def empty_cache(self) -> None:
         """Release the allocator's wholly free cached segments (nothing to do without an allocator)."""
         with self._lock:
-            if self._dead:
-                self._settle()
+            self._catch_up()
             if self.allocator is not None:
                 self.allocator.empty_cache()
 
@@ -153,8 +152,7 @@ class MemoryLedger:
         is charged then.
         """
         with self._lock:
-            if self._dead:
-                self._settle()
+            self._catch_up()
             pending: dict[int, tuple[torch.UntypedStorage, int, int, int]] = {}
             for storage in storages:
                 if id(storage) in pending:
@@ -184,8 +182,7 @@ class MemoryLedger:
         """Charge ``storage`` at ``nbytes`` before it is resized to that size (``torch.OutOfMemoryError`` when it
         does not fit; nothing changes then)."""
         with self._lock:
-            if self._dead:
-                self._settle()
+            self._catch_up()
             size = round_allocation(nbytes)
             delta = size - self.charged_bytes(storage)
             if delta <= 0:
@@ -197,14 +194,14 @@ class MemoryLedger:
             else:
                 handle = None
             self._record(storage, size, handle)
+            self._resizable[self._tokens[id(storage)]] = weakref.ref(storage)
             self._allocated += delta
             self.peak = max(self.peak, self._allocated)
 
     def release(self, storage: torch.UntypedStorage) -> int:
         """Stop charging ``storage`` now (it left the device); returns the bytes released."""
         with self._lock, deferred_interrupts():
-            if self._dead:
-                self._settle()
+            self._catch_up()
             token = self._tokens.pop(id(storage), None)
             if token is None:
                 return 0
@@ -272,8 +269,31 @@ class MemoryLedger:
 
     def settle(self) -> None:
         """Account for the storages freed since the last call now (every query and charge does it first)."""
+        self._catch_up()
+
+    def _catch_up(self) -> None:
+        """Account for the storages freed, and those resized to 0 bytes outside a charging mode, since the last
+        call."""
         if self._dead:
             self._settle()
+        if self._resizable:
+            self._release_emptied()
+
+    def _release_emptied(self) -> None:
+        """Release the storages charged at a resize (:meth:`charge_resized`) that were resized to 0 bytes where no
+        charging mode saw it: FSDP2 frees a unit's gathered parameters so (``free_storage`` in
+        ``torch/distributed/fsdp/_fully_shard/_fsdp_param.py``) also while a failed trial is recovered from, and a
+        GPU's allocator gets those bytes back then."""
+        with self._lock, deferred_interrupts():
+            for token, ref in list(self._resizable.items()):
+                storage = ref()
+                if storage is None or self._ids.get(token) != id(storage):
+                    del self._resizable[token]
+                elif storage.nbytes() == 0:
+                    del self._resizable[token]
+                    del self._tokens[id(storage)]
+                    del self._ids[token]
+                    self._uncharge(token)
 
     def _settle(self) -> None:
         """Account for the storages freed since the last call, with Ctrl-C held back until the books agree."""
@@ -466,9 +486,11 @@ class ChargingMode(TorchDispatchMode):
     def __enter__(self) -> "ChargingMode":
         _DATALOADER_HOOK.acquire()
         _RESIZE_HOOK.acquire(self.ledger)
+        WAIT_HOOK.acquire()
         try:
             return super().__enter__()
         except BaseException:
+            WAIT_HOOK.release()
             _RESIZE_HOOK.release(self.ledger)
             _DATALOADER_HOOK.release()
             raise
@@ -477,6 +499,7 @@ class ChargingMode(TorchDispatchMode):
         try:
             super().__exit__(*exc_info)
         finally:
+            WAIT_HOOK.release()
             _RESIZE_HOOK.release(self.ledger)
             _DATALOADER_HOOK.release()
 
