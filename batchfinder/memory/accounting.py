@@ -18,7 +18,16 @@ when the storage is freed. With a capacity it refuses a charge that would pass i
   0 where no mode saw it (FSDP freeing gathered parameters while a failed trial is recovered from) is released at
   the ledger's next charge or query;
 * a ``DTensor`` (a sharded parameter, its gradient or optimizer state) is charged for its local tensor only: what
-  this rank holds, not the global tensor its wrapper describes (:func:`local_tensor`).
+  this rank holds, not the global tensor its wrapper describes (:func:`local_tensor`);
+* nothing a collective's ``Work.wait()`` does is charged: gloo's reduce-scatter (behind FSDP2's
+  ``reduce_scatter_single``) reduces a clone of its input, made inside the collective's own operation where no
+  dispatch mode sees it, and copies this rank's chunk of it into the output in ``wait()`` on the calling thread
+  (``ProcessGroupGloo::reduce_scatter_tensor_coalesced``, ``torch/csrc/distributed/c10d/ProcessGroupGloo.cpp``),
+  which would charge the clone as a storage read for the first time. NCCL reduce-scatters from the input into the
+  output and allocates nothing in PyTorch's allocator (``ProcessGroupNCCL::_reduce_scatter_base``), nor does the
+  prediction's fake process group. (Not modelled: gloo's worker thread drops its reference to a finished
+  collective a moment after it completes, so that on gloo a buffer may be freed an operation later than where the
+  program dropped it, from one run to the next.)
 
 The same ledger and mode serve the simulated GPU (real CPU tensors) and the memory estimator (fake tensors), which
 is why the two agree to the byte.
@@ -33,7 +42,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -44,7 +53,6 @@ from ..training.host import host_side_loading, loading_on_host
 from ..training.state import deferred_interrupts
 from ..units import format_bytes
 from .allocator import MIN_BLOCK_SIZE, AllocatorOutOfMemory, CachingAllocator
-from .collectives import WAIT_HOOK
 
 __all__ = [
     "round_allocation",
@@ -330,42 +338,60 @@ class MemoryLedger:
         )
 
 
-# -- host-side data loading: batches a DataLoader yields are built on the host ---------------------------------
-class _DataLoaderHook:
-    """While installed, every ``DataLoader`` iterator produces its batches inside :func:`host_side_loading`."""
+# -- host-side work: what some methods do is never charged ---------------------------------------------------
+class _HostSideMethod:
+    """While installed (by every active :class:`ChargingMode`), the method ``name`` of the class ``owner()`` returns
+    runs inside :func:`host_side_loading` (nothing in it is charged); nothing is installed when it returns None."""
 
-    def __init__(self) -> None:
+    def __init__(self, owner: Callable[[], type | None], name: str) -> None:
+        self._owner = owner
+        self._name = name
         self._users = 0
         self._lock = threading.Lock()
         self._original: Any = None
 
     def acquire(self) -> None:
-        from torch.utils.data.dataloader import _BaseDataLoaderIter
-
         with self._lock:
             self._users += 1
-            if self._users > 1:
+            cls = self._owner() if self._users == 1 else None
+            if cls is None:
                 return
-            original = _BaseDataLoaderIter.__next__
+            original = getattr(cls, self._name)
             self._original = original
 
-            def __next__(iterator: Any) -> Any:
+            def host_side(*args: Any, **kwargs: Any) -> Any:
                 with host_side_loading():
-                    return original(iterator)
+                    return original(*args, **kwargs)
 
-            _BaseDataLoaderIter.__next__ = __next__  # type: ignore[method-assign]
+            setattr(cls, self._name, host_side)
 
     def release(self) -> None:
-        from torch.utils.data.dataloader import _BaseDataLoaderIter
-
         with self._lock:
             self._users -= 1
             if self._users == 0 and self._original is not None:
-                _BaseDataLoaderIter.__next__ = self._original  # type: ignore[method-assign]
+                setattr(self._owner(), self._name, self._original)
                 self._original = None
 
 
-_DATALOADER_HOOK = _DataLoaderHook()
+def _dataloader_iterator() -> type:
+    from torch.utils.data.dataloader import _BaseDataLoaderIter
+
+    return _BaseDataLoaderIter
+
+
+def _work() -> type | None:
+    """``torch.distributed``'s work class (None without ``torch.distributed``)."""
+    if not torch.distributed.is_available():
+        return None
+    from torch._C._distributed_c10d import Work
+
+    return Work
+
+
+_DATALOADER_HOOK = _HostSideMethod(_dataloader_iterator, "__next__")
+"""Every ``DataLoader`` iterator produces its batches as host-side work."""
+_WAIT_HOOK = _HostSideMethod(_work, "wait")
+"""A collective's ``Work.wait()`` charges nothing (see the module documentation)."""
 
 
 class _ResizeHook:
@@ -486,11 +512,11 @@ class ChargingMode(TorchDispatchMode):
     def __enter__(self) -> "ChargingMode":
         _DATALOADER_HOOK.acquire()
         _RESIZE_HOOK.acquire(self.ledger)
-        WAIT_HOOK.acquire()
+        _WAIT_HOOK.acquire()
         try:
             return super().__enter__()
         except BaseException:
-            WAIT_HOOK.release()
+            _WAIT_HOOK.release()
             _RESIZE_HOOK.release(self.ledger)
             _DATALOADER_HOOK.release()
             raise
@@ -499,7 +525,7 @@ class ChargingMode(TorchDispatchMode):
         try:
             super().__exit__(*exc_info)
         finally:
-            WAIT_HOOK.release()
+            _WAIT_HOOK.release()
             _RESIZE_HOOK.release(self.ledger)
             _DATALOADER_HOOK.release()
 

@@ -276,7 +276,7 @@ def _search_worker(rank: int, world: int, port: int, queue: Any) -> None:
 def test_the_prediction_equals_the_sharded_search_on_the_smaller_rank() -> None:
     """Two gloo ranks search the sharded model on simulated GPUs of different capacities; the prediction for the
     smaller capacity, from the unsharded model, is the same size (gloo's own reduce-scatter buffer, the gathered
-    parameters a failed trial leaves behind: memory/collectives.py, engine/sharded.py)."""
+    parameters a failed trial's recovery frees: memory/accounting.py)."""
     found = spawn_ranks(_search_worker, 2, timeout_s=120)
     assert found[0] == found[1]
     prediction = bf.predict_max_batch_size(
