@@ -196,7 +196,12 @@ def reset_sharded_state(model: nn.Module) -> None:
     group to ``TrainingState.IDLE`` and clears ``iter_forward_root``, the post-forward order, the all-gather and
     reduce-scatter states and the flag of the queued post-backward callback, ``_fsdp_state.py``), and the unsharded
     parameters' gradients (``FSDPParam``'s unsharded parameter and accumulated gradient, ``_fsdp_param.py``), which a
-    backward pass that stopped before its reduce-scatter leaves behind. Does nothing for a model that never ran."""
+    backward pass that stopped before its reduce-scatter leaves behind. It also frees every parameter's all-gather
+    outputs (``FSDPParam.free_unsharded_param``, which resizes their storages to 0 as ``to_sharded`` does): a trial
+    that ran out of memory inside a unit's unshard, after ``alloc_all_gather_outputs`` gave the outputs their memory
+    but before the group reached its unsharded state (``FSDPParamGroup.wait_for_unshard``), leaves the group
+    "sharded" with its outputs allocated, and ``reshard`` skips a sharded group (``_to_sharded``), so the next trial
+    would start with that unit's gathered parameters held. Does nothing for a model that never ran."""
     state = model._get_fsdp_state()  # type: ignore[operator]
     if getattr(state, "_is_root", None) is None:
         return  # lazy initialisation has not run: no step ran, nothing to reset
@@ -214,6 +219,9 @@ def reset_sharded_state(model: nn.Module) -> None:
                 if unsharded is not None:
                     unsharded.grad = None
                 fsdp_param.unsharded_accumulated_grad = None
+                free = getattr(fsdp_param, "free_unsharded_param", None)
+                if free is not None:
+                    free()  # all-gather outputs of a unit that never reached its unsharded state
 
 
 class ShardedReset:

@@ -14,9 +14,20 @@ when the storage is freed. With a capacity it refuses a charge that would pass i
 * while a DataLoader is producing a batch (host-side loading, collation, pinning) nothing is charged;
 * a storage resized in place (``UntypedStorage.resize_``, which FSDP2 uses to free and re-allocate the unsharded
   parameters between all-gathers, ``torch/distributed/fsdp/_fully_shard/_fsdp_param.py``: ``free_storage``,
-  ``alloc_storage``) is released at size 0 and charged again when it grows;
+  ``alloc_storage``) is released at size 0 and charged again when it grows; one charged at a resize and resized to
+  0 where no mode saw it (FSDP freeing gathered parameters while a failed trial is recovered from) is released at
+  the ledger's next charge or query;
 * a ``DTensor`` (a sharded parameter, its gradient or optimizer state) is charged for its local tensor only: what
-  this rank holds, not the global tensor its wrapper describes (:func:`local_tensor`).
+  this rank holds, not the global tensor its wrapper describes (:func:`local_tensor`);
+* nothing a collective's ``Work.wait()`` does is charged: gloo's reduce-scatter (behind FSDP2's
+  ``reduce_scatter_single``) reduces a clone of its input, made inside the collective's own operation where no
+  dispatch mode sees it, and copies this rank's chunk of it into the output in ``wait()`` on the calling thread
+  (``ProcessGroupGloo::reduce_scatter_tensor_coalesced``, ``torch/csrc/distributed/c10d/ProcessGroupGloo.cpp``),
+  which would charge the clone as a storage read for the first time. NCCL reduce-scatters from the input into the
+  output and allocates nothing in PyTorch's allocator (``ProcessGroupNCCL::_reduce_scatter_base``), nor does the
+  prediction's fake process group. (Not modelled: gloo's worker thread drops its reference to a finished
+  collective a moment after it completes, so that on gloo a buffer may be freed an operation later than where the
+  program dropped it, from one run to the next.)
 
 The same ledger and mode serve the simulated GPU (real CPU tensors) and the memory estimator (fake tensors), which
 is why the two agree to the byte.
@@ -31,7 +42,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -93,6 +104,7 @@ class MemoryLedger:
         self._dead: list[weakref.ref] = []
         self._ref_ids: dict[int, int] = {}  # token -> id(weakref)
         self._lock = threading.RLock()
+        self._resizable: dict[int, weakref.ref] = {}  # token -> the storage charged at a resize (charge_resized)
         self._next_token = 0
         self._allocated = 0
         self.peak = 0
@@ -101,28 +113,24 @@ class MemoryLedger:
     @property
     def allocated(self) -> int:
         """Bytes charged for the live storages."""
-        if self._dead:
-            self._settle()
+        self._catch_up()
         return self._allocated
 
     def is_charged(self, storage: torch.UntypedStorage) -> bool:
         """True when ``storage`` is currently charged."""
-        if self._dead:
-            self._settle()
+        self._catch_up()
         return id(storage) in self._tokens
 
     def charged_bytes(self, storage: torch.UntypedStorage) -> int:
         """Bytes charged for ``storage`` (0 when it is not charged)."""
-        if self._dead:
-            self._settle()
+        self._catch_up()
         token = self._tokens.get(id(storage))
         return 0 if token is None else self._sizes.get(token, 0)
 
     @property
     def reserved(self) -> int:
         """Bytes in the allocator's segments (the charged bytes when there is no allocator)."""
-        if self._dead:
-            self._settle()
+        self._catch_up()
         return self.allocator.reserved if self.allocator is not None else self._allocated
 
     @property
@@ -140,8 +148,7 @@ class MemoryLedger:
     def empty_cache(self) -> None:
         """Release the allocator's wholly free cached segments (nothing to do without an allocator)."""
         with self._lock:
-            if self._dead:
-                self._settle()
+            self._catch_up()
             if self.allocator is not None:
                 self.allocator.empty_cache()
 
@@ -153,8 +160,7 @@ class MemoryLedger:
         is charged then.
         """
         with self._lock:
-            if self._dead:
-                self._settle()
+            self._catch_up()
             pending: dict[int, tuple[torch.UntypedStorage, int, int, int]] = {}
             for storage in storages:
                 if id(storage) in pending:
@@ -184,8 +190,7 @@ class MemoryLedger:
         """Charge ``storage`` at ``nbytes`` before it is resized to that size (``torch.OutOfMemoryError`` when it
         does not fit; nothing changes then)."""
         with self._lock:
-            if self._dead:
-                self._settle()
+            self._catch_up()
             size = round_allocation(nbytes)
             delta = size - self.charged_bytes(storage)
             if delta <= 0:
@@ -197,14 +202,14 @@ class MemoryLedger:
             else:
                 handle = None
             self._record(storage, size, handle)
+            self._resizable[self._tokens[id(storage)]] = weakref.ref(storage)
             self._allocated += delta
             self.peak = max(self.peak, self._allocated)
 
     def release(self, storage: torch.UntypedStorage) -> int:
         """Stop charging ``storage`` now (it left the device); returns the bytes released."""
         with self._lock, deferred_interrupts():
-            if self._dead:
-                self._settle()
+            self._catch_up()
             token = self._tokens.pop(id(storage), None)
             if token is None:
                 return 0
@@ -272,8 +277,31 @@ class MemoryLedger:
 
     def settle(self) -> None:
         """Account for the storages freed since the last call now (every query and charge does it first)."""
+        self._catch_up()
+
+    def _catch_up(self) -> None:
+        """Account for the storages freed, and those resized to 0 bytes outside a charging mode, since the last
+        call."""
         if self._dead:
             self._settle()
+        if self._resizable:
+            self._release_emptied()
+
+    def _release_emptied(self) -> None:
+        """Release the storages charged at a resize (:meth:`charge_resized`) that were resized to 0 bytes where no
+        charging mode saw it: FSDP2 frees a unit's gathered parameters so (``free_storage`` in
+        ``torch/distributed/fsdp/_fully_shard/_fsdp_param.py``) also while a failed trial is recovered from, and a
+        GPU's allocator gets those bytes back then."""
+        with self._lock, deferred_interrupts():
+            for token, ref in list(self._resizable.items()):
+                storage = ref()
+                if storage is None or self._ids.get(token) != id(storage):
+                    del self._resizable[token]
+                elif storage.nbytes() == 0:
+                    del self._resizable[token]
+                    del self._tokens[id(storage)]
+                    del self._ids[token]
+                    self._uncharge(token)
 
     def _settle(self) -> None:
         """Account for the storages freed since the last call, with Ctrl-C held back until the books agree."""
@@ -310,42 +338,60 @@ class MemoryLedger:
         )
 
 
-# -- host-side data loading: batches a DataLoader yields are built on the host ---------------------------------
-class _DataLoaderHook:
-    """While installed, every ``DataLoader`` iterator produces its batches inside :func:`host_side_loading`."""
+# -- host-side work: what some methods do is never charged ---------------------------------------------------
+class _HostSideMethod:
+    """While installed (by every active :class:`ChargingMode`), the method ``name`` of the class ``owner()`` returns
+    runs inside :func:`host_side_loading` (nothing in it is charged); nothing is installed when it returns None."""
 
-    def __init__(self) -> None:
+    def __init__(self, owner: Callable[[], type | None], name: str) -> None:
+        self._owner = owner
+        self._name = name
         self._users = 0
         self._lock = threading.Lock()
         self._original: Any = None
 
     def acquire(self) -> None:
-        from torch.utils.data.dataloader import _BaseDataLoaderIter
-
         with self._lock:
             self._users += 1
-            if self._users > 1:
+            cls = self._owner() if self._users == 1 else None
+            if cls is None:
                 return
-            original = _BaseDataLoaderIter.__next__
+            original = getattr(cls, self._name)
             self._original = original
 
-            def __next__(iterator: Any) -> Any:
+            def host_side(*args: Any, **kwargs: Any) -> Any:
                 with host_side_loading():
-                    return original(iterator)
+                    return original(*args, **kwargs)
 
-            _BaseDataLoaderIter.__next__ = __next__  # type: ignore[method-assign]
+            setattr(cls, self._name, host_side)
 
     def release(self) -> None:
-        from torch.utils.data.dataloader import _BaseDataLoaderIter
-
         with self._lock:
             self._users -= 1
             if self._users == 0 and self._original is not None:
-                _BaseDataLoaderIter.__next__ = self._original  # type: ignore[method-assign]
+                setattr(self._owner(), self._name, self._original)
                 self._original = None
 
 
-_DATALOADER_HOOK = _DataLoaderHook()
+def _dataloader_iterator() -> type:
+    from torch.utils.data.dataloader import _BaseDataLoaderIter
+
+    return _BaseDataLoaderIter
+
+
+def _work() -> type | None:
+    """``torch.distributed``'s work class (None without ``torch.distributed``)."""
+    if not torch.distributed.is_available():
+        return None
+    from torch._C._distributed_c10d import Work
+
+    return Work
+
+
+_DATALOADER_HOOK = _HostSideMethod(_dataloader_iterator, "__next__")
+"""Every ``DataLoader`` iterator produces its batches as host-side work."""
+_WAIT_HOOK = _HostSideMethod(_work, "wait")
+"""A collective's ``Work.wait()`` charges nothing (see the module documentation)."""
 
 
 class _ResizeHook:
@@ -466,9 +512,11 @@ class ChargingMode(TorchDispatchMode):
     def __enter__(self) -> "ChargingMode":
         _DATALOADER_HOOK.acquire()
         _RESIZE_HOOK.acquire(self.ledger)
+        _WAIT_HOOK.acquire()
         try:
             return super().__enter__()
         except BaseException:
+            _WAIT_HOOK.release()
             _RESIZE_HOOK.release(self.ledger)
             _DATALOADER_HOOK.release()
             raise
@@ -477,6 +525,7 @@ class ChargingMode(TorchDispatchMode):
         try:
             super().__exit__(*exc_info)
         finally:
+            _WAIT_HOOK.release()
             _RESIZE_HOOK.release(self.ledger)
             _DATALOADER_HOOK.release()
 

@@ -235,3 +235,53 @@ def test_a_dtensor_is_charged_for_its_local_shard() -> None:
             assert gpu.memory_allocated() == 40448  # its 100 rows (40,000 B, rounded to 512 B), not all 400
     finally:
         dist.destroy_process_group()
+
+
+SEARCH_WIDTH = 64
+SEARCH_CAPACITIES = ("2.5MiB", "2MiB")  # rank 1's is the smaller: it decides
+
+
+def _search_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Linear(SEARCH_WIDTH, 10 if i == 6 else SEARCH_WIDTH) for i in range(7)])
+
+
+def _search_worker(rank: int, world: int, port: int, queue: Any) -> None:
+    """Rank ``rank`` of a gloo job: shard the 7-layer model per layer and at the root, search it on a simulated GPU of
+    this rank's capacity (the default caching allocator), report the largest size."""
+    try:
+        torch.set_num_threads(1)
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        try:
+            from torch.distributed.fsdp import fully_shard
+            from torch.utils.data import TensorDataset
+
+            model = _search_model()
+            for layer in model:
+                fully_shard(layer)
+            fully_shard(model)
+            generator = torch.Generator().manual_seed(1)
+            data = TensorDataset(torch.randn(2048, SEARCH_WIDTH, generator=generator),
+                                 torch.randint(0, 10, (2048,), generator=generator))
+            result = bf.find_batch_size(model, data, optimizer=torch.optim.Adam(model.parameters()),
+                                        device=bf.SimulatedGPU(SEARCH_CAPACITIES[rank]))
+            queue.put((rank, result.max_batch_size))
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        queue.put((rank, traceback.format_exc()))
+
+
+def test_the_prediction_equals_the_sharded_search_on_the_smaller_rank() -> None:
+    """Two gloo ranks search the sharded model on simulated GPUs of different capacities; the prediction for the
+    smaller capacity, from the unsharded model, is the same size (gloo's own reduce-scatter buffer, the gathered
+    parameters a failed trial's recovery frees: memory/accounting.py)."""
+    found = spawn_ranks(_search_worker, 2, timeout_s=120)
+    assert found[0] == found[1]
+    prediction = bf.predict_max_batch_size(
+        _search_model(), (torch.randn(SEARCH_WIDTH), torch.tensor(3)), capacity=SEARCH_CAPACITIES[1],
+        optimizer=torch.optim.Adam, sharding=Sharding(2, wrap=nn.Linear),
+    )
+    assert prediction.max_batch_size == found[1]
+    assert not dist.is_initialized()
