@@ -7,9 +7,11 @@ are module-level functions; they report through a queue and never raise, and eve
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import traceback
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -36,14 +38,23 @@ def _sample() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(WIDTH), torch.tensor(3)
 
 
+@contextlib.contextmanager
+def _gloo_rank(rank: int, world: int, port: int) -> Iterator[None]:
+    """This process as rank ``rank`` of a gloo group of ``world`` on ``port``, for the length of the block."""
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 def _real_step_worker(rank: int, world: int, port: int, queue: Any, allocator: str) -> None:
     """Rank ``rank`` of a gloo job: shard the 7-layer model per layer, run two Adam steps under a simulated GPU, report
     its allocated and reserved peaks; also check that a prediction with ``sharding=`` refuses this process's group."""
     try:
-        torch.set_num_threads(1)
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-        try:
+        with _gloo_rank(rank, world, port):
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
 
@@ -74,8 +85,6 @@ def _real_step_worker(rank: int, world: int, port: int, queue: Any, allocator: s
             total = torch.ones(1)
             dist.all_reduce(total)  # the group still works after the refused prediction
             queue.put((rank, (peaks, refused, float(total))))
-        finally:
-            dist.destroy_process_group()
     except BaseException:
         queue.put((rank, traceback.format_exc()))
 
@@ -250,10 +259,7 @@ def _search_worker(rank: int, world: int, port: int, queue: Any) -> None:
     """Rank ``rank`` of a gloo job: shard the 7-layer model per layer and at the root, search it on a simulated GPU of
     this rank's capacity (the default caching allocator), report the largest size."""
     try:
-        torch.set_num_threads(1)
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-        try:
+        with _gloo_rank(rank, world, port):
             from torch.distributed.fsdp import fully_shard
             from torch.utils.data import TensorDataset
 
@@ -267,8 +273,6 @@ def _search_worker(rank: int, world: int, port: int, queue: Any) -> None:
             result = bf.find_batch_size(model, data, optimizer=torch.optim.Adam(model.parameters()),
                                         device=bf.SimulatedGPU(SEARCH_CAPACITIES[rank]))
             queue.put((rank, result.max_batch_size))
-        finally:
-            dist.destroy_process_group()
     except BaseException:
         queue.put((rank, traceback.format_exc()))
 
