@@ -7,14 +7,15 @@ state before and after a call. The rest are the small models, data sets and stan
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import os
 import random
 import socket
-import types
 import warnings
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -193,6 +194,20 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def gloo_rank(rank: int, world: int, port: int) -> Iterator[None]:
+    """This process as rank ``rank`` of a gloo group of ``world`` on ``port`` (one torch thread), for the block."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def spawn_ranks(worker: Any, world: int, *args: Any, timeout_s: float = 240.0) -> dict[int, Any]:

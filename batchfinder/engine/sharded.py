@@ -45,7 +45,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -54,6 +53,7 @@ from torch import nn
 
 from ..memory.recording import RECORDED_SIZES
 from ..memory.replay import AllocationLog
+from ..memory.sharding import fsdp_wrapper, is_dtensor
 from ..result import Trial
 from ..training.host import host_side_loading
 from .ranks import RankAgreement, active_agreement
@@ -91,40 +91,9 @@ memory limit; left because another rank did."""
 
 
 # -- what a sharded model is ------------------------------------------------------------------------------------
-def _fsdp_module_class() -> type | None:
-    if "torch.distributed.fsdp" not in sys.modules:  # never imported: no model can be sharded (and no import here)
-        return None
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # a PyTorch without FSDP2 (or without torch.distributed)
-        return None
-    return FSDPModule
-
-
-def _is_dtensor(tensor: torch.Tensor) -> bool:
-    if "torch.distributed.tensor" not in sys.modules:
-        return False
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:
-        return False
-    return isinstance(tensor, DTensor)
-
-
 def is_sharded(model: nn.Module) -> bool:
     """True when ``model`` is sharded with FSDP2 (``fully_shard`` was applied to it: an ``FSDPModule``)."""
-    fsdp = _fsdp_module_class()
-    return fsdp is not None and isinstance(model, fsdp)
-
-
-def _fsdp1_class() -> type | None:
-    if "torch.distributed.fsdp" not in sys.modules:
-        return None
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-    except ImportError:
-        return None
-    return FullyShardedDataParallel
+    return fsdp_wrapper(model) == "FSDPModule"
 
 
 def check_sharded_model(model: nn.Module, *, agreement: RankAgreement | None = None) -> bool:
@@ -135,21 +104,16 @@ def check_sharded_model(model: nn.Module, *, agreement: RankAgreement | None = N
     to the model itself), parameters the root left unsharded, a 2-D mesh (HSDP), and a mesh that does not span the
     ranks that search together (``agreement``'s, else the default process group).
     """
-    fsdp1 = _fsdp1_class()
-    if any(
-        (fsdp1 is not None and isinstance(m, fsdp1)) or type(m).__name__ == "FullyShardedDataParallel"
-        for m in model.modules()
-    ):
+    if any(fsdp_wrapper(m) == "FullyShardedDataParallel" for m in model.modules()):
         raise ValueError(
             "the model is wrapped in FullyShardedDataParallel (FSDP1), which shards parameters, gradients and "
             "optimizer state in a way batchfinder does not search: shard it with FSDP2 instead "
             "(torch.distributed.fsdp.fully_shard on each block, then on the model), whose trials every rank leaves "
             "together when one runs out of memory"
         )
-    fsdp = _fsdp_module_class()
-    names = [name for name, p in model.named_parameters() if _is_dtensor(p)]
+    names = [name for name, p in model.named_parameters() if is_dtensor(p)]
     if not is_sharded(model):
-        units = [name for name, m in model.named_modules() if fsdp is not None and isinstance(m, fsdp)]
+        units = [name for name, m in model.named_modules() if fsdp_wrapper(m) == "FSDPModule"]
         if names or units:
             where = f"the modules {units[:3]}" if units else f"the parameters {names[:3]}"
             raise ValueError(
@@ -158,7 +122,7 @@ def check_sharded_model(model: nn.Module, *, agreement: RankAgreement | None = N
                 "and the root's forward drives the all-gathers"
             )
         return False
-    plain = [name for name, p in model.named_parameters() if not _is_dtensor(p)]
+    plain = [name for name, p in model.named_parameters() if not is_dtensor(p)]
     if plain:
         raise ValueError(
             f"the model is sharded with fully_shard, but {len(plain)} of its parameters are not ({plain[:3]}, e.g. "

@@ -431,11 +431,7 @@ class _ResizeHook:
                     del self.ledgers[index]
                     break
             if not self.ledgers and self._original is not None:
-                # The inherited method comes back as it was: an attribute of UntypedStorage's own no longer.
-                if "resize_" in torch.UntypedStorage.__dict__:
-                    del torch.UntypedStorage.resize_
-                if torch.UntypedStorage.resize_ is not self._original:
-                    torch.UntypedStorage.resize_ = self._original  # type: ignore[method-assign]
+                del torch.UntypedStorage.resize_  # the method UntypedStorage inherits shows through again
                 self._original = None
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -47,7 +48,8 @@ from .accounting import tensor_storages
 from .breakdown import ShardedMemory
 from .tracing import FakeTrainer
 
-__all__ = ["Sharding", "ShardedTrainer", "check_sharding", "check_unsharded", "check_no_process_group", "fake_world"]
+__all__ = ["Sharding", "ShardedTrainer", "check_sharding", "check_unsharded", "check_no_process_group", "fake_world",
+           "fsdp_wrapper", "is_dtensor"]
 
 logger = logging.getLogger(__name__)
 
@@ -171,10 +173,8 @@ def check_sharding(sharding: Any, model: nn.Module) -> None:
 def check_unsharded(model: nn.Module) -> None:
     """Refuse a model that is sharded already (its parameters DTensors, or FSDP's wrappers): the sharding
     description applies to the unsharded model."""
-    from torch.distributed.tensor import DTensor
-
-    sharded = [name for name, p in model.named_parameters() if isinstance(p, DTensor)]
-    wrappers = [name or type(model).__name__ for name, m in model.named_modules() if _is_fsdp(m)]
+    sharded = [name for name, p in model.named_parameters() if is_dtensor(p)]
+    wrappers = [name or type(model).__name__ for name, m in model.named_modules() if fsdp_wrapper(m)]
     if sharded or wrappers:
         found = f"fully_shard/FSDP applied to {wrappers[:3]}" if wrappers else f"DTensor parameters {sharded[:3]}"
         raise ValueError(
@@ -184,9 +184,21 @@ def check_unsharded(model: nn.Module) -> None:
         )
 
 
-def _is_fsdp(module: nn.Module) -> bool:
-    names = {cls.__name__ for cls in type(module).__mro__}
-    return bool(names & {"FSDPModule", "FullyShardedDataParallel"})
+def fsdp_wrapper(module: nn.Module) -> str | None:
+    """``"FSDPModule"`` for a module ``fully_shard`` was applied to (FSDP2), ``"FullyShardedDataParallel"`` for an
+    FSDP1 wrapper, None otherwise (found by class name: nothing of ``torch.distributed`` is imported)."""
+    for cls in type(module).__mro__:
+        if cls.__name__ in ("FSDPModule", "FullyShardedDataParallel"):
+            return cls.__name__
+    return None
+
+
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    """True for a ``DTensor`` (a sharded parameter); ``torch.distributed.tensor`` is not imported when it never was
+    (no tensor can be one then)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    dtensor = getattr(module, "DTensor", None)
+    return dtensor is not None and isinstance(tensor, dtensor)
 
 
 # -- the fake process group ------------------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -26,7 +25,7 @@ from batchfinder.engine.ranks import RankAgreement
 from batchfinder.engine.sharded import CollectiveCheckpoints, check_sharded_model, reset_sharded_state
 from batchfinder.memory.accounting import round_allocation, tensor_storages
 from batchfinder.units import parse_bytes
-from tests.helpers import free_port
+from tests.helpers import gloo_rank, spawn_ranks
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 fully_shard = fsdp.fully_shard
@@ -126,36 +125,6 @@ def _brute_force(model: nn.Module, optimizer: torch.optim.Optimizer, size: int, 
     return fitted
 
 
-def _spawn(worker: Any, *args: Any) -> dict[int, Any]:
-    context = mp.get_context("spawn")
-    queue = context.SimpleQueue()
-    port = free_port()
-    processes = [context.Process(target=worker, args=(rank, port, queue, *args), daemon=True) for rank in range(2)]
-    for process in processes:
-        process.start()
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    for process in processes:
-        process.join(max(deadline - time.monotonic(), 1))
-    hung = [p for p in processes if p.is_alive()]
-    for process in hung:
-        process.kill()
-    results: dict[int, Any] = {}
-    while not queue.empty():
-        rank, value = queue.get()
-        results[rank] = value
-    assert not hung, f"a rank hung: it waited on a collective the other rank never entered ({results})"
-    for rank, value in results.items():
-        assert not (isinstance(value, str) and value.startswith("Traceback")), f"rank {rank} failed:\n{value}"
-    assert sorted(results) == [0, 1]
-    return results
-
-
-def _init(rank: int, port: int) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-
-
 # -- the search on two ranks of different capacities ------------------------------------------------------------
 def _charges() -> tuple[int, int, int]:
     """What a SimulatedGPU charges for a sharded model's parameters, then after one forward and backward pass (with
@@ -214,22 +183,19 @@ def _search(rank: int) -> dict[str, Any]:
     return report
 
 
-def _worker(rank: int, port: int, queue: Any) -> None:
+def _worker(rank: int, world: int, port: int, queue: Any) -> None:
     try:
-        _init(rank, port)
-        queue.put((rank, {"search": _search(rank), "faults": _faults(rank)}))
+        with gloo_rank(rank, world, port):
+            queue.put((rank, {"search": _search(rank), "faults": _faults(rank)}))
     except BaseException:
         queue.put((rank, traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def two_ranks() -> dict[int, Any]:
     """What each of two gloo ranks reported: the searches, then the faults (one spawn for both: starting two
     processes costs more than the runs)."""
-    return _spawn(_worker)
+    return spawn_ranks(_worker, 2, timeout_s=JOIN_TIMEOUT_S)
 
 
 @pytest.mark.slow

@@ -7,11 +7,8 @@ are module-level functions; they report through a queue and never raise, and eve
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
 import traceback
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -22,7 +19,7 @@ from torch import nn
 import batchfinder as bf
 from batchfinder.estimate import Sharding
 from batchfinder.training.steps import make_step, run_training_step
-from tests.helpers import spawn_ranks
+from tests.helpers import gloo_rank, spawn_ranks
 
 TIMEOUT_S = 240
 WIDTH = 100
@@ -38,23 +35,11 @@ def _sample() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(WIDTH), torch.tensor(3)
 
 
-@contextlib.contextmanager
-def _gloo_rank(rank: int, world: int, port: int) -> Iterator[None]:
-    """This process as rank ``rank`` of a gloo group of ``world`` on ``port``, for the length of the block."""
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def _real_step_worker(rank: int, world: int, port: int, queue: Any, allocator: str) -> None:
     """Rank ``rank`` of a gloo job: shard the 7-layer model per layer, run two Adam steps under a simulated GPU, report
     its allocated and reserved peaks; also check that a prediction with ``sharding=`` refuses this process's group."""
     try:
-        with _gloo_rank(rank, world, port):
+        with gloo_rank(rank, world, port):
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
 
@@ -259,7 +244,7 @@ def _search_worker(rank: int, world: int, port: int, queue: Any) -> None:
     """Rank ``rank`` of a gloo job: shard the 7-layer model per layer and at the root, search it on a simulated GPU of
     this rank's capacity (the default caching allocator), report the largest size."""
     try:
-        with _gloo_rank(rank, world, port):
+        with gloo_rank(rank, world, port):
             from torch.distributed.fsdp import fully_shard
             from torch.utils.data import TensorDataset
 
