@@ -33,6 +33,7 @@ from tests.helpers import (
     batchnorm_mlp,
     classification_data,
     free_port,
+    gloo_rank,
     requires_cuda,
     snapshot,
     spawn_ranks,
@@ -56,17 +57,10 @@ def _spawn(worker: Any, *args: Any) -> dict[int, Any]:
     return spawn_ranks(worker, 2, *args, timeout_s=TIMEOUT_S)
 
 
-def _init(rank: int, world: int, port: int) -> None:
-    torch.set_num_threads(1)  # two processes on two cores: intra-op threads would only compete
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-
-
 # -- the plain function ---------------------------------------------------------------------------------------------
 def _function_worker(rank: int, world: int, port: int, queue: Any) -> None:
     try:
-        _init(rank, world, port)
-        try:
+        with gloo_rank(rank, world, port):
             device = lambda: bf.SimulatedGPU(CAPACITIES[rank], allocator="ideal")  # noqa: E731
             model, data = _mlp(), _data()
             before = [p.detach().clone() for p in model.parameters()]
@@ -99,30 +93,24 @@ def _function_worker(rank: int, world: int, port: int, queue: Any) -> None:
                 unchanged=unchanged,
                 failure=failure,
             )))
-        finally:
-            dist.destroy_process_group()
     except BaseException:  # reported, not raised: the test asserts on it
         queue.put((rank, traceback.format_exc()))
 
 
 def _guided_worker(rank: int, world: int, port: int, queue: Any) -> None:
     try:
-        _init(rank, world, port)
-        try:
+        with gloo_rank(rank, world, port):
             # budgets a little apart, as reserved + free are (by a few MiB) on two real GPUs of one machine
             device = bf.SimulatedGPU((600 + 40 * rank) * 1024, allocator="ideal")
             result = bf.find_batch_size(_mlp(), _data(), device=device, mode="guided")
             queue.put((rank, (result.max_batch_size, [t.batch_size for t in result.trials])))
-        finally:
-            dist.destroy_process_group()
     except BaseException:  # reported, not raised: the test asserts on it
         queue.put((rank, traceback.format_exc()))
 
 
 def _confirmation_failure_worker(rank: int, world: int, port: int, queue: Any) -> None:
     try:
-        _init(rank, world, port)
-        try:
+        with gloo_rank(rank, world, port):
             calls: list[int] = []
 
             def step(module: nn.Module, batch: Any) -> torch.Tensor:
@@ -143,8 +131,6 @@ def _confirmation_failure_worker(rank: int, world: int, port: int, queue: Any) -
             except KeyError as exc:
                 failure = f"KeyError: {exc}"
             queue.put((rank, failure))
-        finally:
-            dist.destroy_process_group()
     except BaseException:  # reported, not raised: the test asserts on it
         queue.put((rank, traceback.format_exc()))
 
