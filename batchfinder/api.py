@@ -175,8 +175,9 @@ def find_batch_size(
             must call this; they run each trial at the same size and a size fits only if it fitted on every rank, so
             all ranks return the same result (see :mod:`batchfinder.engine.distributed`). ``False``: this rank searches on
             its own. ``True``: require ``torch.distributed``. A ``DistributedDataParallel`` model is searched through
-            its unwrapped module (no collective runs inside a trial) with its gradient buckets charged; sharded
-            models (FSDP, DeepSpeed) are refused. When one rank fails (any error, Ctrl-C, an exit), it raises its
+            its unwrapped module (no collective runs inside a trial) with its gradient buckets charged. A model
+            sharded with FSDP2 (``fully_shard``) runs its real sharded steps, the ranks agreeing before every
+            collective (:mod:`batchfinder.engine.sharded`); FSDP1 and DeepSpeed are refused. When one rank fails (any error, Ctrl-C, an exit), it raises its
             own error and the others :class:`~batchfinder.RankFailedError` within seconds (see
             :mod:`batchfinder.engine.ranks`).
         confirm_steps: after the search, run this many steps (default 2) at the recommended size in one trial, with
