@@ -211,32 +211,32 @@ def test_each_out_of_memory_error_halves_the_micro_batch_size():
 def _two_rank_worker(rank: int, world: int, port: int, queue) -> None:
     import traceback
 
-    from tests.engine.test_distributed import _init
+    from tests.helpers import gloo_rank
 
     try:
-        _init(rank, world, port)
-        sizes = [256, 2048 if rank == 1 else 256, 256]  # rank 1's second batch runs out of memory on 32 MiB
-        g = torch.Generator().manual_seed(10 + rank)
-        batches = [(torch.randn(n, 64, generator=g), torch.randint(0, 10, (n,), generator=g)) for n in sizes]
-        finals, splits = {}, {}
-        for name in ("guarded", "reference"):
-            model = _model()
-            ddp = nn.parallel.DistributedDataParallel(model)
-            optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
-            gpu = bf.SimulatedGPU("32MiB" if name == "guarded" else "1GiB")
-            guard = OOMGuard(ddp, optimizer, device=gpu) if name == "guarded" else None
-            with gpu.resident(model, optimizer), gpu:
-                for x, y in batches:
-                    if guard is not None:
-                        guard.step((x, y))
-                    else:  # plain DDP: its own all-reduce in backward
-                        optimizer.zero_grad()
-                        nn.functional.cross_entropy(ddp(gpu.to_device(x)), gpu.to_device(y)).backward()
-                        optimizer.step()
-            finals[name] = [p.detach().clone() for p in model.parameters()]
-            splits[name] = guard.splits if guard is not None else 0
-        difference = max((a - b).abs().max().item() for a, b in zip(finals["guarded"], finals["reference"]))
-        queue.put((rank, {"difference": difference, "splits": splits["guarded"]}))
+        with gloo_rank(rank, world, port):
+            sizes = [256, 2048 if rank == 1 else 256, 256]  # rank 1's second batch runs out of memory on 32 MiB
+            g = torch.Generator().manual_seed(10 + rank)
+            batches = [(torch.randn(n, 64, generator=g), torch.randint(0, 10, (n,), generator=g)) for n in sizes]
+            finals, splits = {}, {}
+            for name in ("guarded", "reference"):
+                model = _model()
+                ddp = nn.parallel.DistributedDataParallel(model)
+                optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+                gpu = bf.SimulatedGPU("32MiB" if name == "guarded" else "1GiB")
+                guard = OOMGuard(ddp, optimizer, device=gpu) if name == "guarded" else None
+                with gpu.resident(model, optimizer), gpu:
+                    for x, y in batches:
+                        if guard is not None:
+                            guard.step((x, y))
+                        else:  # plain DDP: its own all-reduce in backward
+                            optimizer.zero_grad()
+                            nn.functional.cross_entropy(ddp(gpu.to_device(x)), gpu.to_device(y)).backward()
+                            optimizer.step()
+                finals[name] = [p.detach().clone() for p in model.parameters()]
+                splits[name] = guard.splits if guard is not None else 0
+            difference = max((a - b).abs().max().item() for a, b in zip(finals["guarded"], finals["reference"]))
+            queue.put((rank, {"difference": difference, "splits": splits["guarded"]}))
     except BaseException:
         queue.put((rank, traceback.format_exc()))
 
@@ -254,29 +254,29 @@ def _interrupted_rank_worker(rank: int, world: int, port: int, queue) -> None:
     import time
     import traceback
 
-    from tests.engine.test_distributed import _init
+    from tests.helpers import gloo_rank
 
     try:
-        _init(rank, world, port)
-        model = _model()
-        ddp = nn.parallel.DistributedDataParallel(model)
-        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        with gloo_rank(rank, world, port):
+            model = _model()
+            ddp = nn.parallel.DistributedDataParallel(model)
+            optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
 
-        def step(module: nn.Module, batch: Any) -> torch.Tensor:
+            def step(module: nn.Module, batch: Any) -> torch.Tensor:
+                if rank == 1:
+                    raise KeyboardInterrupt  # Ctrl-C on one rank, in its forward pass
+                return nn.functional.cross_entropy(module(batch[0]), batch[1])
+
+            guard = OOMGuard(ddp, optimizer, step_fn=step, device=bf.SimulatedGPU("1GiB"))
+            started = time.perf_counter()
+            try:
+                guard.step((torch.randn(8, 64), torch.randint(0, 10, (8,))))
+                outcome = "stepped"
+            except BaseException as exc:  # the rank stays alive, as a notebook does
+                outcome = type(exc).__name__
+            queue.put((rank, {"outcome": outcome, "seconds": time.perf_counter() - started}))
             if rank == 1:
-                raise KeyboardInterrupt  # Ctrl-C on one rank, in its forward pass
-            return nn.functional.cross_entropy(module(batch[0]), batch[1])
-
-        guard = OOMGuard(ddp, optimizer, step_fn=step, device=bf.SimulatedGPU("1GiB"))
-        started = time.perf_counter()
-        try:
-            guard.step((torch.randn(8, 64), torch.randint(0, 10, (8,))))
-            outcome = "stepped"
-        except BaseException as exc:  # the rank stays alive, as a notebook does
-            outcome = type(exc).__name__
-        queue.put((rank, {"outcome": outcome, "seconds": time.perf_counter() - started}))
-        if rank == 1:
-            time.sleep(12)  # alive, its process group open: the other rank must not wait for it to exit
+                time.sleep(12)  # alive, its process group open: the other rank must not wait for it to exit
     except BaseException:
         queue.put((rank, traceback.format_exc()))
 
